@@ -1,0 +1,94 @@
+//! The command line: `mqtt-chaos proxy …`. Every flag can also come from an environment
+//! variable `MQTT_CHAOS_<FLAG>` (shown in `--help`).
+
+use crate::config::{self, OnMalformed, RouteConfig, Settings};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-chaos",
+    version,
+    about = "An MQTT-aware chaos proxy: break Keep Alive on purpose, measure who notices"
+)]
+pub struct Cli {
+    /// Log output format (the level comes from RUST_LOG, default `info`).
+    #[arg(long, global = true, env = "MQTT_CHAOS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy: one route from --listen/--upstream, or several from --config.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address to accept MQTT clients on, e.g. 127.0.0.1:1884.
+    #[arg(long, env = "MQTT_CHAOS_LISTEN", conflicts_with = "config", requires = "upstream")]
+    pub listen: Option<String>,
+
+    /// Broker to forward to, host:port (a host name is resolved at every connection).
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM", conflicts_with = "config", requires = "listen")]
+    pub upstream: Option<String>,
+
+    /// Name of the route given by --listen/--upstream (a label in logs and metrics).
+    #[arg(long, env = "MQTT_CHAOS_NAME", conflicts_with = "config", default_value = "default")]
+    pub name: String,
+
+    /// TOML file with several routes ([[route]] name, listen, upstream).
+    #[arg(long, env = "MQTT_CHAOS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// How long dialing the broker may take before the client is closed.
+    #[arg(long, env = "MQTT_CHAOS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// After SIGINT/SIGTERM, how long open connections may take to finish before they are closed.
+    #[arg(long, env = "MQTT_CHAOS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// What to do with a direction whose bytes are not MQTT: relay them raw, or close the connection.
+    #[arg(long, env = "MQTT_CHAOS_ON_MALFORMED", value_enum, default_value_t = OnMalformed::Relay)]
+    pub on_malformed: OnMalformed,
+
+    /// Largest packet inspected whole (e.g. 256KiB); larger packets are streamed through unbuffered.
+    #[arg(long, env = "MQTT_CHAOS_MAX_BUFFERED_PACKET", default_value = "256KiB", value_parser = config::parse_size)]
+    pub max_buffered_packet: usize,
+}
+
+impl ProxyArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            connect_timeout: self.connect_timeout,
+            shutdown_grace: self.shutdown_grace,
+            on_malformed: self.on_malformed,
+            max_buffered_packet: self.max_buffered_packet,
+        }
+    }
+
+    /// The routes to run, from the file or the flags. Errors are user-facing messages.
+    pub fn routes(&self) -> Result<Vec<RouteConfig>, String> {
+        if let Some(path) = &self.config {
+            return config::load_routes(path).map_err(|e| e.to_string());
+        }
+        let (Some(listen), Some(upstream)) = (&self.listen, &self.upstream) else {
+            return Err("nothing to proxy: give --listen ADDR --upstream HOST:PORT, or --config FILE".into());
+        };
+        config::validate_name(&self.name).map_err(|m| format!("--name: {m}"))?;
+        config::validate_host_port("--listen", listen)?;
+        config::validate_host_port("--upstream", upstream)?;
+        Ok(vec![RouteConfig { name: self.name.clone(), listen: listen.clone(), upstream: upstream.clone() }])
+    }
+}

@@ -1,0 +1,18 @@
+//! Pure MQTT codec: no I/O, no clock.
+//!
+//! - [`frame`] finds packet boundaries in a byte stream (fixed header + remaining length) and
+//!   decides, before anything is buffered, whether a packet is small enough to inspect whole or
+//!   must be streamed through.
+//! - [`packet`] decodes the few packets the proxy needs fields from (CONNECT, CONNACK, PUBLISH,
+//!   DISCONNECT) out of one complete frame, for MQTT 3.1, 3.1.1 and 5.0.
+//!
+//! The proxy always forwards the original bytes. Decoding produces values that point at byte
+//! offsets (for example the Keep Alive of a CONNECT) so a rule can patch a field in place.
+
+pub mod frame;
+pub mod packet;
+
+pub use frame::{FrameError, FrameHeader, Splitter, Step};
+pub use packet::{
+    Connack, Connect, DecodeError, Disconnect, PacketType, Protocol, Publish, Will, reason_name,
+};

@@ -1,0 +1,239 @@
+//! Proxy settings and the routes file.
+//!
+//! A routes file is TOML with one `[[route]]` table per route:
+//!
+//! ```toml
+//! [[route]]
+//! name = "plant-a"
+//! listen = "127.0.0.1:1884"
+//! upstream = "broker.example:1883"
+//! ```
+//!
+//! Every error names the file, line and column it comes from.
+
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+use toml::Spanned;
+
+/// What to do with a direction whose bytes stop being MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMalformed {
+    /// Relay the rest of that direction byte for byte, so the peer answers as without the proxy.
+    #[default]
+    Relay,
+    /// Close both sides of the connection.
+    Close,
+}
+
+/// Settings shared by every route and connection.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long dialing the upstream may take before the client is closed.
+    pub connect_timeout: Duration,
+    /// How long connections may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    pub on_malformed: OnMalformed,
+    /// Packets up to this size (fixed header included) are inspected whole; larger ones are
+    /// streamed through.
+    pub max_buffered_packet: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            on_malformed: OnMalformed::Relay,
+            max_buffered_packet: 256 * 1024,
+        }
+    }
+}
+
+/// One route as configured: accept on `listen`, forward to `upstream`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// `address:port` to bind; a host name is resolved once at start.
+    pub listen: String,
+    /// `host:port` of the broker; resolved at every dial.
+    pub upstream: String,
+}
+
+/// A configuration error with its location, printed as `file:line:col: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{col}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn at(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
+        let (line, col) = line_col(text, offset);
+        ConfigError { file: file.to_string(), line, col, message: message.into() }
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(default)]
+    route: Vec<RouteEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    upstream: Spanned<String>,
+}
+
+/// Reads and validates a routes file.
+pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        col: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse_routes(&file, &text)
+}
+
+/// Parses and validates the text of a routes file named `file`.
+pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigError> {
+    let parsed: RoutesFile = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::at(file, text, offset, e.message().trim_end().to_string())
+    })?;
+    if parsed.route.is_empty() {
+        return Err(ConfigError::at(
+            file,
+            text,
+            0,
+            "no routes: add at least one [[route]] with name, listen and upstream",
+        ));
+    }
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    for entry in parsed.route {
+        let err = |field: &Spanned<String>, msg: String| ConfigError::at(file, text, field.span().start, msg);
+        validate_name(entry.name.get_ref()).map_err(|m| err(&entry.name, m))?;
+        validate_host_port("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
+        validate_host_port("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
+        if routes.iter().any(|r| &r.name == entry.name.get_ref()) {
+            return Err(err(&entry.name, format!("duplicate route name {:?}", entry.name.get_ref())));
+        }
+        if let Some(r) = routes.iter().find(|r| &r.listen == entry.listen.get_ref()) {
+            return Err(err(&entry.listen, format!("route {:?} already listens on {}", r.name, r.listen)));
+        }
+        routes.push(RouteConfig {
+            name: entry.name.into_inner(),
+            listen: entry.listen.into_inner(),
+            upstream: entry.upstream.into_inner(),
+        });
+    }
+    Ok(routes)
+}
+
+/// Route names become metric labels and log fields: keep them short and plain.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(format!("invalid route name {name:?}: use 1 to 64 of A-Z a-z 0-9 - _ .")) }
+}
+
+/// Checks `host:port` (IPv6 in brackets) without resolving it.
+pub fn validate_host_port(what: &str, value: &str) -> Result<(), String> {
+    let bad =
+        || format!("invalid {what} address {value:?}: expected host:port, e.g. 127.0.0.1:1883 or [::1]:1883");
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Parses a byte size: `262144`, `256KiB`, `1MiB`, `64kb`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize =
+        digits.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 262144, 256KiB or 1MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("invalid size unit in {s:?}: use B, KiB or MiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_routes_file() {
+        let text = "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"localhost:1883\"\n";
+        let routes = parse_routes("r.toml", text).unwrap();
+        assert_eq!(routes[0].upstream, "localhost:1883");
+    }
+
+    #[test]
+    fn errors_point_at_file_line_and_column() {
+        let text = "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"nope\"\n";
+        let e = parse_routes("r.toml", text).unwrap_err().to_string();
+        assert!(e.starts_with("r.toml:4:12: invalid upstream address \"nope\""), "{e}");
+
+        let text = "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"h:1\"\nport = 3\n";
+        let e = parse_routes("r.toml", text).unwrap_err().to_string();
+        assert!(e.starts_with("r.toml:5:1: unknown field `port`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_duplicate_names_and_listeners() {
+        let route = |name: &str, listen: &str| {
+            format!("[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"h:1\"\n")
+        };
+        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("a", "127.0.0.1:2"))).unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (6, "duplicate route name \"a\""));
+        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("b", "127.0.0.1:1"))).unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (7, "route \"a\" already listens on 127.0.0.1:1"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("262144"), Ok(262_144));
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("1 MiB"), Ok(1_048_576));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        assert!(validate_host_port("x", "[::1]:1883").is_ok());
+        assert!(validate_host_port("x", "broker.local:1883").is_ok());
+        assert!(validate_host_port("x", "::1:1883").is_err());
+        assert!(validate_host_port("x", "host:99999").is_err());
+        assert!(validate_host_port("x", ":1883").is_err());
+    }
+}

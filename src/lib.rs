@@ -1,0 +1,31 @@
+//! mqtt-chaos: an MQTT-aware chaos proxy.
+//!
+//! It sits between MQTT clients and a broker as a transparent TCP man-in-the-middle, parses
+//! both directions on packet boundaries, and records what each side said and when, so that it
+//! can tell who noticed a dead peer first and how long it took, as a multiple of Keep Alive.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`codec`] | pure MQTT framing and decoding: bytes in, values out; no I/O, no clock |
+//! | [`pump`] | one direction of one connection: read, split, inspect, write runs of packets — the only place bytes leave the proxy |
+//! | [`session`] | one connection from accept to close: dial, two pumps, FIN/RST propagation, the closed record |
+//! | [`server`] | listeners, accept loops, the shutdown tree |
+//! | [`record`] | live connection records, the registry of live connections, record events |
+//! | [`route`] | a named listener → upstream pair and its counters |
+//! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
+//! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
+//!
+//! See ARCHITECTURE.md for the data path as a diagram.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod pump;
+pub mod record;
+pub mod route;
+pub mod server;
+pub mod session;

@@ -1,0 +1,586 @@
+//! Connection records: what the proxy knows about each connection, live and at its close.
+//!
+//! A [`Connection`] is shared between its session (which writes it) and readers such as the
+//! admin API and the metrics (which take [`Snapshot`]s). Per-packet counters and timestamps are
+//! atomics so the pumps never take a lock on the forwarding path; everything else changes a
+//! handful of times per connection and sits behind a mutex.
+//!
+//! The [`Registry`] holds the live records and broadcasts [`Event`]s (CONNECT, CONNACK and
+//! PUBLISH seen, connection closed) to whoever subscribes: Will and takeover detection build on
+//! them.
+
+use crate::codec::{Connack, Connect, PacketType, Protocol, Will, reason_name};
+use crate::route::Route;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The direction bytes travel. The same strings name it in profiles, metrics, logs and JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    ClientToBroker,
+    BrokerToClient,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::ClientToBroker, Direction::BrokerToClient];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToBroker => "client_to_broker",
+            Direction::BrokerToClient => "broker_to_client",
+        }
+    }
+
+    /// The side that sends in this direction.
+    pub fn sender(self) -> Side {
+        match self {
+            Direction::ClientToBroker => Side::Client,
+            Direction::BrokerToClient => Side::Broker,
+        }
+    }
+
+    /// The side that receives in this direction.
+    pub fn receiver(self) -> Side {
+        match self {
+            Direction::ClientToBroker => Side::Broker,
+            Direction::BrokerToClient => Side::Client,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Client,
+    Broker,
+    Proxy,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Broker => "broker",
+            Side::Proxy => "proxy",
+        }
+    }
+}
+
+/// How a connection was ended by the side that ended it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseHow {
+    /// An MQTT DISCONNECT packet (its reason is in [`CloseInfo::disconnect_reason`]).
+    Disconnect,
+    /// A TCP FIN.
+    Fin,
+    /// A TCP RST.
+    Rst,
+    /// A socket error other than a reset, or an upstream that could not be reached.
+    Error,
+}
+
+impl CloseHow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseHow::Disconnect => "disconnect",
+            CloseHow::Fin => "fin",
+            CloseHow::Rst => "rst",
+            CloseHow::Error => "error",
+        }
+    }
+}
+
+/// The first close observed on a connection, and the silence that preceded it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CloseInfo {
+    pub closed_by: Side,
+    pub how: CloseHow,
+    /// MQTT 5 reason code of the DISCONNECT, if `how` is `disconnect` and the protocol has one.
+    pub disconnect_reason: Option<u8>,
+    /// Human-readable detail: the reason name, the socket error, or why the proxy closed.
+    pub reason: Option<String>,
+    /// Seconds from the start of the connection to the close.
+    pub at_s: f64,
+    /// Time since the last packet the proxy delivered *to the closing side* (client or broker;
+    /// counted from the connection's start if none was delivered).
+    pub silence_s: Option<f64>,
+    /// `silence_s` divided by the Keep Alive the closing side enforces (absent when that is 0
+    /// or unknown).
+    pub silence_ratio: Option<f64>,
+    /// The Keep Alive the closing side enforces, seconds.
+    pub keep_alive_enforced: Option<u16>,
+}
+
+/// Keep Alive as each party sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KeepAlive {
+    /// What the client asked for in CONNECT.
+    pub requested: Option<u16>,
+    /// What the proxy forwarded to the broker (differs when a rule rewrote it).
+    pub forwarded: Option<u16>,
+    /// MQTT 5 Server Keep Alive the broker announced in CONNACK.
+    pub server_announced: Option<u16>,
+    /// Server Keep Alive as forwarded to the client (differs when a rule rewrote it).
+    pub server_to_client: Option<u16>,
+}
+
+impl KeepAlive {
+    /// The broker enforces the value it received, or the Server Keep Alive it announced.
+    pub fn broker_enforced(&self) -> Option<u16> {
+        self.server_announced.or(self.forwarded)
+    }
+
+    /// The client enforces the value it sent, or the Server Keep Alive it was told.
+    pub fn client_enforced(&self) -> Option<u16> {
+        self.server_to_client.or(self.requested)
+    }
+
+    pub fn enforced_by(&self, side: Side) -> Option<u16> {
+        match side {
+            Side::Client => self.client_enforced(),
+            Side::Broker => self.broker_enforced(),
+            Side::Proxy => None,
+        }
+    }
+}
+
+/// Lock-free per-direction counters, written by that direction's pump once per batch.
+#[derive(Default)]
+struct DirStats {
+    packets: [AtomicU64; 15],
+    bytes: AtomicU64,
+    /// Microseconds after the connection's start, plus one; 0 = never.
+    last_packet: AtomicU64,
+    /// Last PINGREQ (client_to_broker) or PINGRESP (broker_to_client), same encoding.
+    last_ping: AtomicU64,
+}
+
+/// What a pump counted in one batch, committed to the record after the batch was written.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub packets: [u32; 15],
+    pub bytes: u64,
+    /// Whether a complete packet (or the start of a streamed one) went out.
+    pub any_packet: bool,
+    pub ping: bool,
+}
+
+impl Batch {
+    pub fn count(&mut self, t: PacketType) {
+        self.packets[t.index()] += 1;
+        self.any_packet = true;
+        self.ping |= matches!(t, PacketType::Pingreq | PacketType::Pingresp);
+    }
+}
+
+/// Fields that change a few times per connection.
+#[derive(Debug, Default)]
+struct State {
+    broker_addr: Option<SocketAddr>,
+    /// When the upstream TCP connection was established.
+    broker_connected: Option<Instant>,
+    client_id: Option<String>,
+    username: Option<String>,
+    clean_start: Option<bool>,
+    session_expiry: Option<u32>,
+    will: Option<Will>,
+    keep_alive: KeepAlive,
+    connack: Option<ConnackSeen>,
+    malformed: [Option<String>; 2],
+    close: Option<CloseInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnackSeen {
+    pub session_present: bool,
+    /// Return code (3.1/3.1.1) or reason code (5.0).
+    pub code: u8,
+    pub assigned_client_id: Option<String>,
+}
+
+/// The live record of one proxied connection.
+pub struct Connection {
+    pub id: u64,
+    pub route: Arc<Route>,
+    pub client_addr: SocketAddr,
+    pub started: Instant,
+    started_wall: SystemTime,
+    /// Cancelling it ends the connection (both pumps stop; the session closes the sockets).
+    pub(crate) cancel: CancellationToken,
+    dirs: [DirStats; 2],
+    /// Protocol level from the CONNECT (0 until seen), read by the broker_to_client pump to
+    /// decode what the broker sends.
+    protocol: AtomicU8,
+    state: Mutex<State>,
+}
+
+impl Connection {
+    fn new(id: u64, route: Arc<Route>, client_addr: SocketAddr, cancel: CancellationToken) -> Self {
+        Connection {
+            id,
+            route,
+            client_addr,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            cancel,
+            dirs: Default::default(),
+            protocol: AtomicU8::new(0),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug elsewhere; the data stays usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn micros_since_start(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_micros() as u64 + 1
+    }
+
+    fn decode_time(&self, v: u64) -> Option<Instant> {
+        (v > 0).then(|| self.started + Duration::from_micros(v - 1))
+    }
+
+    /// Protocol chosen by the CONNECT, once seen.
+    pub fn protocol(&self) -> Option<Protocol> {
+        Protocol::from_level(self.protocol.load(Relaxed))
+    }
+
+    pub fn client_id(&self) -> Option<String> {
+        self.state().client_id.clone()
+    }
+
+    pub fn username(&self) -> Option<String> {
+        self.state().username.clone()
+    }
+
+    pub fn will(&self) -> Option<Will> {
+        self.state().will.clone()
+    }
+
+    pub fn keep_alive(&self) -> KeepAlive {
+        self.state().keep_alive
+    }
+
+    pub fn close_info(&self) -> Option<CloseInfo> {
+        self.state().close.clone()
+    }
+
+    /// When the last packet was delivered in `dir`.
+    pub fn last_packet(&self, dir: Direction) -> Option<Instant> {
+        self.decode_time(self.dirs[dir.index()].last_packet.load(Relaxed))
+    }
+
+    pub fn packets(&self, dir: Direction, t: PacketType) -> u64 {
+        self.dirs[dir.index()].packets[t.index()].load(Relaxed)
+    }
+
+    pub fn bytes(&self, dir: Direction) -> u64 {
+        self.dirs[dir.index()].bytes.load(Relaxed)
+    }
+
+    pub(crate) fn set_broker(&self, addr: SocketAddr, at: Instant) {
+        let mut s = self.state();
+        s.broker_addr = Some(addr);
+        s.broker_connected = Some(at);
+    }
+
+    /// Records a CONNECT the client sent; `forwarded_keep_alive` is what went to the broker.
+    pub(crate) fn on_connect(&self, c: &Connect, forwarded_keep_alive: u16) {
+        self.protocol.store(c.protocol.level(), Relaxed);
+        let mut s = self.state();
+        s.client_id = Some(c.client_id.clone());
+        s.username = c.username.clone();
+        s.clean_start = Some(c.clean_start);
+        s.session_expiry = c.session_expiry;
+        s.will = c.will.clone();
+        s.keep_alive.requested = Some(c.keep_alive);
+        s.keep_alive.forwarded = Some(forwarded_keep_alive);
+    }
+
+    /// Records a CONNACK the broker sent; `to_client` is the Server Keep Alive the client got.
+    pub(crate) fn on_connack(&self, c: &Connack, to_client: Option<u16>) {
+        let mut s = self.state();
+        s.keep_alive.server_announced = c.server_keep_alive;
+        s.keep_alive.server_to_client = to_client;
+        if let Some(id) = &c.assigned_client_id {
+            s.client_id = Some(id.clone());
+        }
+        s.connack = Some(ConnackSeen {
+            session_present: c.session_present,
+            code: c.code,
+            assigned_client_id: c.assigned_client_id.clone(),
+        });
+    }
+
+    pub(crate) fn on_malformed(&self, dir: Direction, reason: String) {
+        self.state().malformed[dir.index()] = Some(reason);
+    }
+
+    pub(crate) fn commit(&self, dir: Direction, batch: &Batch, at: Instant) {
+        let d = &self.dirs[dir.index()];
+        for (counter, &n) in d.packets.iter().zip(&batch.packets) {
+            if n > 0 {
+                counter.fetch_add(u64::from(n), Relaxed);
+            }
+        }
+        d.bytes.fetch_add(batch.bytes, Relaxed);
+        if batch.any_packet {
+            let t = self.micros_since_start(at);
+            d.last_packet.store(t, Relaxed);
+            if batch.ping {
+                d.last_ping.store(t, Relaxed);
+            }
+        }
+    }
+
+    /// Records the first close seen on this connection; later ones are ignored (the first
+    /// tells who noticed first). Returns whether this one was the first.
+    pub(crate) fn note_close(
+        &self,
+        closed_by: Side,
+        how: CloseHow,
+        disconnect_reason: Option<u8>,
+        reason: Option<String>,
+        at: Instant,
+    ) -> bool {
+        let mut s = self.state();
+        if s.close.is_some() {
+            return false;
+        }
+        let keep_alive_enforced = s.keep_alive.enforced_by(closed_by);
+        let silence = match closed_by {
+            Side::Proxy => None,
+            side => {
+                // Silence as the closing side experienced it: since the last packet it received.
+                let toward =
+                    if side == Side::Broker { Direction::ClientToBroker } else { Direction::BrokerToClient };
+                let since = self
+                    .last_packet(toward)
+                    .or(if side == Side::Broker { s.broker_connected } else { None })
+                    .unwrap_or(self.started);
+                Some(at.saturating_duration_since(since).as_secs_f64())
+            }
+        };
+        let silence_ratio = match (silence, keep_alive_enforced) {
+            (Some(secs), Some(ka)) if ka > 0 => Some(secs / f64::from(ka)),
+            _ => None,
+        };
+        let reason = reason.or_else(|| disconnect_reason.map(|r| reason_name(r).to_string()));
+        s.close = Some(CloseInfo {
+            closed_by,
+            how,
+            disconnect_reason,
+            reason,
+            at_s: at.saturating_duration_since(self.started).as_secs_f64(),
+            silence_s: silence,
+            silence_ratio,
+            keep_alive_enforced,
+        });
+        true
+    }
+
+    /// A serialisable copy of the record. Never contains the password (it is never stored)
+    /// nor the username (only whether one was given).
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let ago = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_secs_f64());
+        let dir = |d: Direction| {
+            let stats = &self.dirs[d.index()];
+            DirSnapshot {
+                packets: PacketType::ALL
+                    .iter()
+                    .filter_map(|&t| {
+                        let n = stats.packets[t.index()].load(Relaxed);
+                        (n > 0).then_some((t.name(), n))
+                    })
+                    .collect(),
+                bytes: stats.bytes.load(Relaxed),
+                last_packet_ago_s: ago(self.decode_time(stats.last_packet.load(Relaxed))),
+                last_ping_ago_s: ago(self.decode_time(stats.last_ping.load(Relaxed))),
+            }
+        };
+        let s = self.state();
+        Snapshot {
+            id: self.id,
+            route: self.route.name.clone(),
+            client_addr: self.client_addr,
+            broker_addr: s.broker_addr,
+            started_unix_s: self
+                .started_wall
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            age_s: now.saturating_duration_since(self.started).as_secs_f64(),
+            client_id: s.client_id.clone(),
+            protocol: self.protocol(),
+            clean_start: s.clean_start,
+            session_expiry: s.session_expiry,
+            username_present: s.username.is_some(),
+            will: s.will.clone(),
+            keep_alive: KeepAliveSnapshot {
+                broker_enforced: s.keep_alive.broker_enforced(),
+                client_enforced: s.keep_alive.client_enforced(),
+                values: s.keep_alive,
+            },
+            connack: s.connack.clone(),
+            client_to_broker: dir(Direction::ClientToBroker),
+            broker_to_client: dir(Direction::BrokerToClient),
+            malformed: Direction::BOTH
+                .iter()
+                .filter_map(|&d| s.malformed[d.index()].clone().map(|r| (d.as_str(), r)))
+                .collect(),
+            close: s.close.clone(),
+        }
+    }
+}
+
+/// JSON form of a connection record (the admin API and the closed-connection log use it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub id: u64,
+    pub route: String,
+    pub client_addr: SocketAddr,
+    pub broker_addr: Option<SocketAddr>,
+    pub started_unix_s: f64,
+    pub age_s: f64,
+    pub client_id: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub clean_start: Option<bool>,
+    pub session_expiry: Option<u32>,
+    pub username_present: bool,
+    pub will: Option<Will>,
+    pub keep_alive: KeepAliveSnapshot,
+    pub connack: Option<ConnackSeen>,
+    pub client_to_broker: DirSnapshot,
+    pub broker_to_client: DirSnapshot,
+    pub malformed: HashMap<&'static str, String>,
+    pub close: Option<CloseInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeepAliveSnapshot {
+    #[serde(flatten)]
+    pub values: KeepAlive,
+    pub broker_enforced: Option<u16>,
+    pub client_enforced: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirSnapshot {
+    pub packets: HashMap<&'static str, u64>,
+    pub bytes: u64,
+    pub last_packet_ago_s: Option<f64>,
+    pub last_ping_ago_s: Option<f64>,
+}
+
+/// Something that happened on a connection.
+#[derive(Clone)]
+pub enum Event {
+    /// A CONNECT was forwarded to the broker (the record holds its fields).
+    Connect(Arc<Connection>),
+    /// A CONNACK was forwarded to the client.
+    Connack(Arc<Connection>),
+    /// A PUBLISH was forwarded. Sent only while someone subscribes to events.
+    Publish { conn: Arc<Connection>, direction: Direction, topic: String, qos: u8, retain: bool, at: Instant },
+    /// The connection ended; its record holds the [`CloseInfo`].
+    Closed(Arc<Connection>),
+}
+
+/// How many events a slow subscriber may fall behind before it misses some.
+const EVENT_BACKLOG: usize = 4096;
+
+/// The live connections of every route, and the event stream.
+pub struct Registry {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Connection>>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            next_id: AtomicU64::new(1),
+            live: Mutex::default(),
+            events: broadcast::channel(EVENT_BACKLOG).0,
+        }
+    }
+}
+
+impl Registry {
+    fn live(&self) -> MutexGuard<'_, HashMap<u64, Arc<Connection>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Receives every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Whether anyone listens, so the pumps can skip building events nobody reads.
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        // No receiver is not an error: events are optional.
+        let _ = self.events.send(event);
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<Connection>> {
+        self.live().get(&id).cloned()
+    }
+
+    /// Live connections, oldest first.
+    pub fn list(&self) -> Vec<Arc<Connection>> {
+        let mut all: Vec<_> = self.live().values().cloned().collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.live().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn open(
+        &self,
+        route: Arc<Route>,
+        client_addr: SocketAddr,
+        cancel: CancellationToken,
+    ) -> Arc<Connection> {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let conn = Arc::new(Connection::new(id, route, client_addr, cancel));
+        self.live().insert(id, conn.clone());
+        conn
+    }
+
+    pub(crate) fn close(&self, conn: &Arc<Connection>) {
+        self.live().remove(&conn.id);
+        self.emit(Event::Closed(conn.clone()));
+    }
+}

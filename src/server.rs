@@ -1,0 +1,200 @@
+//! The accept loops and the shutdown tree.
+//!
+//! [`Proxy::bind`] opens every route's listener (so a bad address fails before anything runs);
+//! [`Proxy::start`] spawns one accept loop per route and returns a [`RunningProxy`], whose
+//! [`shutdown`](RunningProxy::shutdown) stops accepting, waits up to the grace period for the
+//! connections to finish, then closes the rest.
+//!
+//! Shutdown tree: `accept_stop` ends the accept loops; `connections` is the parent of every
+//! connection's own token (cancelling one connection closes only it); a [`TaskTracker`] knows
+//! when every session has finished.
+
+use crate::config::{RouteConfig, Settings};
+use crate::pump::Ctx;
+use crate::record::{CloseHow, Registry, Side};
+use crate::route::{Route, RouteStats};
+use crate::session;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+/// A listener that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("route {route:?}: cannot listen on {listen}: {source}")]
+pub struct BindError {
+    pub route: String,
+    pub listen: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bound listeners, ready to start.
+pub struct Proxy {
+    listeners: Vec<(Arc<Route>, TcpListener)>,
+    registry: Arc<Registry>,
+    settings: Arc<Settings>,
+}
+
+impl Proxy {
+    /// Binds every route's listener.
+    pub async fn bind(routes: &[RouteConfig], settings: Settings) -> Result<Proxy, BindError> {
+        let mut listeners = Vec::with_capacity(routes.len());
+        for r in routes {
+            let err = |source| BindError { route: r.name.clone(), listen: r.listen.clone(), source };
+            let listener = TcpListener::bind(r.listen.as_str()).await.map_err(err)?;
+            let listen = listener.local_addr().map_err(err)?;
+            let route = Route {
+                name: r.name.clone(),
+                listen,
+                upstream: r.upstream.clone(),
+                stats: RouteStats::default(),
+            };
+            listeners.push((Arc::new(route), listener));
+        }
+        Ok(Proxy { listeners, registry: Arc::default(), settings: Arc::new(settings) })
+    }
+
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        self.listeners.iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Spawns the accept loops on the current tokio runtime.
+    pub fn start(self) -> RunningProxy {
+        let accept_stop = CancellationToken::new();
+        let connections = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let routes = self.routes();
+        let mut accept_loops = Vec::new();
+        for (route, listener) in self.listeners {
+            info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
+            let acceptor = Acceptor {
+                route,
+                listener,
+                registry: self.registry.clone(),
+                settings: self.settings.clone(),
+                connections: connections.clone(),
+                tracker: tracker.clone(),
+            };
+            accept_loops.push(tokio::spawn(acceptor.run(accept_stop.clone())));
+        }
+        RunningProxy {
+            routes,
+            registry: self.registry,
+            settings: self.settings,
+            accept_stop,
+            connections,
+            tracker,
+            accept_loops,
+        }
+    }
+}
+
+struct Acceptor {
+    route: Arc<Route>,
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    settings: Arc<Settings>,
+    connections: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Acceptor {
+    async fn run(self, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok((socket, peer)) => self.spawn_session(socket, peer),
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    warn!(route = %self.route.name, error = %e, "accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn spawn_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr) {
+        let stats = &self.route.stats;
+        stats.connections_total.fetch_add(1, Relaxed);
+        stats.connections_active.fetch_add(1, Relaxed);
+        let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());
+        let span = info_span!("conn", id = conn.id, route = %self.route.name);
+        let ctx = Ctx { conn, registry: self.registry.clone(), settings: self.settings.clone() };
+        self.tracker.spawn(session::run(ctx, socket).instrument(span));
+    }
+}
+
+/// A proxy whose accept loops are running.
+pub struct RunningProxy {
+    routes: Vec<Arc<Route>>,
+    registry: Arc<Registry>,
+    settings: Arc<Settings>,
+    accept_stop: CancellationToken,
+    connections: CancellationToken,
+    tracker: TaskTracker,
+    accept_loops: Vec<JoinHandle<()>>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open when the grace period ended, closed by the proxy.
+    pub closed_after_grace: usize,
+}
+
+impl RunningProxy {
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    /// The route called `name`.
+    pub fn route(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Stops accepting, lets open connections finish within the grace period, then closes
+    /// whatever is left.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.accept_stop.cancel();
+        for task in self.accept_loops {
+            let _ = task.await;
+        }
+        self.tracker.close();
+        let open = self.registry.len();
+        if open > 0 {
+            info!(open, grace = %humantime::format_duration(self.settings.shutdown_grace),
+                "stopped accepting; waiting for open connections to finish");
+        }
+        let mut report = ShutdownReport { closed_after_grace: 0 };
+        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait()).await.is_err() {
+            let live = self.registry.list();
+            report.closed_after_grace = live.len();
+            warn!(count = live.len(), "shutdown grace period over; closing the remaining connections");
+            let now = Instant::now();
+            for conn in live {
+                conn.note_close(Side::Proxy, CloseHow::Fin, None, Some("proxy shutting down".into()), now);
+            }
+            self.connections.cancel();
+            self.tracker.wait().await;
+        }
+        report
+    }
+}
