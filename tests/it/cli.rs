@@ -1,0 +1,183 @@
+//! The binary as users run it: flags, env variables, errors and exit codes, logs, signals.
+
+use crate::harness::*;
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(binary()).args(args).env_remove("RUST_LOG").output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_names_every_flag_and_its_environment_variable() {
+    let out = run(&["proxy", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, env) in [
+        ("--listen", "MQTT_CHAOS_LISTEN"),
+        ("--upstream", "MQTT_CHAOS_UPSTREAM"),
+        ("--name", "MQTT_CHAOS_NAME"),
+        ("--config", "MQTT_CHAOS_CONFIG"),
+        ("--connect-timeout", "MQTT_CHAOS_CONNECT_TIMEOUT"),
+        ("--shutdown-grace", "MQTT_CHAOS_SHUTDOWN_GRACE"),
+        ("--on-malformed", "MQTT_CHAOS_ON_MALFORMED"),
+        ("--max-buffered-packet", "MQTT_CHAOS_MAX_BUFFERED_PACKET"),
+        ("--log-format", "MQTT_CHAOS_LOG_FORMAT"),
+    ] {
+        assert!(help.contains(flag) && help.contains(env), "{flag} / {env} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn flags_and_a_routes_file_may_not_both_define_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"h:1\"\n").unwrap();
+    let out =
+        run(&["proxy", "--config", file.to_str().unwrap(), "--listen", "127.0.0.1:1", "--upstream", "h:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
+
+    // The same conflict through an environment variable is not silent either.
+    let out = Command::new(binary())
+        .args(["proxy", "--config", file.to_str().unwrap()])
+        .env("MQTT_CHAOS_LISTEN", "127.0.0.1:1")
+        .env("MQTT_CHAOS_UPSTREAM", "h:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn configuration_errors_exit_2_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, "[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"no-port\"\n")
+        .unwrap();
+    let out = run(&["proxy", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let expected = format!("{}:4:12: invalid upstream address \"no-port\"", file.display());
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+
+    let out = run(&["proxy"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("give --listen ADDR --upstream HOST:PORT, or --config FILE"));
+
+    let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "localhost"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("invalid --upstream address \"localhost\""), "{}", stderr(&out));
+
+    let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--connect-timeout", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_listen_address_in_use_exits_1_naming_the_route() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["proxy", "--name", "plant-a", "--listen", &addr, "--upstream", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("route \"plant-a\": cannot listen on {addr}")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Starts the binary and waits until it listens on `listen`.
+fn spawn(args: &[&str], listen: &str) -> Child {
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!("the proxy did not listen on {listen}:\n{}", stderr(&out));
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM failed");
+}
+
+#[test]
+fn an_unreachable_upstream_is_logged_as_json_with_the_connection_id() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let dead = format!("127.0.0.1:{}", free_port());
+    let child = spawn(&["proxy", "--log-format", "json", "--listen", &listen, "--upstream", &dead], &listen);
+    let mut s = std::net::TcpStream::connect(&listen).unwrap(); // the readiness probe was conn 1
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap(), 0, "client closed with EOF");
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = stderr(&out);
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot reach the upstream broker") && l.contains("\"conn\":2"))
+        .unwrap_or_else(|| panic!("no upstream failure line for conn 2 in:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("log lines are JSON");
+    assert_eq!(v["level"], "WARN");
+    assert_eq!(v["upstream"], dead);
+    assert!(v["error"].as_str().unwrap().contains("refused"), "{line}");
+    let closed = log.lines().find(|l| l.contains("connection closed") && l.contains("\"conn\":2")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(closed).unwrap();
+    assert_eq!((v["closed_by"].as_str(), v["how"].as_str()), (Some("proxy"), Some("error")));
+}
+
+#[test]
+fn sigterm_lets_connections_finish_within_the_grace_period_then_closes_them() {
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn(
+        &["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--shutdown-grace", "1500ms"],
+        &listen,
+    );
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    device.write_all(&connect_v4("lingering", 60, None)).unwrap();
+    device.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connack = [0u8; 4];
+    std::io::Read::read_exact(&mut device, &mut connack).unwrap();
+
+    let signalled = Instant::now();
+    sigterm(&child);
+    // New connections are refused once the signal is handled.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(std::net::TcpStream::connect(&listen).is_err(), "still accepting after SIGTERM");
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(4), "exited after {took:?}");
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut device, &mut rest);
+    let log = stderr(&out);
+    assert!(log.contains("shutdown grace period over"), "{log}");
+    assert!(log.contains("proxy shutting down"), "{log}");
+}
+
+#[test]
+fn sigterm_with_no_connections_exits_at_once() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn(&["proxy", "--listen", &listen, "--upstream", "127.0.0.1:1"], &listen);
+    std::thread::sleep(Duration::from_millis(200)); // let the readiness probe's session end
+    let signalled = Instant::now();
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(signalled.elapsed() < Duration::from_secs(2), "took {:?}", signalled.elapsed());
+}

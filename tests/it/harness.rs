@@ -1,0 +1,307 @@
+//! Shared test parts: a real mosquitto on a free loopback port, the proxy in-process, raw MQTT
+//! packet builders, a scripted fake broker, and waiting for connection records.
+
+use mqtt_chaos::config::{RouteConfig, Settings};
+use mqtt_chaos::record::{CloseInfo, Connection, Event};
+use mqtt_chaos::server::{Proxy, RunningProxy};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+/// Where mosquitto lives: on PATH, or in sbin (which root's PATH may lack).
+pub fn mosquitto_binary() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("mosquitto")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    candidates
+        .into_iter()
+        .chain(["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"].map(PathBuf::from))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "mosquitto is not installed, and the end-to-end tests need a real broker: \
+                 install it with `apt-get install -y mosquitto` (Debian/Ubuntu), or run `.ci/run`"
+            )
+        })
+}
+
+/// A free loopback port (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A mosquitto broker with its own config on a free loopback port, stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts mosquitto with extra config lines.
+    pub fn start_with(extra: &str) -> Mosquitto {
+        let binary = mosquitto_binary();
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     log_type all\nlog_dest stderr\nlog_timestamp true\n{extra}\n"
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+            let child = Command::new(&binary)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+            let mut m = Mosquitto { child, port, dir };
+            if m.wait_ready() {
+                return m;
+            }
+            // Most likely the port was taken between free_port() and mosquitto's bind.
+        }
+        panic!("mosquitto did not start listening after 5 attempts");
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What mosquitto logged so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proxy running in this process with one route called `default`.
+pub struct TestProxy {
+    pub running: Option<RunningProxy>,
+    pub addr: SocketAddr,
+    pub events: broadcast::Receiver<Event>,
+}
+
+impl TestProxy {
+    pub async fn start(upstream: &str) -> TestProxy {
+        Self::start_with(upstream, Settings::default()).await
+    }
+
+    pub async fn start_with(upstream: &str, settings: Settings) -> TestProxy {
+        let route =
+            RouteConfig { name: "default".into(), listen: "127.0.0.1:0".into(), upstream: upstream.into() };
+        let proxy = Proxy::bind(&[route], settings).await.expect("bind the proxy");
+        let events = proxy.registry().subscribe();
+        let running = proxy.start();
+        let addr = running.routes()[0].listen;
+        TestProxy { running: Some(running), addr, events }
+    }
+
+    pub fn running(&self) -> &RunningProxy {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+
+    /// Waits for the next connection to close and returns its record.
+    pub async fn next_closed(&mut self, within: Duration) -> (Arc<Connection>, CloseInfo) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("no connection closed in time")
+                .expect("event stream ended");
+            if let Event::Closed(conn) = ev {
+                let close = conn.close_info().expect("closed record has close info");
+                return (conn, close);
+            }
+        }
+    }
+}
+
+// ---- raw MQTT packets ------------------------------------------------------------------
+
+/// A packet from its first byte and body (the remaining length is computed).
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+pub fn string(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// An MQTT 3.1.1 CONNECT (clean session) with an optional Will (topic, payload).
+pub fn connect_v4(client_id: &str, keep_alive: u16, will: Option<(&str, &str)>) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.push(4);
+    body.push(0x02 | if will.is_some() { 0x04 } else { 0 });
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.extend(string(client_id));
+    if let Some((topic, payload)) = will {
+        body.extend(string(topic));
+        body.extend(string(payload));
+    }
+    packet(0x10, &body)
+}
+
+pub fn subscribe_v4(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.extend(string(filter));
+    body.push(qos);
+    packet(0x82, &body)
+}
+
+pub fn publish_v4(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend_from_slice(payload);
+    packet(0x30, &body)
+}
+
+pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
+pub const PINGRESP: [u8; 2] = [0xd0, 0x00];
+pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
+
+/// Reads one whole MQTT packet (fixed header included).
+pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    let mut out = vec![r.read_u8().await?];
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = r.read_u8().await?;
+        out.push(b);
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let start = out.len();
+    out.resize(start + len, 0);
+    r.read_exact(&mut out[start..]).await?;
+    Ok(out)
+}
+
+/// Reads one packet within `within`, panicking with `what` if none arrives.
+pub async fn expect_packet<R: AsyncRead + Unpin>(r: &mut R, within: Duration, what: &str) -> Vec<u8> {
+    tokio::time::timeout(within, read_packet(r))
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+        .unwrap_or_else(|e| panic!("reading {what}: {e}"))
+}
+
+/// How a socket ended when read to the end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    Eof,
+    Reset,
+    Open,
+}
+
+/// Reads until the peer closes (or `within` passes) and tells how the socket ended and what
+/// arrived before.
+pub async fn read_to_end<R: AsyncRead + Unpin>(r: &mut R, within: Duration) -> (Vec<u8>, Ending) {
+    let mut data = Vec::new();
+    let ending = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk).await {
+                Ok(0) => return Ending::Eof,
+                Ok(n) => data.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ending::Reset,
+                Err(e) => panic!("unexpected read error: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Ending::Open);
+    (data, ending)
+}
+
+/// A scripted broker on a free loopback port: the test accepts and drives each connection.
+pub struct FakeBroker {
+    pub listener: TcpListener,
+}
+
+impl FakeBroker {
+    pub async fn start() -> FakeBroker {
+        FakeBroker { listener: TcpListener::bind("127.0.0.1:0").await.unwrap() }
+    }
+
+    pub fn addr(&self) -> String {
+        self.listener.local_addr().unwrap().to_string()
+    }
+
+    pub async fn accept(&self) -> TcpStream {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(5), self.listener.accept())
+            .await
+            .expect("the proxy did not dial the fake broker")
+            .unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+}
+
+/// Resident-memory high-water mark of a process, from /proc (bytes).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc status");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// The proxy binary built for these tests.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mqtt-chaos"))
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the proxy between real mosquitto brokers, real MQTT client libraries,
+//! raw sockets and scripted fake brokers. mosquitto must be installed (`apt-get install -y
+//! mosquitto`); without it these tests fail with that instruction.
+
+mod cli;
+mod harness;
+mod keepalive;
+mod large;
+mod pubsub;
+mod wire;
