@@ -333,3 +333,6 @@ impl Inspector<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
