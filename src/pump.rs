@@ -77,14 +77,26 @@ where
     end
 }
 
+impl PumpEnd {
+    /// The sender reset the connection.
+    pub(crate) fn read_reset(&self) -> bool {
+        matches!(self, PumpEnd::ReadError(e) if is_reset(e))
+    }
+
+    /// The receiver reset the connection (seen when writing to it).
+    pub(crate) fn write_reset(&self) -> bool {
+        matches!(self, PumpEnd::WriteError(e) if is_reset(e))
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted)
+}
+
 /// A socket error seen from one side: a reset, or something else.
 fn how_of(e: &io::Error) -> CloseHow {
-    match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
-            CloseHow::Rst
-        }
-        _ => CloseHow::Error,
-    }
+    if is_reset(e) { CloseHow::Rst } else { CloseHow::Error }
 }
 
 struct Pump<'a> {

@@ -45,30 +45,25 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
     finish(&ctx);
 }
 
-/// Runs both directions until both ended, then closes the sockets the way the first close
-/// asks for.
+/// Runs both directions until both ended, then closes the sockets: a reset seen from one side
+/// is passed on as a reset to the other (zero linger makes the close send RST, not FIN).
 async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
-    {
+    let (up, down) = {
         let (mut client_rx, mut client_tx) = client.split();
         let (mut broker_rx, mut broker_tx) = broker.split();
         tokio::join!(
             guarded(ctx, Direction::ClientToBroker, &mut client_rx, &mut broker_tx),
             guarded(ctx, Direction::BrokerToClient, &mut broker_rx, &mut client_tx),
-        );
-    }
-    // A reset from one side is passed on as a reset to the other: zero linger makes the
-    // close below send RST instead of FIN.
-    let close = ctx.conn.close_info();
-    if let Some(c) = close.filter(|c| c.how == CloseHow::Rst) {
-        let (rst_client, rst_broker) = match c.closed_by {
-            Side::Client => (false, true),
-            Side::Broker => (true, false),
-            Side::Proxy => (true, true),
-        };
-        for (stream, arm) in [(&client, rst_client), (&broker, rst_broker)] {
-            if let Err(e) = arm.then(|| stream.set_zero_linger()).transpose() {
-                debug!(conn = ctx.conn.id, error = %e, "could not arm RST on close");
-            }
+        )
+    };
+    let proxy_rst =
+        ctx.conn.close_info().is_some_and(|c| c.closed_by == Side::Proxy && c.how == CloseHow::Rst);
+    // The client reset if reading from it or writing to it failed with a reset; likewise the broker.
+    let client_reset = up.read_reset() || down.write_reset();
+    let broker_reset = down.read_reset() || up.write_reset();
+    for (stream, arm) in [(&client, broker_reset || proxy_rst), (&broker, client_reset || proxy_rst)] {
+        if let Err(e) = arm.then(|| stream.set_zero_linger()).transpose() {
+            debug!(conn = ctx.conn.id, error = %e, "could not arm RST on close");
         }
     }
 }

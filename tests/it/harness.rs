@@ -143,15 +143,31 @@ impl TestProxy {
 
     /// Waits for the next connection to close and returns its record.
     pub async fn next_closed(&mut self, within: Duration) -> (Arc<Connection>, CloseInfo) {
+        let (_, conn, close) = self.events_until_closed(within).await;
+        (conn, close)
+    }
+
+    /// Collects events until a connection closes: `CONNECT`, `CONNACK`, `PUBLISH <direction>
+    /// <topic>`, and returns them with the closed record.
+    pub async fn events_until_closed(
+        &mut self,
+        within: Duration,
+    ) -> (Vec<String>, Arc<Connection>, CloseInfo) {
         let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
         loop {
             let ev = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
                 .expect("no connection closed in time")
                 .expect("event stream ended");
-            if let Event::Closed(conn) = ev {
-                let close = conn.close_info().expect("closed record has close info");
-                return (conn, close);
+            match ev {
+                Event::Connect(_) => seen.push("CONNECT".to_string()),
+                Event::Connack(_) => seen.push("CONNACK".to_string()),
+                Event::Publish { direction, topic, .. } => seen.push(format!("PUBLISH {direction} {topic}")),
+                Event::Closed(conn) => {
+                    let close = conn.close_info().expect("closed record has close info");
+                    return (seen, conn, close);
+                }
             }
         }
     }

@@ -166,7 +166,8 @@ async fn mqtt5_clients_publish_and_subscribe_at_qos_0_1_2_and_retain() {
 #[tokio::test]
 async fn will_is_published_when_a_client_behind_the_proxy_is_killed() {
     let broker = Mosquitto::start();
-    let mut proxy = TestProxy::start(&broker.addr()).await;
+    // The upstream is given by host name; it is resolved at every dial.
+    let mut proxy = TestProxy::start(&format!("localhost:{}", broker.port)).await;
     // The watcher connects to the broker directly, as a real backend would.
     let direct: SocketAddr = broker.addr().parse().unwrap();
     let mut watcher = Client::v4("watcher", direct).await;

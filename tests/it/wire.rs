@@ -104,7 +104,19 @@ async fn every_packet_type_arrives_byte_for_byte_in_both_directions_whatever_the
     assert!(at_broker == to_broker, "client→broker bytes differ");
     assert!(at_client == to_client, "broker→client bytes differ");
 
-    let (conn, close) = proxy.next_closed(WAIT).await;
+    let (events, conn, close) = proxy.events_until_closed(WAIT).await;
+    assert_eq!(
+        events,
+        [
+            "CONNECT",
+            "PUBLISH client_to_broker a/b",
+            "PUBLISH client_to_broker a/b",
+            "PUBLISH client_to_broker a/b",
+            "CONNACK",
+            "PUBLISH broker_to_client a/b"
+        ],
+        "the streamed PUBLISH is counted but not decoded"
+    );
     let s = conn.snapshot();
     assert_eq!(s.client_to_broker.bytes, to_broker.len() as u64);
     assert_eq!(s.broker_to_client.bytes, to_client.len() as u64);
@@ -198,6 +210,20 @@ async fn client_reset_becomes_a_reset_towards_the_broker() {
 }
 
 #[tokio::test]
+async fn a_broker_reset_after_a_client_half_close_still_resets_the_client() {
+    let broker = FakeBroker::start().await;
+    let mut proxy = TestProxy::start(&broker.addr()).await;
+    let (mut client, mut upstream) = connected_pair(&proxy, &broker).await;
+    client.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut upstream, WAIT).await.1, Ending::Eof);
+    upstream.set_zero_linger().unwrap();
+    drop(upstream);
+    assert_eq!(read_to_end(&mut client, WAIT).await.1, Ending::Reset);
+    let (_, close) = proxy.next_closed(WAIT).await;
+    assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("client", "fin"), "the first close is kept");
+}
+
+#[tokio::test]
 async fn broker_fin_and_reset_reach_the_client_as_such() {
     let broker = FakeBroker::start().await;
     let mut proxy = TestProxy::start(&broker.addr()).await;
@@ -249,6 +275,31 @@ async fn unreachable_upstream_closes_the_client_promptly_and_is_counted() {
     let stats = &proxy.running().routes()[0].stats;
     assert_eq!(stats.upstream_connect_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert_eq!(stats.connections_active.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_the_dial_times_out_and_closes_the_client() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so a dial hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(0).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    let settings = Settings { connect_timeout: Duration::from_millis(300), ..Settings::default() };
+    let mut proxy = TestProxy::start_with(&addr.to_string(), settings).await;
+    let started = tokio::time::Instant::now();
+    let mut client = proxy.connect().await;
+    assert_eq!(read_to_end(&mut client, WAIT).await.1, Ending::Eof);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2), "closed after {took:?}");
+    let (_, close) = proxy.next_closed(WAIT).await;
+    assert_eq!(close.reason.as_deref(), Some("upstream connect failed: no answer within 300ms"));
+    drop((fillers, full));
 }
 
 #[tokio::test]
