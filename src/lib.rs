@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod fault;
 pub mod pump;
 pub mod record;
 pub mod route;

@@ -1,0 +1,527 @@
+//! Deciding what the active rules do to one connection: pure code, driven by the pumps.
+//!
+//! A [`RuleSet`] is immutable; activating a profile or adding a rule publishes a new one through
+//! a `watch` channel, and each connection's [`ConnFaults`] picks it up at its next packet
+//! boundary (state of rules that survive the swap — counts, random streams — is kept).
+//!
+//! Time windows: a rule acts on a connection from `max(CONNECT seen, rule activated) + after`
+//! for `duration` (or until the connection ends). Nothing acts before the CONNECT is seen,
+//! because matching needs the client id, username and protocol. Random decisions come from a
+//! per-(rule, client id) stream seeded from the profile's `seed`, so a seeded profile makes the
+//! same decisions for the same device every run.
+
+use super::rule::{Action, ActionKind, CloseMode, ConnFacts, Rule, SideSpec};
+use crate::codec::PacketType;
+use crate::record::Direction;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The rules in force, as one immutable value.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    /// The profile they came from, if any.
+    pub profile: Option<String>,
+    /// Seed of every random decision; random when the profile gave none.
+    pub seed: u64,
+    pub rules: Vec<Arc<Rule>>,
+}
+
+impl RuleSet {
+    pub fn new(profile: Option<String>, seed: Option<u64>, rules: Vec<Arc<Rule>>) -> RuleSet {
+        let seed = seed.unwrap_or_else(|| RandomState::new().hash_one(Instant::now()));
+        RuleSet { profile, seed, rules }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
+        self.rules.iter().find(|r| r.name() == name)
+    }
+}
+
+/// Where the active rule set is published.
+pub type RulesTx = watch::Sender<Arc<RuleSet>>;
+pub type RulesRx = watch::Receiver<Arc<RuleSet>>;
+
+/// What happens to one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Drop,
+    /// Hold it until then (and everything after it in the direction, to keep the order).
+    Delay(Instant),
+}
+
+/// The state of one direction at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Read and discard, at packet boundaries.
+    Blackhole,
+    /// Stop reading from the sender.
+    Freeze,
+    /// The write half towards the receiver was shut down (`close` with `how = "half"`):
+    /// what the sender sends is discarded.
+    Shut,
+}
+
+/// An action on the whole connection, carried out by the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnAction {
+    /// Close a side (or both) with FIN or RST; a side left open is held half-open.
+    Close { side: SideSpec, how: CloseMode },
+    /// Send an MQTT 5 DISCONNECT with this reason to one side or both, then close.
+    Disconnect { reason: u8, to: SideSpec },
+}
+
+/// One rule's state on one connection.
+struct RuleState {
+    rule: Arc<Rule>,
+    /// The connection matches the rule (and, for per-connection actions, won the probability roll).
+    applies: bool,
+    /// Packets affected so far (for `count`).
+    count: u64,
+    rng: SplitMix64,
+    /// A one-shot action (close, disconnect, a mode's entry) already happened, per direction.
+    fired: [bool; 2],
+}
+
+/// Identifying facts of the connection, known from the CONNECT.
+struct Facts {
+    route: String,
+    client_id: String,
+    username: Option<String>,
+    protocol: u8,
+    connect_at: Instant,
+}
+
+/// The fault state of one connection, shared by its two pumps and its session.
+pub struct ConnFaults {
+    rx: RulesRx,
+    set: Arc<RuleSet>,
+    facts: Option<Facts>,
+    rules: Vec<RuleState>,
+}
+
+/// A fault that was applied, for counting and logging.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub rule: Arc<Rule>,
+    pub direction: Option<Direction>,
+}
+
+impl ConnFaults {
+    pub fn new(mut rx: RulesRx) -> ConnFaults {
+        let set = rx.borrow_and_update().clone();
+        ConnFaults { rx, set, facts: None, rules: Vec::new() }
+    }
+
+    /// No rule is in force: the pumps can skip every fault check.
+    pub fn is_idle(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn rule_set(&self) -> &Arc<RuleSet> {
+        &self.set
+    }
+
+    /// Picks up a newly published rule set, keeping the state of rules that remain.
+    pub fn refresh(&mut self) {
+        if !self.rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        self.set = self.rx.borrow_and_update().clone();
+        self.rebuild();
+    }
+
+    /// Learns who the connection is (at CONNECT) and starts the rule clock.
+    pub fn on_connect(
+        &mut self,
+        route: &str,
+        client_id: &str,
+        username: Option<&str>,
+        protocol: u8,
+        at: Instant,
+    ) {
+        self.facts = Some(Facts {
+            route: route.to_string(),
+            client_id: client_id.to_string(),
+            username: username.map(str::to_string),
+            protocol,
+            connect_at: at,
+        });
+        self.refresh();
+        self.rebuild();
+    }
+
+    fn rebuild(&mut self) {
+        let Some(facts) = &self.facts else { return };
+        let mut old = std::mem::take(&mut self.rules);
+        for rule in &self.set.rules {
+            if let Some(i) = old.iter().position(|s| Arc::ptr_eq(&s.rule, rule)) {
+                self.rules.push(old.swap_remove(i));
+                continue;
+            }
+            let mut rng = SplitMix64::new(self.set.seed, rule.name(), &facts.client_id);
+            let c = ConnFacts {
+                route: &facts.route,
+                client_id: &facts.client_id,
+                username: facts.username.as_deref(),
+                protocol: facts.protocol,
+            };
+            let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
+            let per_connection = !matches!(rule.kind(), ActionKind::Drop | ActionKind::Delay);
+            let applies = rule.matcher.matches(&c)
+                && !(mqtt5_only && facts.protocol != 5)
+                && !(per_connection && !rng.chance(rule.probability));
+            self.rules.push(RuleState { rule: rule.clone(), applies, count: 0, rng, fired: [false; 2] });
+        }
+    }
+
+    /// The window in which `rule` acts on this connection.
+    fn window(facts: &Facts, rule: &Rule) -> (Instant, Option<Instant>) {
+        let start = facts.connect_at.max(rule.activated) + rule.after;
+        (start, rule.duration.map(|d| start + d))
+    }
+
+    fn active(&self, rule: &Rule, now: Instant) -> bool {
+        let Some(facts) = &self.facts else { return false };
+        let (start, end) = Self::window(facts, rule);
+        start <= now && end.is_none_or(|e| now < e)
+    }
+
+    /// The verdict for one packet; the rule that decided it, if one did.
+    pub fn decide(&mut self, dir: Direction, t: PacketType, now: Instant) -> (Verdict, Option<Applied>) {
+        for i in 0..self.rules.len() {
+            let s = &self.rules[i];
+            let r = &s.rule;
+            if !s.applies
+                || !matches!(r.action, Action::Drop | Action::Delay { .. })
+                || !r.applies_to(dir)
+                || !r.applies_to_packet(t)
+                || r.count.is_some_and(|c| s.count >= c)
+                || !self.active(r, now)
+            {
+                continue;
+            }
+            let s = &mut self.rules[i];
+            if !s.rng.chance(s.rule.probability) {
+                continue;
+            }
+            s.count += 1;
+            let verdict = match s.rule.action {
+                Action::Delay { latency, jitter } => Verdict::Delay(now + s.rng.jittered(latency, jitter)),
+                _ => Verdict::Drop,
+            };
+            return (verdict, Some(Applied { rule: s.rule.clone(), direction: Some(dir) }));
+        }
+        (Verdict::Forward, None)
+    }
+
+    /// The mode of a direction now; the first time a mode rule takes effect in a direction it is
+    /// also returned as applied.
+    pub fn mode(&mut self, dir: Direction, now: Instant) -> (Mode, Option<Applied>) {
+        for i in 0..self.rules.len() {
+            let s = &self.rules[i];
+            let mode = match s.rule.action {
+                Action::Blackhole if s.rule.applies_to(dir) => Mode::Blackhole,
+                Action::Freeze if s.rule.applies_to(dir) => Mode::Freeze,
+                Action::Close { side, how: CloseMode::Half } if towards(side, dir) => Mode::Shut,
+                _ => continue,
+            };
+            if !s.applies || !self.active(&s.rule, now) {
+                continue;
+            }
+            let s = &mut self.rules[i];
+            let first = !std::mem::replace(&mut s.fired[dir as usize], true);
+            return (mode, first.then(|| Applied { rule: s.rule.clone(), direction: Some(dir) }));
+        }
+        (Mode::Normal, None)
+    }
+
+    /// A connection action whose time has come (each fires once).
+    pub fn due_action(&mut self, now: Instant) -> Option<(ConnAction, Applied)> {
+        for i in 0..self.rules.len() {
+            let s = &self.rules[i];
+            let action = match s.rule.action {
+                Action::Close { side, how } if how != CloseMode::Half => ConnAction::Close { side, how },
+                Action::Disconnect { reason, to } => ConnAction::Disconnect { reason, to },
+                _ => continue,
+            };
+            if !s.applies || s.fired[0] || !self.active(&s.rule, now) {
+                continue;
+            }
+            let s = &mut self.rules[i];
+            s.fired[0] = true;
+            return Some((action, Applied { rule: s.rule.clone(), direction: None }));
+        }
+        None
+    }
+
+    /// The Keep Alive to forward in the CONNECT instead of `requested`, if a rule says so.
+    pub fn rewrite_keepalive(&mut self, requested: u16, now: Instant) -> Option<(u16, Applied)> {
+        self.first_active(now, |a| matches!(a, Action::RewriteKeepalive { .. }))
+            .map(|r| (r.action.rewrite(requested).unwrap_or(requested), Applied { rule: r, direction: None }))
+    }
+
+    /// The Server Keep Alive to announce to an MQTT 5 client, if a rule says so.
+    pub fn server_keepalive(&mut self, now: Instant) -> Option<(u16, Applied)> {
+        let rule = self.first_active(now, |a| matches!(a, Action::ServerKeepalive { .. }))?;
+        let Action::ServerKeepalive { set } = rule.action else { return None };
+        Some((set, Applied { rule, direction: None }))
+    }
+
+    fn first_active(&self, now: Instant, pick: impl Fn(&Action) -> bool) -> Option<Arc<Rule>> {
+        self.rules
+            .iter()
+            .find(|s| s.applies && pick(&s.rule.action) && self.active(&s.rule, now))
+            .map(|s| s.rule.clone())
+    }
+
+    /// The next moment a window opens or closes, so time-driven behaviour (modes, connection
+    /// actions) can be re-evaluated then.
+    pub fn next_change(&self, now: Instant) -> Option<Instant> {
+        let facts = self.facts.as_ref()?;
+        self.rules
+            .iter()
+            .filter(|s| s.applies && !matches!(s.rule.action, Action::Drop | Action::Delay { .. }))
+            .flat_map(|s| {
+                let (start, end) = Self::window(facts, &s.rule);
+                [Some(start), end]
+            })
+            .flatten()
+            .filter(|&t| t > now)
+            .min()
+    }
+}
+
+/// Whether `close` of `side` shuts the writer of `dir` (the direction that writes to that side).
+fn towards(side: SideSpec, dir: Direction) -> bool {
+    match dir {
+        Direction::ClientToBroker => side.broker(),
+        Direction::BrokerToClient => side.client(),
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64): reproducible decisions, no dependency.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A stream for one rule on one device, derived from the rule set's seed.
+    fn new(seed: u64, rule: &str, client_id: &str) -> Self {
+        // FNV-1a over the names: stable across runs and Rust versions.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in rule.bytes().chain([0xff]).chain(client_id.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        SplitMix64(seed ^ h)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// True with probability `p` (always for 1.0, never for 0.0, without drawing for either).
+    fn chance(&mut self, p: f64) -> bool {
+        p >= 1.0 || (p > 0.0 && self.next_f64() < p)
+    }
+
+    /// `base ± jitter`, uniformly, never below zero.
+    fn jittered(&mut self, base: Duration, jitter: Duration) -> Duration {
+        if jitter.is_zero() {
+            return base;
+        }
+        let offset = (self.next_f64() * 2.0 - 1.0) * jitter.as_secs_f64();
+        Duration::from_secs_f64((base.as_secs_f64() + offset).max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::rule::RuleSpec;
+
+    fn rule(toml_text: &str) -> Arc<Rule> {
+        Arc::new(toml::from_str::<RuleSpec>(toml_text).unwrap().compile("r").unwrap())
+    }
+
+    fn faults(rules: Vec<Arc<Rule>>, seed: u64) -> (RulesTx, ConnFaults) {
+        let (tx, rx) = watch::channel(Arc::new(RuleSet::new(None, Some(seed), rules)));
+        (tx, ConnFaults::new(rx))
+    }
+
+    fn connect(f: &mut ConnFaults, client_id: &str, protocol: u8) {
+        f.on_connect("default", client_id, None, protocol, Instant::now());
+    }
+
+    const C2B: Direction = Direction::ClientToBroker;
+    const B2C: Direction = Direction::BrokerToClient;
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_acts_before_the_connect() {
+        let (_tx, mut f) = faults(vec![rule("name = \"d\"\naction = \"drop\"\n")], 1);
+        assert_eq!(f.decide(C2B, PacketType::Connect, Instant::now()).0, Verdict::Forward);
+        connect(&mut f, "c", 4);
+        assert_eq!(f.decide(C2B, PacketType::Connect, Instant::now()).0, Verdict::Drop);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drop_matches_direction_packet_and_client_id() {
+        let r = rule(
+            "name = \"d\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n\
+             match = { client_id = \"sensor-*\" }\n",
+        );
+        let (_tx, mut f) = faults(vec![r.clone()], 1);
+        connect(&mut f, "sensor-1", 4);
+        let now = Instant::now();
+        assert_eq!(f.decide(C2B, PacketType::Pingreq, now).0, Verdict::Drop);
+        assert_eq!(f.decide(C2B, PacketType::Publish, now).0, Verdict::Forward);
+        assert_eq!(f.decide(B2C, PacketType::Pingreq, now).0, Verdict::Forward);
+        let (_tx, mut other) = faults(vec![r], 1);
+        connect(&mut other, "pump-1", 4);
+        assert_eq!(other.decide(C2B, PacketType::Pingreq, now).0, Verdict::Forward);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_duration_and_count_bound_a_rule() {
+        let r = rule("name = \"d\"\naction = \"drop\"\nafter = \"10s\"\nduration = \"5s\"\ncount = 2\n");
+        let (_tx, mut f) = faults(vec![r], 1);
+        connect(&mut f, "c", 4);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(f.decide(C2B, PacketType::Pingreq, at(9)).0, Verdict::Forward);
+        assert_eq!(f.decide(C2B, PacketType::Pingreq, at(10)).0, Verdict::Drop);
+        assert_eq!(f.decide(C2B, PacketType::Pingreq, at(11)).0, Verdict::Drop);
+        assert_eq!(f.decide(C2B, PacketType::Pingreq, at(12)).0, Verdict::Forward, "count = 2 reached");
+        let (_tx, mut g) =
+            faults(vec![rule("name = \"d\"\naction = \"drop\"\nafter = \"10s\"\nduration = \"5s\"\n")], 1);
+        connect(&mut g, "c", 4);
+        assert_eq!(g.decide(C2B, PacketType::Pingreq, at(14)).0, Verdict::Drop);
+        assert_eq!(g.decide(C2B, PacketType::Pingreq, at(15)).0, Verdict::Forward, "window over");
+        assert_eq!(g.next_change(at(0)), None, "packet rules need no timer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_seeded_probability_is_reproducible_and_close_to_its_rate() {
+        let run = |seed| {
+            let r = rule("name = \"flaky\"\naction = \"drop\"\nprobability = 0.3\n");
+            let (_tx, mut f) = faults(vec![r], seed);
+            connect(&mut f, "device", 4);
+            (0..1000)
+                .map(|_| f.decide(B2C, PacketType::Pingresp, Instant::now()).0 == Verdict::Drop)
+                .collect::<Vec<_>>()
+        };
+        let (a, b, c) = (run(42), run(42), run(43));
+        assert_eq!(a, b, "same seed, same decisions");
+        assert_ne!(a, c, "another seed, other decisions");
+        let dropped = a.iter().filter(|&&d| d).count();
+        assert!((250..350).contains(&dropped), "{dropped} of 1000 dropped at p = 0.3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delay_is_measured_from_receipt_with_bounded_jitter() {
+        let r = rule("name = \"slow\"\naction = \"delay\"\nlatency = \"2s\"\njitter = \"500ms\"\n");
+        let (_tx, mut f) = faults(vec![r], 7);
+        connect(&mut f, "c", 4);
+        let now = Instant::now();
+        for _ in 0..100 {
+            let Verdict::Delay(until) = f.decide(B2C, PacketType::Pingresp, now).0 else { panic!() };
+            let d = until - now;
+            assert!(d >= Duration::from_millis(1500) && d <= Duration::from_millis(2500), "{d:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn modes_open_and_close_with_their_window_and_report_the_first_entry() {
+        let r = rule("name = \"p\"\naction = \"blackhole\"\nafter = \"1s\"\nduration = \"3s\"\n");
+        let (_tx, mut f) = faults(vec![r], 1);
+        connect(&mut f, "c", 4);
+        let t0 = Instant::now();
+        assert_eq!(f.mode(C2B, t0).0, Mode::Normal);
+        assert_eq!(f.next_change(t0), Some(t0 + Duration::from_secs(1)));
+        let (mode, applied) = f.mode(C2B, t0 + Duration::from_secs(1));
+        assert_eq!((mode, applied.is_some()), (Mode::Blackhole, true));
+        assert!(f.mode(C2B, t0 + Duration::from_secs(2)).1.is_none(), "counted once");
+        assert!(f.mode(B2C, t0 + Duration::from_secs(2)).1.is_some(), "once per direction");
+        assert_eq!(f.next_change(t0 + Duration::from_secs(2)), Some(t0 + Duration::from_secs(4)));
+        assert_eq!(f.mode(C2B, t0 + Duration::from_secs(4)).0, Mode::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_close_shuts_the_direction_writing_to_that_side() {
+        let r = rule("name = \"h\"\naction = \"close\"\nside = \"client\"\nhow = \"half\"\n");
+        let (_tx, mut f) = faults(vec![r], 1);
+        connect(&mut f, "c", 4);
+        assert_eq!(f.mode(B2C, Instant::now()).0, Mode::Shut);
+        assert_eq!(f.mode(C2B, Instant::now()).0, Mode::Normal);
+        assert!(f.due_action(Instant::now()).is_none(), "half is not a connection action");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_actions_fire_once_when_due_and_mqtt5_actions_skip_older_protocols() {
+        let close = rule("name = \"c\"\naction = \"close\"\nafter = \"5s\"\nhow = \"rst\"\n");
+        let disc = rule("name = \"x\"\naction = \"disconnect\"\nreason = 0x8D\n");
+        let (_tx, mut f) = faults(vec![close.clone(), disc.clone()], 1);
+        connect(&mut f, "c", 4);
+        let t0 = Instant::now();
+        assert!(f.due_action(t0).is_none(), "disconnect needs MQTT 5; the close is not due yet");
+        assert_eq!(f.next_change(t0), Some(t0 + Duration::from_secs(5)));
+        let (a, _) = f.due_action(t0 + Duration::from_secs(5)).unwrap();
+        assert_eq!(a, ConnAction::Close { side: SideSpec::Both, how: CloseMode::Rst });
+        assert!(f.due_action(t0 + Duration::from_secs(6)).is_none());
+
+        let (_tx, mut g) = faults(vec![disc], 1);
+        connect(&mut g, "c", 5);
+        assert_eq!(
+            g.due_action(t0).unwrap().0,
+            ConnAction::Disconnect { reason: 0x8d, to: SideSpec::Client }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_swapped_rule_set_applies_to_existing_connections_from_the_swap_on() {
+        let (tx, mut f) = faults(vec![], 1);
+        connect(&mut f, "c", 4);
+        assert!(f.is_idle());
+        tokio::time::advance(Duration::from_secs(100)).await;
+        // A 3 s partition activated now affects this 100 s old connection now, for 3 s.
+        tx.send_replace(Arc::new(RuleSet::new(
+            None,
+            Some(1),
+            vec![rule("name = \"p\"\naction = \"blackhole\"\nduration = \"3s\"\n")],
+        )));
+        f.refresh();
+        let now = Instant::now();
+        assert_eq!(f.mode(C2B, now).0, Mode::Blackhole);
+        assert_eq!(f.mode(C2B, now + Duration::from_secs(3)).0, Mode::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_rewrites_apply_to_matching_connections() {
+        let rw = rule("name = \"k\"\naction = \"rewrite_keepalive\"\nset = 2\nmatch = { protocol = [4] }\n");
+        let ska = rule("name = \"s\"\naction = \"server_keepalive\"\nset = 7\n");
+        let (_tx, mut f) = faults(vec![rw.clone(), ska.clone()], 1);
+        connect(&mut f, "c", 4);
+        assert_eq!(f.rewrite_keepalive(60, Instant::now()).map(|a| a.0), Some(2));
+        assert!(f.server_keepalive(Instant::now()).is_none(), "not MQTT 5");
+        let (_tx, mut g) = faults(vec![rw, ska], 1);
+        connect(&mut g, "c", 5);
+        assert!(g.rewrite_keepalive(60, Instant::now()).is_none(), "match excludes 5");
+        assert_eq!(g.server_keepalive(Instant::now()).map(|a| a.0), Some(7));
+    }
+}

@@ -1,0 +1,614 @@
+//! The rule schema, shared by profiles, the admin API and the docs, and its validation.
+//!
+//! A [`RuleSpec`] is what users write (TOML in profiles, JSON over the API): one flat table with
+//! the common fields and the fields of its action. [`RuleSpec::compile`] checks it and produces a
+//! [`Rule`], the form the engine evaluates. Errors name the offending field as a path
+//! (`rules[2].probability`) so a profile loader can turn it into `file:line:col`.
+
+use crate::codec::PacketType;
+use crate::record::Direction;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The actions a rule can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Drop,
+    Delay,
+    Blackhole,
+    Freeze,
+    Close,
+    RewriteKeepalive,
+    ServerKeepalive,
+    Disconnect,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Drop => "drop",
+            ActionKind::Delay => "delay",
+            ActionKind::Blackhole => "blackhole",
+            ActionKind::Freeze => "freeze",
+            ActionKind::Close => "close",
+            ActionKind::RewriteKeepalive => "rewrite_keepalive",
+            ActionKind::ServerKeepalive => "server_keepalive",
+            ActionKind::Disconnect => "disconnect",
+        }
+    }
+
+    /// Packet actions decide per packet (their probability is per packet and `count` limits
+    /// them); the others decide once per connection.
+    fn is_packet_action(self) -> bool {
+        matches!(self, ActionKind::Drop | ActionKind::Delay)
+    }
+}
+
+/// `direction` as written: one direction or both. `upstream`/`downstream` are toxiproxy's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionSpec {
+    #[serde(alias = "upstream")]
+    ClientToBroker,
+    #[serde(alias = "downstream")]
+    BrokerToClient,
+    Both,
+}
+
+/// Which side a `close` or `disconnect` acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SideSpec {
+    Client,
+    Broker,
+    Both,
+}
+
+impl SideSpec {
+    pub fn client(self) -> bool {
+        matches!(self, SideSpec::Client | SideSpec::Both)
+    }
+    pub fn broker(self) -> bool {
+        matches!(self, SideSpec::Broker | SideSpec::Both)
+    }
+}
+
+/// How `close` closes: FIN, RST, or only the write half (the side gets EOF, can still send).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseMode {
+    Fin,
+    Rst,
+    Half,
+}
+
+/// A DISCONNECT reason: a code (`0x8D`, `141`) or its name (`keep_alive_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReasonSpec {
+    Code(u8),
+    Name(String),
+}
+
+/// `match`: which connections a rule applies to. Every given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Glob on the client id (`*` any run of characters, `?` one character).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Glob on the username; a connection without a username never matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Protocol levels: 3 (MQTT 3.1), 4 (3.1.1), 5 (5.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Vec<u8>>,
+    /// Route names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Vec<String>>,
+}
+
+/// A rule as users write it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    pub action: ActionKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<DirectionSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f64>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub after: Option<Duration>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<MatchSpec>,
+    /// `delay`: how long to hold each packet.
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Duration>,
+    /// `delay`: ± this much, uniformly.
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<Duration>,
+    /// `close`: which side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<SideSpec>,
+    /// `close`: fin, rst or half.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<CloseMode>,
+    /// `rewrite_keepalive`, `server_keepalive`: the new value, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<u16>,
+    /// `rewrite_keepalive`: multiply the client's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// `rewrite_keepalive`: clamp from below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u16>,
+    /// `rewrite_keepalive`: clamp from above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u16>,
+    /// `disconnect`: the reason code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ReasonSpec>,
+    /// `disconnect`: whom to send it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<SideSpec>,
+}
+
+/// `"10s"`, `"250ms"`, `"1m 30s"` in both directions.
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"10s\" or \"250ms\""
+            ))
+        })
+    }
+}
+
+/// A validation error: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct RuleError {
+    /// Path of the field, e.g. `rules[2].probability` (the rule's own path if the problem is
+    /// the rule as a whole).
+    pub path: String,
+    pub message: String,
+}
+
+/// What a rule does, with its parameters checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Drop,
+    Delay { latency: Duration, jitter: Duration },
+    Blackhole,
+    Freeze,
+    Close { side: SideSpec, how: CloseMode },
+    RewriteKeepalive { set: Option<u16>, scale: Option<f64>, min: Option<u16>, max: Option<u16> },
+    ServerKeepalive { set: u16 },
+    Disconnect { reason: u8, to: SideSpec },
+}
+
+impl Action {
+    /// The Keep Alive a `rewrite_keepalive` turns `requested` into.
+    pub fn rewrite(&self, requested: u16) -> Option<u16> {
+        let Action::RewriteKeepalive { set, scale, min, max } = *self else { return None };
+        let mut v = f64::from(set.unwrap_or(requested));
+        if let Some(s) = scale {
+            v = (v * s).round();
+        }
+        if let Some(m) = min {
+            v = v.max(f64::from(m));
+        }
+        if let Some(m) = max {
+            v = v.min(f64::from(m));
+        }
+        Some(v.clamp(0.0, 65535.0) as u16)
+    }
+}
+
+/// Connection matcher, compiled.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Matcher {
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub protocol: Option<Vec<u8>>,
+    pub route: Option<Vec<String>>,
+}
+
+/// What the matcher looks at.
+pub struct ConnFacts<'a> {
+    pub route: &'a str,
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    pub protocol: u8,
+}
+
+impl Matcher {
+    pub fn matches(&self, c: &ConnFacts<'_>) -> bool {
+        self.route.as_ref().is_none_or(|r| r.iter().any(|r| r == c.route))
+            && self.protocol.as_ref().is_none_or(|p| p.contains(&c.protocol))
+            && self.client_id.as_ref().is_none_or(|g| glob(g, c.client_id))
+            && self.username.as_ref().is_none_or(|g| c.username.is_some_and(|u| glob(g, u)))
+    }
+}
+
+/// A validated rule, as the engine evaluates it.
+#[derive(Debug)]
+pub struct Rule {
+    pub spec: RuleSpec,
+    pub action: Action,
+    /// Whether it acts on client_to_broker and on broker_to_client.
+    pub directions: [bool; 2],
+    /// Packet types it acts on, one bit per [`PacketType::index`].
+    pub packets: u16,
+    pub probability: f64,
+    pub after: Duration,
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+    pub matcher: Matcher,
+    /// When the rule became active: on connections older than that, its `after` counts from here.
+    pub activated: Instant,
+}
+
+impl Rule {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn kind(&self) -> ActionKind {
+        self.spec.action
+    }
+
+    pub fn applies_to(&self, dir: Direction) -> bool {
+        self.directions[dir as usize]
+    }
+
+    pub fn applies_to_packet(&self, t: PacketType) -> bool {
+        self.packets & (1 << t.index()) != 0
+    }
+}
+
+/// Every packet type.
+const ALL_PACKETS: u16 = (1 << 15) - 1;
+
+impl RuleSpec {
+    /// Validates the rule; `path` prefixes error paths (e.g. `rules[2]`).
+    pub fn compile(&self, path: &str) -> Result<Rule, RuleError> {
+        let err = |field: &str, message: String| {
+            let path = if field.is_empty() { path.to_string() } else { format!("{path}.{field}") };
+            Err(RuleError { path, message })
+        };
+        let kind = self.action;
+        let a = kind.as_str();
+        if self.name.is_empty() || self.name.len() > 64 || self.name.chars().any(|c| c.is_control()) {
+            return err("name", "a rule needs a name of 1 to 64 printable characters".into());
+        }
+        // Fields that belong to other actions are mistakes, not options to ignore.
+        let foreign: [(&str, bool, &[ActionKind]); 11] = [
+            ("latency", self.latency.is_some(), &[ActionKind::Delay]),
+            ("jitter", self.jitter.is_some(), &[ActionKind::Delay]),
+            ("side", self.side.is_some(), &[ActionKind::Close]),
+            ("how", self.how.is_some(), &[ActionKind::Close]),
+            ("set", self.set.is_some(), &[ActionKind::RewriteKeepalive, ActionKind::ServerKeepalive]),
+            ("scale", self.scale.is_some(), &[ActionKind::RewriteKeepalive]),
+            ("min", self.min.is_some(), &[ActionKind::RewriteKeepalive]),
+            ("max", self.max.is_some(), &[ActionKind::RewriteKeepalive]),
+            ("reason", self.reason.is_some(), &[ActionKind::Disconnect]),
+            ("to", self.to.is_some(), &[ActionKind::Disconnect]),
+            ("packets", self.packets.is_some(), &[ActionKind::Drop, ActionKind::Delay]),
+        ];
+        for (field, given, owners) in foreign {
+            if given && !owners.contains(&kind) {
+                let owners: Vec<_> = owners.iter().map(|o| o.as_str()).collect();
+                return err(
+                    field,
+                    format!("`{field}` does not apply to action `{a}` (only to {})", owners.join(", ")),
+                );
+            }
+        }
+        let direction_fixed = match kind {
+            ActionKind::Close | ActionKind::Disconnect => Some("use `side`/`to` to choose the side"),
+            ActionKind::RewriteKeepalive => Some("it always acts on the client's CONNECT"),
+            ActionKind::ServerKeepalive => Some("it always acts on the broker's CONNACK"),
+            _ => None,
+        };
+        if let (Some(_), Some(why)) = (self.direction, direction_fixed) {
+            return err("direction", format!("`direction` does not apply to action `{a}`: {why}"));
+        }
+        if self.count.is_some() && !kind.is_packet_action() {
+            return err("count", format!("`count` limits packets; action `{a}` acts once per connection"));
+        }
+        let probability = self.probability.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&probability) {
+            return err("probability", format!("probability must be between 0.0 and 1.0, got {probability}"));
+        }
+        if self.duration == Some(Duration::ZERO) {
+            return err(
+                "duration",
+                "a duration of 0 would never apply; leave it out for \"until the end\"".into(),
+            );
+        }
+        let mut packets = ALL_PACKETS;
+        if let Some(names) = &self.packets {
+            if names.is_empty() {
+                return err(
+                    "packets",
+                    "an empty list matches no packet; leave it out for all packets".into(),
+                );
+            }
+            packets = 0;
+            for (i, n) in names.iter().enumerate() {
+                let Some(t) = PacketType::from_name(n) else {
+                    let all: Vec<_> = PacketType::ALL.iter().map(|t| t.name()).collect();
+                    return err(
+                        &format!("packets[{i}]"),
+                        format!("unknown packet type {n:?}; known: {}", all.join(", ")),
+                    );
+                };
+                packets |= 1 << t.index();
+            }
+        }
+        let matcher = self.matcher.clone().unwrap_or_default();
+        if let Some(levels) = &matcher.protocol
+            && let Some(bad) = levels.iter().find(|l| !(3..=5).contains(*l))
+        {
+            return err(
+                "match.protocol",
+                format!("protocol level {bad} is not 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0)"),
+            );
+        }
+        let action = match kind {
+            ActionKind::Drop => Action::Drop,
+            ActionKind::Blackhole => Action::Blackhole,
+            ActionKind::Freeze => Action::Freeze,
+            ActionKind::Delay => {
+                let Some(latency) = self.latency else {
+                    return err("latency", "action `delay` needs `latency`, e.g. latency = \"2s\"".into());
+                };
+                Action::Delay { latency, jitter: self.jitter.unwrap_or_default() }
+            }
+            ActionKind::Close => Action::Close {
+                side: self.side.unwrap_or(SideSpec::Both),
+                how: self.how.unwrap_or(CloseMode::Fin),
+            },
+            ActionKind::RewriteKeepalive => {
+                if self.set.is_some() && self.scale.is_some() {
+                    return err("scale", "give either `set` or `scale`, not both".into());
+                }
+                if self.set.is_none() && self.scale.is_none() && self.min.is_none() && self.max.is_none() {
+                    return err("", "action `rewrite_keepalive` needs `set`, `scale`, `min` or `max`".into());
+                }
+                if let Some(s) = self.scale
+                    && !(s.is_finite() && s >= 0.0)
+                {
+                    return err("scale", format!("scale must be a finite number ≥ 0, got {s}"));
+                }
+                if let (Some(lo), Some(hi)) = (self.min, self.max)
+                    && lo > hi
+                {
+                    return err("min", format!("min ({lo}) is above max ({hi})"));
+                }
+                Action::RewriteKeepalive { set: self.set, scale: self.scale, min: self.min, max: self.max }
+            }
+            ActionKind::ServerKeepalive => {
+                let Some(set) = self.set else {
+                    return err(
+                        "set",
+                        "action `server_keepalive` needs `set`, the Server Keep Alive in seconds".into(),
+                    );
+                };
+                if matcher.protocol.as_ref().is_some_and(|p| !p.contains(&5)) {
+                    return err(
+                        "match.protocol",
+                        "`server_keepalive` only changes MQTT 5 CONNACKs, and this match excludes protocol 5"
+                            .into(),
+                    );
+                }
+                Action::ServerKeepalive { set }
+            }
+            ActionKind::Disconnect => {
+                let reason = match &self.reason {
+                    None => {
+                        return err("reason", "action `disconnect` needs `reason`, e.g. reason = 0x8D".into());
+                    }
+                    Some(ReasonSpec::Code(c)) => *c,
+                    Some(ReasonSpec::Name(n)) => match reason_code(n) {
+                        Some(c) => c,
+                        None => {
+                            return err(
+                                "reason",
+                                format!("unknown DISCONNECT reason {n:?}; give a code such as 0x8D"),
+                            );
+                        }
+                    },
+                };
+                if matcher.protocol.as_ref().is_some_and(|p| !p.contains(&5)) {
+                    return err(
+                        "match.protocol",
+                        "`disconnect` sends MQTT 5 packets; this match excludes protocol 5".into(),
+                    );
+                }
+                Action::Disconnect { reason, to: self.to.unwrap_or(SideSpec::Client) }
+            }
+        };
+        let directions = match self.direction.unwrap_or(DirectionSpec::Both) {
+            DirectionSpec::ClientToBroker => [true, false],
+            DirectionSpec::BrokerToClient => [false, true],
+            DirectionSpec::Both => [true, true],
+        };
+        Ok(Rule {
+            spec: self.clone(),
+            action,
+            directions,
+            packets,
+            probability,
+            after: self.after.unwrap_or_default(),
+            duration: self.duration,
+            count: self.count,
+            matcher: Matcher {
+                client_id: matcher.client_id,
+                username: matcher.username,
+                protocol: matcher.protocol,
+                route: matcher.route,
+            },
+            activated: Instant::now(),
+        })
+    }
+}
+
+/// The code of a DISCONNECT reason name, as [`crate::codec::reason_name`] spells it.
+fn reason_code(name: &str) -> Option<u8> {
+    (0..=255u8).find(|&c| crate::codec::reason_name(c) == name && name != "other")
+}
+
+/// Matches `text` against a glob where `*` is any run of characters and `?` any one character.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None; // (pattern index after '*', text index)
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                backtrack = Some((pi + 1, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match backtrack {
+                Some((bp, bt)) => {
+                    pi = bp;
+                    ti = bt + 1;
+                    backtrack = Some((bp, bt + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml_text: &str) -> RuleSpec {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    fn compile_err(toml_text: &str) -> RuleError {
+        spec(toml_text).compile("rules[0]").unwrap_err()
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("sensor-*", "sensor-17"));
+        assert!(glob("*", ""));
+        assert!(glob("a?c", "abc"));
+        assert!(glob("*-1?", "plant-a-12"));
+        assert!(!glob("sensor-*", "actuator-1"));
+        assert!(!glob("a?c", "ac"));
+        assert!(glob("*a*b*", "xxaxxbxx"));
+        assert!(!glob("*a*b", "xxaxxbxxc"));
+    }
+
+    #[test]
+    fn compiles_a_drop_rule_with_aliases_and_defaults() {
+        let r = spec("name = \"x\"\naction = \"drop\"\ndirection = \"upstream\"\npackets = [\"pingreq\"]\n")
+            .compile("rules[0]")
+            .unwrap();
+        assert_eq!(r.directions, [true, false]);
+        assert!(r.applies_to_packet(PacketType::Pingreq) && !r.applies_to_packet(PacketType::Publish));
+        assert_eq!((r.probability, r.after, r.duration), (1.0, Duration::ZERO, None));
+        let r =
+            spec("name = \"y\"\naction = \"blackhole\"\ndirection = \"downstream\"\n").compile("r").unwrap();
+        assert_eq!(r.directions, [false, true]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = compile_err("name = \"x\"\naction = \"drop\"\nprobability = 1.5\n");
+        assert_eq!(e.to_string(), "rules[0].probability: probability must be between 0.0 and 1.0, got 1.5");
+        let e = compile_err("name = \"x\"\naction = \"drop\"\npackets = [\"PINGREQ\", \"PONG\"]\n");
+        assert_eq!(e.path, "rules[0].packets[1]");
+        assert!(e.message.starts_with("unknown packet type \"PONG\""));
+        let e = compile_err("name = \"x\"\naction = \"rewrite_keepalive\"\nset = 5\nscale = 0.5\n");
+        assert_eq!(e.to_string(), "rules[0].scale: give either `set` or `scale`, not both");
+        let e =
+            compile_err("name = \"x\"\naction = \"server_keepalive\"\nset = 5\nmatch = { protocol = [4] }\n");
+        assert_eq!(e.path, "rules[0].match.protocol");
+        let e = compile_err("name = \"x\"\naction = \"blackhole\"\nlatency = \"1s\"\n");
+        assert_eq!(
+            e.to_string(),
+            "rules[0].latency: `latency` does not apply to action `blackhole` (only to delay)"
+        );
+        let e = compile_err("name = \"x\"\naction = \"close\"\ncount = 3\n");
+        assert_eq!(e.path, "rules[0].count");
+        let e = compile_err("name = \"x\"\naction = \"delay\"\n");
+        assert_eq!(e.path, "rules[0].latency");
+        let e = compile_err("name = \"x\"\naction = \"disconnect\"\nreason = \"bogus\"\n");
+        assert_eq!(e.path, "rules[0].reason");
+    }
+
+    #[test]
+    fn disconnect_reasons_by_code_or_name() {
+        let r = spec("name = \"x\"\naction = \"disconnect\"\nreason = 0x8D\n").compile("r").unwrap();
+        assert_eq!(r.action, Action::Disconnect { reason: 0x8d, to: SideSpec::Client });
+        let r =
+            spec("name = \"x\"\naction = \"disconnect\"\nreason = \"session_taken_over\"\nto = \"both\"\n")
+                .compile("r")
+                .unwrap();
+        assert_eq!(r.action, Action::Disconnect { reason: 0x8e, to: SideSpec::Both });
+    }
+
+    #[test]
+    fn keepalive_rewrites() {
+        let rw = |t: &str| {
+            spec(&format!("name = \"x\"\naction = \"rewrite_keepalive\"\n{t}")).compile("r").unwrap().action
+        };
+        assert_eq!(rw("set = 2\n").rewrite(60), Some(2));
+        assert_eq!(rw("set = 0\n").rewrite(60), Some(0));
+        assert_eq!(rw("scale = 0.5\n").rewrite(61), Some(31));
+        assert_eq!(rw("scale = 10.0\n").rewrite(60_000), Some(65535));
+        assert_eq!(rw("min = 10\nmax = 20\n").rewrite(5), Some(10));
+        assert_eq!(rw("min = 10\nmax = 20\n").rewrite(60), Some(20));
+        assert_eq!(rw("max = 20\n").rewrite(0), Some(0), "0 (disabled) is below any max");
+    }
+
+    #[test]
+    fn matcher() {
+        let m = Matcher {
+            client_id: Some("sensor-*".into()),
+            username: None,
+            protocol: Some(vec![4, 5]),
+            route: Some(vec!["plant-a".into()]),
+        };
+        let facts = |id, proto, route| ConnFacts { route, client_id: id, username: None, protocol: proto };
+        assert!(m.matches(&facts("sensor-1", 4, "plant-a")));
+        assert!(!m.matches(&facts("sensor-1", 3, "plant-a")));
+        assert!(!m.matches(&facts("sensor-1", 4, "plant-b")));
+        assert!(!m.matches(&facts("pump-1", 4, "plant-a")));
+        let u = Matcher { username: Some("*".into()), ..Matcher::default() };
+        assert!(!u.matches(&facts("x", 4, "r")), "no username never matches a username glob");
+    }
+}
