@@ -177,8 +177,8 @@ impl ConnFaults {
             let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
             let per_connection = !matches!(rule.kind(), ActionKind::Drop | ActionKind::Delay);
             let applies = rule.matcher.matches(&c)
-                && !(mqtt5_only && facts.protocol != 5)
-                && !(per_connection && !rng.chance(rule.probability));
+                && (!mqtt5_only || facts.protocol == 5)
+                && (!per_connection || rng.chance(rule.probability));
             self.rules.push(RuleState { rule: rule.clone(), applies, count: 0, rng, fired: [false; 2] });
         }
     }
