@@ -2,38 +2,72 @@
 //!
 //! One pump per direction reads what its sender sends, splits it into packets with the pure
 //! [`Splitter`], lets [`Inspector`] look at each packet (update the connection record, emit
-//! events), and writes *runs* of consecutive forwarded packets to the receiver with a single
-//! write, straight out of its read buffer: no copy and no allocation per packet.
+//! events, apply Keep Alive rewrites), asks the fault engine for a verdict, and then writes the
+//! result. Each batch is decided first (without awaiting, under the connection's fault lock) and
+//! written second: runs of consecutive forwarded packets become one write straight out of the
+//! read buffer, so there is no copy and no allocation per packet.
+//!
+//! Verdicts and modes it executes: forward; drop; delay (the packet and everything after it in
+//! this direction wait in a bounded queue, so order is kept); replace (a re-encoded CONNACK);
+//! blackhole (read and discard at packet boundaries); freeze (stop reading); shut (write half
+//! closed towards the receiver, the rest discarded). Decisions are made on whole packets only,
+//! so a rule that starts or ends — or a rule set swapped — never cuts a packet in two.
 //!
 //! Packets larger than `max_buffered_packet` are not buffered whole: their fixed header is
-//! forwarded at once and their body as it arrives. A write that blocks stops the reading, so a
-//! slow receiver back-pressures its sender; the read buffer is the only buffer and it is bounded
-//! by `max(max_buffered_packet, 64 KiB)`.
+//! forwarded at once and their body as it arrives (they can be dropped, black-holed or
+//! forwarded, never delayed). A write that blocks stops the reading, so a slow receiver
+//! back-pressures its sender; the read buffer is bounded by `max(max_buffered_packet, 64 KiB)`
+//! and the delay queue by [`DELAY_QUEUE_LIMIT`].
 //!
 //! When a direction's bytes stop being MQTT, the pump either relays the rest of that direction
 //! raw (`--on-malformed relay`) or ends so the session closes both sides (`close`).
 
 use crate::codec::frame::FrameHeader;
-use crate::codec::{Connack, Connect, Disconnect, PacketType, Protocol, Publish, Splitter, Step};
+use crate::codec::{
+    Connack, Connect, Disconnect, PacketType, Protocol, Publish, Splitter, Step,
+    connack_with_server_keep_alive,
+};
 use crate::config::{OnMalformed, Settings};
+use crate::fault::{Applied, ConnFaults, Mode, RulesRx, Verdict};
 use crate::record::{Batch, CloseHow, Connection, Direction, Event, Registry, Side};
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// The smallest read buffer; an idle connection keeps one this size per direction.
 const MIN_READ: usize = 1024;
 /// The largest read; busy connections grow towards it.
 const MAX_READ: usize = 64 * 1024;
+/// Bytes a direction may hold in its delay queue before it stops reading from the sender.
+pub const DELAY_QUEUE_LIMIT: usize = 1024 * 1024;
 
 /// What a session's pumps share.
 pub(crate) struct Ctx {
     pub conn: Arc<Connection>,
     pub registry: Arc<Registry>,
     pub settings: Arc<Settings>,
+    /// The connection's fault state (both pumps and the session; never contended for long:
+    /// both pumps run in the same task).
+    pub faults: Mutex<ConnFaults>,
+    /// A clone source for the receivers that wake the pumps when the rule set changes.
+    pub rules: RulesRx,
+    /// Asks both pumps to stop at the next packet boundary (a connection action is due).
+    pub stop: CancellationToken,
+    /// Wakes the pumps and the session when the CONNECT was seen (rule clocks start then).
+    pub wake: Notify,
+}
+
+impl Ctx {
+    pub fn faults(&self) -> MutexGuard<'_, ConnFaults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Why a pump stopped.
@@ -47,34 +81,10 @@ pub(crate) enum PumpEnd {
     WriteError(io::Error),
     /// The bytes were not MQTT and `--on-malformed close` is set.
     Malformed,
+    /// Stopped at a packet boundary because the session has a connection action to carry out.
+    Stopped,
     /// The connection was ended from outside (the other pump, the admin API, shutdown).
     Cancelled,
-}
-
-/// Runs one direction until it ends, and records how it ended.
-pub(crate) async fn pump<R, W>(ctx: &Ctx, dir: Direction, reader: &mut R, writer: &mut W) -> PumpEnd
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut pump = Pump {
-        inspector: Inspector { ctx, dir, first: true, raw: false },
-        splitter: Splitter::new(ctx.settings.max_buffered_packet),
-        buf: Vec::new(),
-        start: 0,
-        needed: 0,
-        read_size: MIN_READ,
-    };
-    let end = pump.run(reader, writer).await;
-    let conn = &ctx.conn;
-    let now = Instant::now();
-    match &end {
-        PumpEnd::Eof => conn.note_close(dir.sender(), CloseHow::Fin, None, None, now),
-        PumpEnd::ReadError(e) => conn.note_close(dir.sender(), how_of(e), None, Some(e.to_string()), now),
-        PumpEnd::WriteError(e) => conn.note_close(dir.receiver(), how_of(e), None, Some(e.to_string()), now),
-        PumpEnd::Malformed | PumpEnd::Cancelled => false,
-    };
-    end
 }
 
 impl PumpEnd {
@@ -99,6 +109,53 @@ fn how_of(e: &io::Error) -> CloseHow {
     if is_reset(e) { CloseHow::Rst } else { CloseHow::Error }
 }
 
+/// Runs one direction until it ends, and records how it ended.
+pub(crate) async fn pump<R, W>(ctx: &Ctx, dir: Direction, reader: &mut R, writer: &mut W) -> PumpEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut pump = Pump {
+        inspector: Inspector { ctx, dir, first: true, raw: false },
+        splitter: Splitter::new(ctx.settings.max_buffered_packet),
+        buf: Vec::new(),
+        start: 0,
+        needed: 0,
+        read_size: MIN_READ,
+        out: Vec::new(),
+        delayed: VecDeque::new(),
+        delayed_bytes: 0,
+        discarding: false,
+        shut: false,
+        blocked: false,
+    };
+    let end = pump.run(reader, writer).await;
+    let conn = &ctx.conn;
+    let now = Instant::now();
+    match &end {
+        PumpEnd::Eof => conn.note_close(dir.sender(), CloseHow::Fin, None, None, now),
+        PumpEnd::ReadError(e) => conn.note_close(dir.sender(), how_of(e), None, Some(e.to_string()), now),
+        PumpEnd::WriteError(e) => conn.note_close(dir.receiver(), how_of(e), None, Some(e.to_string()), now),
+        PumpEnd::Malformed | PumpEnd::Stopped | PumpEnd::Cancelled => false,
+    };
+    end
+}
+
+/// A piece of a batch's output.
+enum Out {
+    /// Bytes of the read buffer (a run of forwarded packets, or streamed body bytes).
+    Buf(Range<usize>),
+    /// A packet the proxy re-encoded.
+    Owned(Vec<u8>),
+}
+
+/// A packet waiting in the delay queue.
+struct Held {
+    due: Instant,
+    bytes: Vec<u8>,
+    packet_type: PacketType,
+}
+
 struct Pump<'a> {
     inspector: Inspector<'a>,
     splitter: Splitter,
@@ -109,6 +166,17 @@ struct Pump<'a> {
     needed: usize,
     /// Adaptive read size: doubles when a read fills the buffer, shrinks when traffic is small.
     read_size: usize,
+    /// The current batch's output, reused from batch to batch.
+    out: Vec<Out>,
+    /// Delayed packets, oldest first; due times never decrease.
+    delayed: VecDeque<Held>,
+    delayed_bytes: usize,
+    /// The body of the packet being streamed is discarded (it was dropped or black-holed).
+    discarding: bool,
+    /// The write half towards the receiver was shut by a half-close rule.
+    shut: bool,
+    /// A packet too large to queue waits for the delay queue to drain before it may stream.
+    blocked: bool,
 }
 
 impl Pump<'_> {
@@ -117,9 +185,43 @@ impl Pump<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let ctx = self.inspector.ctx;
+        let mut rules = ctx.rules.clone();
+        let mut rules_open = true;
         loop {
-            let spare = self.prepare_buffer();
-            let n = match reader.read_buf(&mut self.buf).await {
+            let now = Instant::now();
+            if let Err(e) = self.release_delayed(writer, now).await {
+                return PumpEnd::WriteError(e);
+            }
+            if self.blocked && self.delayed.is_empty() {
+                self.blocked = false;
+                if let Err(end) = self.forward(writer).await {
+                    return end;
+                }
+            }
+            let (mode, wake) = self.time_driven(now);
+            if mode == Mode::Shut && !self.shut {
+                self.shut = true;
+                let _ = writer.shutdown().await;
+            }
+            let wake = match (wake, self.delayed.front()) {
+                (Some(a), Some(h)) => Some(a.min(h.due)),
+                (a, h) => a.or(h.map(|h| h.due)),
+            };
+            let can_read = mode != Mode::Freeze && !self.blocked && self.delayed_bytes < DELAY_QUEUE_LIMIT;
+            let spare = if can_read { self.prepare_buffer() } else { 0 };
+            let read = tokio::select! {
+                biased;
+                _ = ctx.stop.cancelled() => return PumpEnd::Stopped,
+                r = rules.changed(), if rules_open => {
+                    rules_open = r.is_ok();
+                    continue;
+                }
+                _ = ctx.wake.notified() => continue,
+                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => continue,
+                r = reader.read_buf(&mut self.buf), if can_read => r,
+            };
+            let n = match read {
                 Ok(n) => n,
                 Err(e) => return PumpEnd::ReadError(e),
             };
@@ -137,6 +239,21 @@ impl Pump<'_> {
                 return end;
             }
         }
+    }
+
+    /// The direction's mode now and when it next may change; counts a mode's first entry.
+    fn time_driven(&mut self, now: Instant) -> (Mode, Option<Instant>) {
+        let ctx = self.inspector.ctx;
+        let mut faults = ctx.faults();
+        faults.refresh();
+        if faults.is_idle() {
+            return (Mode::Normal, None);
+        }
+        let (mode, applied) = faults.mode(self.inspector.dir, now);
+        if let Some(a) = applied {
+            self.inspector.applied(&a, None);
+        }
+        (mode, faults.next_change(now))
     }
 
     /// Makes room for the next read and returns how much room there is.
@@ -165,67 +282,171 @@ impl Pump<'_> {
         }
     }
 
-    /// Forwards every complete packet (and streamed body bytes) in the buffer in one write.
+    /// Decides every complete packet (and streamed body bytes) in the buffer, then writes the
+    /// result: runs of forwarded packets in one write each.
     async fn forward<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> Result<(), PumpEnd> {
         let now = Instant::now();
         let mut batch = Batch::default();
+        let (cursor, outcome) = self.decide(now, &mut batch);
+        for out in self.out.drain(..) {
+            let bytes = match &out {
+                Out::Buf(r) => &self.buf[r.clone()],
+                Out::Owned(v) => v.as_slice(),
+            };
+            writer.write_all(bytes).await.map_err(PumpEnd::WriteError)?;
+        }
+        if batch.bytes > 0 {
+            self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
+        }
+        self.start = cursor;
+        outcome
+    }
+
+    /// The decide phase of [`Pump::forward`]: fills `self.out`, returns how far the buffer was
+    /// consumed and whether the pump must end. Never awaits.
+    fn decide(&mut self, now: Instant, batch: &mut Batch) -> (usize, Result<(), PumpEnd>) {
+        let ctx = self.inspector.ctx;
+        let dir = self.inspector.dir;
+        let mut faults = ctx.faults();
+        faults.refresh();
+        let mode = if faults.is_idle() { Mode::Normal } else { faults.mode(dir, now).0 };
+        let discard_all = self.shut || mode == Mode::Blackhole;
         let mut cursor = self.start;
         self.needed = 0;
         let outcome = loop {
             if self.inspector.raw {
-                batch.bytes += (self.buf.len() - cursor) as u64;
+                self.emit(cursor..self.buf.len(), batch);
                 cursor = self.buf.len();
                 break Ok(());
             }
-            let inspected = match self.splitter.step(&self.buf[cursor..]) {
-                Step::Frame(h) => {
-                    let len = h.frame_len();
-                    self.inspector
-                        .frame(&h, &self.buf[cursor..cursor + len], now)
-                        .map(|()| (h.packet_type, len))
-                }
-                Step::StreamHead(h) => {
-                    debug!(conn = self.inspector.ctx.conn.id, direction = %self.inspector.dir,
-                        packet = %h.packet_type, size = h.frame_len(), "streaming a packet larger than the inspection buffer");
-                    self.inspector.head(&h).map(|()| (h.packet_type, usize::from(h.header_len)))
-                }
+            let step = self.splitter.peek(&self.buf[cursor..]);
+            if matches!(step, Step::StreamHead(_)) && !self.delayed.is_empty() {
+                self.blocked = true; // it cannot queue; it goes after the delayed packets
+                break Ok(());
+            }
+            self.splitter.advance(&step);
+            let (header, len) = match step {
+                Step::Frame(h) => (h, h.frame_len()),
+                Step::StreamHead(h) => (h, usize::from(h.header_len)),
                 Step::StreamBody(n) => {
-                    batch.bytes += n as u64;
+                    if !self.discarding {
+                        self.emit(cursor..cursor + n, batch);
+                    }
                     cursor += n;
+                    if !self.splitter.is_streaming() {
+                        self.discarding = false;
+                    }
                     continue;
                 }
                 Step::NeedMore { needed } => {
                     self.needed = needed;
                     break Ok(());
                 }
-                Step::Malformed(e) => Err(e.to_string()),
+                Step::Malformed(e) => match self.inspector.malformed(e.to_string(), now) {
+                    Ok(()) => continue,
+                    Err(end) => break Err(end),
+                },
             };
-            match inspected {
-                Ok((packet_type, len)) => {
-                    batch.count(packet_type);
-                    batch.bytes += len as u64;
-                    cursor += len;
-                }
+            let whole = matches!(step, Step::Frame(_));
+            let range = cursor..cursor + len;
+            let inspected = if whole {
+                self.inspector.frame(&header, &mut self.buf[range.clone()], now, &mut faults)
+            } else {
+                self.inspector.head(&header).map(|()| None)
+            };
+            let replacement = match inspected {
+                Ok(r) => r,
                 // Relay: `raw` is now set and the next turn forwards the rest untouched.
-                Err(reason) => {
-                    if let Err(end) = self.inspector.malformed(reason, now) {
-                        break Err(end);
-                    }
+                Err(reason) => match self.inspector.malformed(reason, now) {
+                    Ok(()) => continue,
+                    Err(end) => break Err(end),
+                },
+            };
+            cursor += len;
+            let t = header.packet_type;
+            let verdict = if discard_all {
+                Verdict::Drop
+            } else if faults.is_idle() {
+                Verdict::Forward
+            } else if !self.delayed.is_empty() && whole {
+                Verdict::Delay(now) // behind the packets already held, whatever its own fate
+            } else {
+                let (verdict, applied) = faults.decide(dir, t, now);
+                if let Some(a) = applied {
+                    self.inspector.applied(&a, Some(t));
+                }
+                verdict
+            };
+            match verdict {
+                Verdict::Forward => {}
+                Verdict::Delay(due) if whole => {
+                    let bytes = replacement.unwrap_or_else(|| self.buf[range].to_vec());
+                    self.hold(due, bytes, t);
+                    continue;
+                }
+                Verdict::Delay(_) => debug!(conn = ctx.conn.id, direction = %dir, packet = %t,
+                    "a packet larger than --max-buffered-packet cannot be delayed; forwarding it"),
+                Verdict::Drop => {
+                    self.discarding = !whole;
+                    continue;
                 }
             }
+            batch.count(t);
+            match replacement {
+                Some(bytes) => {
+                    batch.bytes += bytes.len() as u64;
+                    self.out.push(Out::Owned(bytes));
+                }
+                None => self.emit(range, batch),
+            }
         };
-        // Whatever was decided before a malformed close is valid MQTT and is still delivered.
-        if cursor > self.start {
-            writer.write_all(&self.buf[self.start..cursor]).await.map_err(PumpEnd::WriteError)?;
-            self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
-            self.start = cursor;
+        (cursor, outcome)
+    }
+
+    /// Adds buffer bytes to the output, extending the last run when contiguous.
+    fn emit(&mut self, range: Range<usize>, batch: &mut Batch) {
+        batch.bytes += range.len() as u64;
+        if let Some(Out::Buf(last)) = self.out.last_mut()
+            && last.end == range.start
+        {
+            last.end = range.end;
+            return;
         }
-        outcome
+        if !range.is_empty() {
+            self.out.push(Out::Buf(range));
+        }
+    }
+
+    fn hold(&mut self, due: Instant, bytes: Vec<u8>, packet_type: PacketType) {
+        let due = self.delayed.back().map_or(due, |last| due.max(last.due));
+        self.delayed_bytes += bytes.len();
+        self.delayed.push_back(Held { due, bytes, packet_type });
+    }
+
+    /// Writes the delayed packets whose time has come.
+    async fn release_delayed<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        now: Instant,
+    ) -> io::Result<()> {
+        while self.delayed.front().is_some_and(|h| h.due <= now) {
+            let held = self.delayed.pop_front().expect("checked above");
+            self.delayed_bytes -= held.bytes.len();
+            if self.shut {
+                continue;
+            }
+            writer.write_all(&held.bytes).await?;
+            let mut batch = Batch::default();
+            batch.count(held.packet_type);
+            batch.bytes = held.bytes.len() as u64;
+            self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
+        }
+        Ok(())
     }
 
     /// Forwards whatever is buffered, without framing it.
     async fn flush_raw<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
-        if self.start < self.buf.len() {
+        if self.start < self.buf.len() && !self.shut {
             writer.write_all(&self.buf[self.start..]).await?;
             let batch = Batch { bytes: (self.buf.len() - self.start) as u64, ..Batch::default() };
             self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
@@ -267,7 +488,15 @@ impl Inspector<'_> {
         }
     }
 
-    fn frame(&mut self, h: &FrameHeader, frame: &[u8], now: Instant) -> Result<(), String> {
+    /// Inspects a whole packet, applying Keep Alive rewrites: the CONNECT's two bytes are
+    /// patched in place; a CONNACK that must change size is returned re-encoded.
+    fn frame(
+        &mut self,
+        h: &FrameHeader,
+        frame: &mut [u8],
+        now: Instant,
+        faults: &mut ConnFaults,
+    ) -> Result<Option<Vec<u8>>, String> {
         self.head(h)?;
         let conn = &self.ctx.conn;
         // Until a CONNECT was decoded, assume 3.1.1: its framing of later packets is the 3.x one.
@@ -275,16 +504,58 @@ impl Inspector<'_> {
         match (self.dir, h.packet_type) {
             (Direction::ClientToBroker, PacketType::Connect) => {
                 let connect = Connect::decode(frame, h).map_err(|e| e.to_string())?;
-                conn.on_connect(&connect, connect.keep_alive);
-                debug!(conn = conn.id, client_id = %connect.client_id, protocol = connect.protocol.level(),
+                let level = connect.protocol.level();
+                faults.on_connect(
+                    &conn.route.name,
+                    &connect.client_id,
+                    connect.username.as_deref(),
+                    level,
+                    now,
+                );
+                let mut forwarded = connect.keep_alive;
+                if let Some((value, applied)) = faults.rewrite_keepalive(connect.keep_alive, now) {
+                    let at = connect.keep_alive_offset;
+                    frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
+                    forwarded = value;
+                    debug!(
+                        conn = conn.id,
+                        rule = applied.rule.name(),
+                        from = connect.keep_alive,
+                        to = value,
+                        "Keep Alive rewritten in CONNECT"
+                    );
+                    self.applied(&applied, Some(PacketType::Connect));
+                }
+                conn.on_connect(&connect, forwarded);
+                debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));
+                self.ctx.wake.notify_waiters();
             }
             (Direction::BrokerToClient, PacketType::Connack) => match Connack::decode(frame, h, protocol) {
                 Ok(connack) => {
-                    conn.on_connack(&connack, connack.server_keep_alive);
+                    let mut to_client = connack.server_keep_alive;
+                    let mut replacement = None;
+                    if protocol == Protocol::V5
+                        && let Some((value, applied)) = faults.server_keepalive(now)
+                    {
+                        match connack_with_server_keep_alive(frame, h, value) {
+                            Ok(bytes) => {
+                                debug!(conn = conn.id, rule = applied.rule.name(), from = ?connack.server_keep_alive,
+                                    to = value, "Server Keep Alive set in CONNACK");
+                                self.applied(&applied, Some(PacketType::Connack));
+                                to_client = Some(value);
+                                replacement = Some(bytes);
+                            }
+                            Err(e) => {
+                                warn!(conn = conn.id, error = %e, "CONNACK could not be re-encoded; forwarding it unchanged")
+                            }
+                        }
+                    }
+                    conn.on_connack(&connack, to_client);
                     debug!(conn = conn.id, code = connack.code, server_keep_alive = ?connack.server_keep_alive, "CONNACK");
                     self.emit(|| Event::Connack(conn.clone()));
+                    return Ok(replacement);
                 }
                 Err(e) => {
                     warn!(conn = conn.id, error = %e, "CONNACK could not be decoded; forwarding it unchanged")
@@ -314,7 +585,15 @@ impl Inspector<'_> {
             }
             _ => {}
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Counts and logs a fault applied in this direction.
+    fn applied(&self, applied: &Applied, packet: Option<PacketType>) {
+        let conn = &self.ctx.conn;
+        conn.on_fault(applied);
+        debug!(conn = conn.id, rule = applied.rule.name(), action = applied.rule.kind().as_str(),
+            direction = %self.dir, packet = packet.map_or("-", PacketType::name), "fault applied");
     }
 
     fn emit(&self, event: impl FnOnce() -> Event) {

@@ -12,7 +12,7 @@
 use crate::codec::{Connack, Connect, PacketType, Protocol, Will, reason_name};
 use crate::route::Route;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -207,6 +207,8 @@ struct State {
     keep_alive: KeepAlive,
     connack: Option<ConnackSeen>,
     malformed: [Option<String>; 2],
+    /// Faults applied to this connection, by rule name.
+    faults: BTreeMap<String, u64>,
     close: Option<CloseInfo>,
 }
 
@@ -334,6 +336,20 @@ impl Connection {
         });
     }
 
+    /// Counts a fault applied to this connection, here and on its route.
+    pub(crate) fn on_fault(&self, applied: &crate::fault::Applied) {
+        let rule = applied.rule.name();
+        *self.state().faults.entry(rule.to_string()).or_default() += 1;
+        let direction = applied.direction.map_or("both", Direction::as_str);
+        let key = (rule.to_string(), applied.rule.kind().as_str(), direction);
+        *self.route.stats.faults.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    }
+
+    /// Faults applied so far, by rule name.
+    pub fn faults(&self) -> BTreeMap<String, u64> {
+        self.state().faults.clone()
+    }
+
     pub(crate) fn on_malformed(&self, dir: Direction, reason: String) {
         self.state().malformed[dir.index()] = Some(reason);
     }
@@ -451,6 +467,7 @@ impl Connection {
                 .iter()
                 .filter_map(|&d| s.malformed[d.index()].clone().map(|r| (d.as_str(), r)))
                 .collect(),
+            faults: s.faults.clone(),
             close: s.close.clone(),
         }
     }
@@ -476,6 +493,8 @@ pub struct Snapshot {
     pub client_to_broker: DirSnapshot,
     pub broker_to_client: DirSnapshot,
     pub malformed: HashMap<&'static str, String>,
+    /// Faults applied, by rule name.
+    pub faults: BTreeMap<String, u64>,
     pub close: Option<CloseInfo>,
 }
 

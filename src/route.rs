@@ -1,7 +1,9 @@
 //! A route: one listener forwarding to one upstream broker, and its counters.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 /// Route-wide counters, updated by sessions and read by the metrics.
 #[derive(Debug, Default)]
@@ -12,11 +14,16 @@ pub struct RouteStats {
     /// Directions switched to raw relay or closed because their bytes were not MQTT,
     /// indexed client_to_broker, broker_to_client.
     pub malformed: [AtomicU64; 2],
+    /// Fault applications by (rule, action, direction); `direction` is `both` for actions on the
+    /// whole connection. Written once per applied fault, never per forwarded packet.
+    pub faults: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
 }
 
 impl RouteStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Relaxed)
+    /// How often `rule` was applied on this route, summed over directions.
+    pub fn fault_count(&self, rule: &str) -> u64 {
+        let faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.iter().filter(|((r, _, _), _)| r == rule).map(|(_, n)| n).sum()
     }
 }
 

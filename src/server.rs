@@ -10,15 +10,17 @@
 //! when every session has finished.
 
 use crate::config::{RouteConfig, Settings};
+use crate::fault::{ConnFaults, RuleSet, RulesTx};
 use crate::pump::Ctx;
 use crate::record::{CloseHow, Registry, Side};
 use crate::route::{Route, RouteStats};
 use crate::session;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,7 @@ pub struct Proxy {
     listeners: Vec<(Arc<Route>, TcpListener)>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
+    rules: Arc<RulesTx>,
 }
 
 impl Proxy {
@@ -58,7 +61,13 @@ impl Proxy {
             };
             listeners.push((Arc::new(route), listener));
         }
-        Ok(Proxy { listeners, registry: Arc::default(), settings: Arc::new(settings) })
+        let rules = Arc::new(watch::channel(Arc::new(RuleSet::new(None, None, Vec::new()))).0);
+        Ok(Proxy { listeners, registry: Arc::default(), settings: Arc::new(settings), rules })
+    }
+
+    /// Makes `rules` the rules in force (before or after start).
+    pub fn set_rules(&self, rules: RuleSet) {
+        self.rules.send_replace(Arc::new(rules));
     }
 
     pub fn routes(&self) -> Vec<Arc<Route>> {
@@ -85,6 +94,7 @@ impl Proxy {
                 settings: self.settings.clone(),
                 connections: connections.clone(),
                 tracker: tracker.clone(),
+                rules: self.rules.clone(),
             };
             accept_loops.push(tokio::spawn(acceptor.run(accept_stop.clone())));
         }
@@ -92,6 +102,7 @@ impl Proxy {
             routes,
             registry: self.registry,
             settings: self.settings,
+            rules: self.rules,
             accept_stop,
             connections,
             tracker,
@@ -107,6 +118,7 @@ struct Acceptor {
     settings: Arc<Settings>,
     connections: CancellationToken,
     tracker: TaskTracker,
+    rules: Arc<RulesTx>,
 }
 
 impl Acceptor {
@@ -133,7 +145,15 @@ impl Acceptor {
         stats.connections_active.fetch_add(1, Relaxed);
         let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());
         let span = info_span!("conn", id = conn.id, route = %self.route.name);
-        let ctx = Ctx { conn, registry: self.registry.clone(), settings: self.settings.clone() };
+        let ctx = Ctx {
+            conn,
+            registry: self.registry.clone(),
+            settings: self.settings.clone(),
+            faults: Mutex::new(ConnFaults::new(self.rules.subscribe())),
+            rules: self.rules.subscribe(),
+            stop: CancellationToken::new(),
+            wake: Notify::new(),
+        };
         self.tracker.spawn(session::run(ctx, socket).instrument(span));
     }
 }
@@ -143,6 +163,7 @@ pub struct RunningProxy {
     routes: Vec<Arc<Route>>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
+    rules: Arc<RulesTx>,
     accept_stop: CancellationToken,
     connections: CancellationToken,
     tracker: TaskTracker,
@@ -168,6 +189,17 @@ impl RunningProxy {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.borrow().clone()
+    }
+
+    /// Makes `rules` the rules in force, for new and existing connections. Existing connections
+    /// pick them up at their next packet boundary.
+    pub fn set_rules(&self, rules: RuleSet) {
+        self.rules.send_replace(Arc::new(rules));
     }
 
     /// Stops accepting, lets open connections finish within the grace period, then closes

@@ -3,13 +3,18 @@
 //! The session dials the upstream, runs the two pumps side by side in one task (so an idle
 //! connection costs one task), turns the end of one direction into the right end of the
 //! other — a FIN becomes a half-close (done by the pump), a reset or an error becomes an RST
-//! towards the other side and stops both pumps — and finally writes the closed record: one log
-//! line and one [`Event::Closed`](crate::record::Event::Closed).
+//! towards the other side and stops both pumps — carries out connection-level fault actions
+//! (close a side with FIN or RST and hold the other half-open; send an MQTT 5 DISCONNECT), and
+//! finally writes the closed record: one log line and one
+//! [`Event::Closed`](crate::record::Event::Closed).
 
+use crate::codec::reason_name;
+use crate::fault::rule::{CloseMode, SideSpec};
+use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
 use crate::record::{CloseHow, Direction, Side};
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
@@ -45,27 +50,151 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
     finish(&ctx);
 }
 
-/// Runs both directions until both ended, then closes the sockets: a reset seen from one side
-/// is passed on as a reset to the other (zero linger makes the close send RST, not FIN).
+/// Runs both directions until both ended — or until a connection action is due, which is then
+/// carried out once both pumps stopped at a packet boundary — and closes the sockets: a reset
+/// seen from one side is passed on as a reset to the other (zero linger makes the close send
+/// RST, not FIN).
 async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
-    let (up, down) = {
+    let (up, down, action) = {
         let (mut client_rx, mut client_tx) = client.split();
         let (mut broker_rx, mut broker_tx) = broker.split();
-        tokio::join!(
-            guarded(ctx, Direction::ClientToBroker, &mut client_rx, &mut broker_tx),
-            guarded(ctx, Direction::BrokerToClient, &mut broker_rx, &mut client_tx),
-        )
+        let pumps = async {
+            tokio::join!(
+                guarded(ctx, Direction::ClientToBroker, &mut client_rx, &mut broker_tx),
+                guarded(ctx, Direction::BrokerToClient, &mut broker_rx, &mut client_tx),
+            )
+        };
+        tokio::pin!(pumps);
+        tokio::select! {
+            (up, down) = &mut pumps => (up, down, None),
+            action = next_action(ctx) => {
+                ctx.stop.cancel();
+                let (up, down) = pumps.await;
+                (up, down, Some(action))
+            }
+        }
     };
+    if let Some((action, applied)) = action
+        && !matches!(up, PumpEnd::Cancelled)
+    {
+        return carry_out(ctx, action, &applied, client, broker).await;
+    }
     let proxy_rst =
         ctx.conn.close_info().is_some_and(|c| c.closed_by == Side::Proxy && c.how == CloseHow::Rst);
     // The client reset if reading from it or writing to it failed with a reset; likewise the broker.
     let client_reset = up.read_reset() || down.write_reset();
     let broker_reset = down.read_reset() || up.write_reset();
     for (stream, arm) in [(&client, broker_reset || proxy_rst), (&broker, client_reset || proxy_rst)] {
-        if let Err(e) = arm.then(|| stream.set_zero_linger()).transpose() {
-            debug!(conn = ctx.conn.id, error = %e, "could not arm RST on close");
+        arm_rst(ctx, stream, arm);
+    }
+}
+
+fn arm_rst(ctx: &Ctx, stream: &TcpStream, arm: bool) {
+    if let Err(e) = arm.then(|| stream.set_zero_linger()).transpose() {
+        debug!(conn = ctx.conn.id, error = %e, "could not arm RST on close");
+    }
+}
+
+/// Waits until a connection action (close, disconnect) is due.
+async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
+    let mut rules = ctx.rules.clone();
+    let mut rules_open = true;
+    loop {
+        let now = Instant::now();
+        let (due, wake) = {
+            let mut faults = ctx.faults();
+            faults.refresh();
+            (faults.due_action(now), faults.next_change(now))
+        };
+        if let Some(due) = due {
+            return due;
+        }
+        tokio::select! {
+            r = rules.changed(), if rules_open => rules_open = r.is_ok(),
+            _ = ctx.wake.notified() => {}
+            _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
         }
     }
+}
+
+/// Carries out a connection action on sockets no pump uses any more.
+async fn carry_out(
+    ctx: &Ctx,
+    action: ConnAction,
+    applied: &Applied,
+    mut client: TcpStream,
+    mut broker: TcpStream,
+) {
+    let conn = &ctx.conn;
+    conn.on_fault(applied);
+    let rule = applied.rule.name();
+    let now = Instant::now();
+    match action {
+        ConnAction::Disconnect { reason, to } => {
+            let why =
+                format!("rule {rule:?} sent DISCONNECT {} ({reason:#04x}) to {to:?}", reason_name(reason));
+            info!(conn = conn.id, rule, reason = reason_name(reason), to = ?to, "sending DISCONNECT, then closing");
+            conn.note_close(Side::Proxy, CloseHow::Disconnect, Some(reason), Some(why), now);
+            // A DISCONNECT with a reason code and no properties (MQTT 5, 3.14).
+            let packet = [0xe0, 0x01, reason];
+            if to.client() {
+                let _ = client.write_all(&packet).await;
+            }
+            if to.broker() {
+                let _ = broker.write_all(&packet).await;
+            }
+        }
+        ConnAction::Close { side, how } => {
+            let rst = how == CloseMode::Rst;
+            let why = format!("rule {rule:?} closed {side:?} with {how:?}");
+            info!(conn = conn.id, rule, side = ?side, how = ?how, "closing by rule");
+            conn.note_close(
+                Side::Proxy,
+                if rst { CloseHow::Rst } else { CloseHow::Fin },
+                None,
+                Some(why),
+                now,
+            );
+            arm_rst(ctx, &client, rst && side.client());
+            arm_rst(ctx, &broker, rst && side.broker());
+            match side {
+                SideSpec::Both => {}
+                SideSpec::Client => {
+                    drop(client);
+                    hold_half_open(ctx, broker, Side::Broker).await;
+                }
+                SideSpec::Broker => {
+                    drop(broker);
+                    hold_half_open(ctx, client, Side::Client).await;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the side a rule left open connected, reading and discarding what it sends, until it
+/// closes by itself (typically when its Keep Alive runs out) or the connection is killed.
+async fn hold_half_open(ctx: &Ctx, mut stream: TcpStream, side: Side) {
+    let started = Instant::now();
+    let mut sink = [0u8; 2048];
+    let ended = loop {
+        tokio::select! {
+            _ = ctx.conn.cancel.cancelled() => break "the connection was ended by the proxy",
+            r = stream.read(&mut sink) => match r {
+                Ok(0) => break "it closed (FIN)",
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "it reset the connection",
+                Err(_) => break "it failed",
+            },
+        }
+    };
+    info!(
+        conn = ctx.conn.id,
+        side = side.as_str(),
+        after_s = started.elapsed().as_secs_f64(),
+        ended,
+        "the side left half-open is gone"
+    );
 }
 
 /// One pump that stops when the connection is cancelled, and cancels it when it ends for any
@@ -80,7 +209,7 @@ where
         _ = ctx.conn.cancel.cancelled() => PumpEnd::Cancelled,
         end = pump(ctx, dir, reader, writer) => end,
     };
-    if !matches!(end, PumpEnd::Eof) {
+    if !matches!(end, PumpEnd::Eof | PumpEnd::Stopped) {
         ctx.conn.cancel.cancel();
     }
     debug!(conn = ctx.conn.id, direction = %dir, end = ?end, "direction ended");

@@ -107,23 +107,35 @@ impl Splitter {
     /// Tells what is at the front of `buf` and advances the splitter's own state as if the
     /// caller consumed what the step names.
     pub fn step(&mut self, buf: &[u8]) -> Step {
+        let step = self.peek(buf);
+        self.advance(&step);
+        step
+    }
+
+    /// Tells what is at the front of `buf` without changing state; [`Splitter::advance`] then
+    /// commits the step. Lets a caller decline to start streaming a packet for now.
+    pub fn peek(&self, buf: &[u8]) -> Step {
         if self.streaming > 0 {
             if buf.is_empty() {
                 return Step::NeedMore { needed: 1 };
             }
-            let n = buf.len().min(self.streaming as usize);
-            self.streaming -= n as u32;
-            return Step::StreamBody(n);
+            return Step::StreamBody(buf.len().min(self.streaming as usize));
         }
         match FrameHeader::parse(buf) {
             Err(e) => Step::Malformed(e),
             Ok(None) => Step::NeedMore { needed: needed_for_header(buf) },
-            Ok(Some(h)) if h.frame_len() > self.max_buffered => {
-                self.streaming = h.remaining_len;
-                Step::StreamHead(h)
-            }
+            Ok(Some(h)) if h.frame_len() > self.max_buffered => Step::StreamHead(h),
             Ok(Some(h)) if buf.len() >= h.frame_len() => Step::Frame(h),
             Ok(Some(h)) => Step::NeedMore { needed: h.frame_len() },
+        }
+    }
+
+    /// Commits a step returned by [`Splitter::peek`].
+    pub fn advance(&mut self, step: &Step) {
+        match *step {
+            Step::StreamHead(h) => self.streaming = h.remaining_len,
+            Step::StreamBody(n) => self.streaming -= n as u32,
+            _ => {}
         }
     }
 }

@@ -14,5 +14,6 @@ pub mod packet;
 
 pub use frame::{FrameError, FrameHeader, Splitter, Step};
 pub use packet::{
-    Connack, Connect, DecodeError, Disconnect, PacketType, Protocol, Publish, Will, reason_name,
+    Connack, Connect, DecodeError, Disconnect, PacketType, Protocol, Publish, Will,
+    connack_with_server_keep_alive, encode_varint, reason_name,
 };

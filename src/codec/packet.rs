@@ -485,6 +485,53 @@ impl Publish {
     }
 }
 
+/// Appends `n` as an MQTT variable byte integer.
+pub fn encode_varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// Re-encodes an MQTT 5 CONNACK with Server Keep Alive (0x13) set to `value`: an existing 0x13
+/// is replaced, otherwise one is appended; every other property is kept byte for byte, and the
+/// property length and remaining length are recomputed.
+pub fn connack_with_server_keep_alive(
+    frame: &[u8],
+    header: &FrameHeader,
+    value: u16,
+) -> Result<Vec<u8>, DecodeError> {
+    let mut r = Reader::new(frame, header, "CONNACK");
+    let flags_and_reason = r.take(2)?;
+    let mut props = Vec::new();
+    if r.remaining() > 0 {
+        let mut list = r.properties()?;
+        loop {
+            let start = list.r.pos;
+            let Some(prop) = list.next() else { break };
+            if prop?.0 != 0x13 {
+                props.extend_from_slice(&list.r.buf[start..list.r.pos]);
+            }
+        }
+    }
+    props.push(0x13);
+    props.extend_from_slice(&value.to_be_bytes());
+    let mut body = flags_and_reason.to_vec();
+    encode_varint(props.len(), &mut body);
+    body.extend_from_slice(&props);
+    let mut out = vec![frame[0]];
+    encode_varint(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
 /// The metric-label name of an MQTT 5 DISCONNECT reason code (`other` for codes the
 /// specification does not allow in DISCONNECT).
 pub fn reason_name(code: u8) -> &'static str {

@@ -428,7 +428,10 @@ impl RuleSpec {
             ActionKind::Disconnect => {
                 let reason = match &self.reason {
                     None => {
-                        return err("reason", "action `disconnect` needs `reason`, e.g. reason = 0x8D".into());
+                        return err(
+                            "reason",
+                            "action `disconnect` needs `reason`, e.g. reason = 0x8D".into(),
+                        );
                     }
                     Some(ReasonSpec::Code(c)) => *c,
                     Some(ReasonSpec::Name(n)) => match reason_code(n) {

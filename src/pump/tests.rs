@@ -9,6 +9,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf, duplex};
 use tokio_util::sync::CancellationToken;
 
 fn ctx(settings: Settings) -> Ctx {
+    ctx_with(settings, Vec::new())
+}
+
+/// A context whose rule set holds the given rules (TOML rule tables).
+fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
+    let rules = rules
+        .into_iter()
+        .map(|r| Arc::new(toml::from_str::<crate::fault::RuleSpec>(r).unwrap().compile("r").unwrap()))
+        .collect();
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::fault::RuleSet::new(None, Some(1), rules)));
+    std::mem::forget(tx); // the rule set stays as it is for the test
     let route = Arc::new(Route {
         name: "test".into(),
         listen: "127.0.0.1:1".parse().unwrap(),
@@ -17,7 +28,15 @@ fn ctx(settings: Settings) -> Ctx {
     });
     let registry = Arc::new(Registry::default());
     let conn = registry.open(route, "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
-    Ctx { conn, registry, settings: Arc::new(settings) }
+    Ctx {
+        conn,
+        registry,
+        settings: Arc::new(settings),
+        faults: Mutex::new(ConnFaults::new(rx.clone())),
+        rules: rx,
+        stop: CancellationToken::new(),
+        wake: Notify::new(),
+    }
 }
 
 fn connect_v4(keep_alive: u16) -> Vec<u8> {
