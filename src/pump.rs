@@ -309,8 +309,10 @@ impl Pump<'_> {
         let dir = self.inspector.dir;
         let mut faults = ctx.faults();
         faults.refresh();
-        let mode = if faults.is_idle() { Mode::Normal } else { faults.mode(dir, now).0 };
-        let discard_all = self.shut || mode == Mode::Blackhole;
+        let discarding_mode = |faults: &mut ConnFaults| {
+            !faults.is_idle() && matches!(faults.mode(dir, now).0, Mode::Blackhole | Mode::Shut)
+        };
+        let mut discard_all = self.shut || discarding_mode(&mut faults);
         let mut cursor = self.start;
         self.needed = 0;
         let outcome = loop {
@@ -364,7 +366,12 @@ impl Pump<'_> {
             };
             cursor += len;
             let t = header.packet_type;
-            let verdict = if discard_all {
+            let discard = discard_all;
+            if t == PacketType::Connect && dir == Direction::ClientToBroker && whole {
+                // The CONNECT started the rule clock: modes apply from the next packet on.
+                discard_all = discarding_mode(&mut faults);
+            }
+            let verdict = if discard {
                 Verdict::Drop
             } else if faults.is_idle() {
                 Verdict::Forward

@@ -195,3 +195,180 @@ async fn an_incomplete_trailing_packet_is_forwarded_as_is_at_eof() {
     let close = ctx.conn.close_info().unwrap();
     assert_eq!((close.closed_by, close.how), (Side::Client, CloseHow::Fin));
 }
+
+// ---- fault verdicts, executed -------------------------------------------------------------
+
+/// One direction of a connection in memory: write to `sender`, read from `receiver`.
+struct Line {
+    sender: tokio::io::DuplexStream,
+    receiver: tokio::io::DuplexStream,
+    task: tokio::task::JoinHandle<PumpEnd>,
+}
+
+fn line(ctx: &Arc<Ctx>, dir: Direction) -> Line {
+    let (sender, mut from_sender) = duplex(64 * 1024);
+    let (mut to_receiver, receiver) = duplex(64 * 1024);
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move { pump(&ctx, dir, &mut from_sender, &mut to_receiver).await });
+    Line { sender, receiver, task }
+}
+
+/// Everything the receiver can read within `wait` of paused time.
+async fn received(r: &mut tokio::io::DuplexStream, wait: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, r.read(&mut chunk)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+    out
+}
+
+fn publish(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x30, (2 + topic.len() + payload.len()) as u8, 0, topic.len() as u8];
+    p.extend_from_slice(topic.as_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+const PINGREQ: [u8; 2] = [0xc0, 0x00];
+
+#[tokio::test(start_paused = true)]
+async fn drop_discards_only_matching_packets_and_counts_them() {
+    let rule =
+        "name = \"no-ping\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    let connect = connect_v4(30);
+    let input = [&connect[..], &PINGREQ, &publish("t", b"x"), &PINGREQ].concat();
+    l.sender.write_all(&input).await.unwrap();
+    let got = received(&mut l.receiver, Duration::from_secs(1)).await;
+    assert_eq!(got, [&connect[..], &publish("t", b"x")].concat());
+    assert_eq!(ctx.conn.faults()["no-ping"], 2);
+    assert_eq!(ctx.conn.route.stats.fault_count("no-ping"), 2);
+    assert_eq!(
+        ctx.conn.packets(Direction::ClientToBroker, PacketType::Pingreq),
+        0,
+        "dropped is not forwarded"
+    );
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn delay_holds_packets_from_receipt_and_keeps_their_order() {
+    let rule = "name = \"slow\"\naction = \"delay\"\npackets = [\"PUBLISH\"]\nlatency = \"2s\"\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    let connect = connect_v4(30);
+    l.sender.write_all(&[&connect[..], &publish("a", b"1"), &PINGREQ].concat()).await.unwrap();
+    assert_eq!(
+        received(&mut l.receiver, Duration::from_millis(1900)).await,
+        connect,
+        "only the CONNECT at once"
+    );
+    // The PINGREQ is not delayed itself, but it may not overtake the PUBLISH.
+    let later = received(&mut l.receiver, Duration::from_millis(200)).await;
+    assert_eq!(later, [&publish("a", b"1")[..], &PINGREQ].concat());
+    // A second PUBLISH sent 1 s later arrives 2 s after its own receipt, not 2 s after the first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    l.sender.write_all(&publish("b", b"2")).await.unwrap();
+    assert!(received(&mut l.receiver, Duration::from_millis(1900)).await.is_empty());
+    assert_eq!(received(&mut l.receiver, Duration::from_millis(200)).await, publish("b", b"2"));
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_black_hole_discards_whole_packets_and_forwarding_resumes_at_a_packet_boundary() {
+    let rule = "name = \"hole\"\naction = \"blackhole\"\ndirection = \"client_to_broker\"\nafter = \"1s\"\nduration = \"3s\"\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    let connect = connect_v4(30);
+    l.sender.write_all(&connect).await.unwrap();
+    assert_eq!(received(&mut l.receiver, Duration::from_millis(1500)).await, connect);
+    l.sender.write_all(&publish("lost", b"in the hole")).await.unwrap();
+    // Half of a packet arrives inside the window, the rest after it: decided whole, forwarded.
+    let straddling = publish("kept", b"straddles the end");
+    l.sender.write_all(&straddling[..5]).await.unwrap();
+    assert!(received(&mut l.receiver, Duration::from_secs(3)).await.is_empty(), "nothing passes the hole");
+    l.sender.write_all(&straddling[5..]).await.unwrap();
+    l.sender.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(
+        received(&mut l.receiver, Duration::from_millis(100)).await,
+        [&straddling[..], &PINGREQ].concat()
+    );
+    assert_eq!(ctx.conn.faults()["hole"], 1, "counted once per direction it affects");
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn freeze_stops_reading_until_the_rule_ends() {
+    let rule = "name = \"ice\"\naction = \"freeze\"\ndirection = \"client_to_broker\"\nafter = \"1s\"\nduration = \"3s\"\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    l.sender.write_all(&connect_v4(30)).await.unwrap();
+    received(&mut l.receiver, Duration::from_millis(1500)).await;
+    let sent_at = Instant::now();
+    l.sender.write_all(&PINGREQ).await.unwrap();
+    let got = received(&mut l.receiver, Duration::from_millis(2400)).await;
+    assert!(got.is_empty(), "read while frozen");
+    let got = received(&mut l.receiver, Duration::from_millis(200)).await;
+    assert_eq!(got, PINGREQ);
+    assert!(Instant::now() - sent_at >= Duration::from_millis(2500));
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_half_close_shuts_the_write_half_towards_that_side() {
+    let rule = "name = \"half\"\naction = \"close\"\nside = \"broker\"\nhow = \"half\"\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    let connect = connect_v4(30);
+    l.sender.write_all(&[&connect[..], &PINGREQ].concat()).await.unwrap();
+    // The CONNECT starts the rule clock, so it passes; then the broker gets EOF.
+    let mut got = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(1), l.receiver.read_to_end(&mut got)).await;
+    assert!(n.is_ok(), "the broker side sees EOF");
+    assert_eq!(got, connect);
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn rewrite_keepalive_patches_two_bytes_of_the_connect_and_nothing_else() {
+    let rule = "name = \"shrink\"\naction = \"rewrite_keepalive\"\nset = 2\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    let connect = connect_v4(60);
+    l.sender.write_all(&connect).await.unwrap();
+    let got = received(&mut l.receiver, Duration::from_millis(100)).await;
+    let mut want = connect.clone();
+    want[10..12].copy_from_slice(&[0, 2]);
+    assert_eq!(got, want);
+    let ka = ctx.conn.keep_alive();
+    assert_eq!((ka.requested, ka.forwarded, ka.broker_enforced()), (Some(60), Some(2), Some(2)));
+    assert_eq!(ctx.conn.faults()["shrink"], 1);
+    l.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_keepalive_re_encodes_the_mqtt5_connack() {
+    let rule = "name = \"ska\"\naction = \"server_keepalive\"\nset = 7\n";
+    let ctx = Arc::new(ctx_with(Settings::default(), vec![rule]));
+    let mut up = line(&ctx, Direction::ClientToBroker);
+    let mut down = line(&ctx, Direction::BrokerToClient);
+    let connect_v5 = [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 0];
+    up.sender.write_all(&connect_v5).await.unwrap();
+    assert_eq!(received(&mut up.receiver, Duration::from_millis(100)).await, connect_v5);
+    // A CONNACK that carries Receive Maximum, and a Server Keep Alive of 20 to be replaced.
+    let connack = [0x20, 9, 0x00, 0x00, 6, 0x21, 0, 10, 0x13, 0, 20];
+    down.sender.write_all(&[&connack[..], &[0xd0, 0x00]].concat()).await.unwrap();
+    let got = received(&mut down.receiver, Duration::from_millis(100)).await;
+    assert_eq!(got, [0x20, 9, 0x00, 0x00, 6, 0x21, 0, 10, 0x13, 0, 7, 0xd0, 0x00]);
+    let ka = ctx.conn.keep_alive();
+    assert_eq!((ka.requested, ka.server_announced, ka.server_to_client), (Some(60), Some(20), Some(7)));
+    assert_eq!((ka.broker_enforced(), ka.client_enforced()), (Some(20), Some(7)));
+    up.task.abort();
+    down.task.abort();
+}
