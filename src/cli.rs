@@ -2,6 +2,8 @@
 //! variable `MQTT_CHAOS_<FLAG>` (shown in `--help`).
 
 use crate::config::{self, OnMalformed, RouteConfig, Settings};
+use crate::fault::Profile;
+use crate::fault::profile;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +33,19 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the proxy: one route from --listen/--upstream, or several from --config.
     Proxy(ProxyArgs),
+    /// Validate fault profiles: exit 0 if all are valid, else 2 with file:line:col and the reason.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Profile files (or names, resolved in --profiles-dir).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<String>,
+
+    /// Where profile names are looked up.
+    #[arg(long, env = "MQTT_CHAOS_PROFILES_DIR", default_value = "profiles", value_name = "DIR")]
+    pub profiles_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +81,14 @@ pub struct ProxyArgs {
     /// Largest packet inspected whole (e.g. 256KiB); larger packets are streamed through unbuffered.
     #[arg(long, env = "MQTT_CHAOS_MAX_BUFFERED_PACKET", default_value = "256KiB", value_parser = config::parse_size)]
     pub max_buffered_packet: usize,
+
+    /// Fault profile to activate at start: a name (looked up in --profiles-dir) or a file.
+    #[arg(long, env = "MQTT_CHAOS_PROFILE", value_name = "NAME|FILE")]
+    pub profile: Option<String>,
+
+    /// Where profile names are looked up.
+    #[arg(long, env = "MQTT_CHAOS_PROFILES_DIR", default_value = "profiles", value_name = "DIR")]
+    pub profiles_dir: PathBuf,
 }
 
 impl ProxyArgs {
@@ -76,6 +99,13 @@ impl ProxyArgs {
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
         }
+    }
+
+    /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).
+    pub fn profile(&self) -> Result<Option<Profile>, String> {
+        let Some(name) = &self.profile else { return Ok(None) };
+        let path = profile::resolve(name, &self.profiles_dir);
+        profile::load_profile(&path).map(Some).map_err(|e| e.to_string())
     }
 
     /// The routes to run, from the file or the flags. Errors are user-facing messages.

@@ -2,7 +2,8 @@
 //! SIGINT or SIGTERM. Exit codes: 0 clean stop, 1 runtime failure, 2 bad usage or configuration.
 
 use clap::Parser;
-use mqtt_chaos::cli::{Cli, Command, LogFormat, ProxyArgs};
+use mqtt_chaos::cli::{CheckArgs, Cli, Command, LogFormat, ProxyArgs};
+use mqtt_chaos::fault::profile;
 use mqtt_chaos::server::Proxy;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -20,7 +21,32 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Proxy(args) => runtime.block_on(proxy(args)),
+        Command::Check(args) => check(&args),
     }
+}
+
+/// `mqtt-chaos check FILE…`: every profile is loaded and validated; all errors are reported.
+fn check(args: &CheckArgs) -> ExitCode {
+    let mut failed = 0;
+    for name in &args.files {
+        let path = profile::resolve(name, &args.profiles_dir);
+        match profile::load_profile(&path) {
+            Ok(p) => {
+                let n = p.rules.len();
+                println!(
+                    "ok: {} ({}: {n} rule{})",
+                    path.display(),
+                    p.spec.name,
+                    if n == 1 { "" } else { "s" }
+                );
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS }
 }
 
 fn init_logging(format: LogFormat) {
@@ -43,6 +69,13 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let profile = match args.profile() {
+        Ok(profile) => profile,
+        Err(message) => {
+            eprintln!("mqtt-chaos: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let proxy = match Proxy::bind(&routes, args.settings()).await {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -50,6 +83,11 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(p) = profile {
+        let names: Vec<_> = p.rules.iter().map(|r| r.name().to_string()).collect();
+        tracing::info!(profile = %p.spec.name, rules = ?names, "profile active");
+        proxy.set_rules(p.rule_set());
+    }
     let running = proxy.start();
     let signal = shutdown_signal().await;
     tracing::info!(signal, "shutting down");

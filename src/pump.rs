@@ -246,13 +246,7 @@ impl Pump<'_> {
         let ctx = self.inspector.ctx;
         let mut faults = ctx.faults();
         faults.refresh();
-        if faults.is_idle() {
-            return (Mode::Normal, None);
-        }
-        let (mode, applied) = faults.mode(self.inspector.dir, now);
-        if let Some(a) = applied {
-            self.inspector.applied(&a, None);
-        }
+        let mode = self.inspector.mode(&mut faults, now);
         (mode, faults.next_change(now))
     }
 
@@ -309,10 +303,10 @@ impl Pump<'_> {
         let dir = self.inspector.dir;
         let mut faults = ctx.faults();
         faults.refresh();
-        let discarding_mode = |faults: &mut ConnFaults| {
-            !faults.is_idle() && matches!(faults.mode(dir, now).0, Mode::Blackhole | Mode::Shut)
+        let discarding_mode = |inspector: &Inspector<'_>, faults: &mut ConnFaults| {
+            matches!(inspector.mode(faults, now), Mode::Blackhole | Mode::Shut)
         };
-        let mut discard_all = self.shut || discarding_mode(&mut faults);
+        let mut discard_all = self.shut || discarding_mode(&self.inspector, &mut faults);
         let mut cursor = self.start;
         self.needed = 0;
         let outcome = loop {
@@ -369,7 +363,7 @@ impl Pump<'_> {
             let discard = discard_all;
             if t == PacketType::Connect && dir == Direction::ClientToBroker && whole {
                 // The CONNECT started the rule clock: modes apply from the next packet on.
-                discard_all = discarding_mode(&mut faults);
+                discard_all = discarding_mode(&self.inspector, &mut faults);
             }
             let verdict = if discard {
                 Verdict::Drop
@@ -593,6 +587,18 @@ impl Inspector<'_> {
             _ => {}
         }
         Ok(None)
+    }
+
+    /// The direction's mode now; a mode taking effect for the first time is counted.
+    fn mode(&self, faults: &mut ConnFaults, now: Instant) -> Mode {
+        if faults.is_idle() {
+            return Mode::Normal;
+        }
+        let (mode, applied) = faults.mode(self.dir, now);
+        if let Some(a) = applied {
+            self.applied(&a, None);
+        }
+        mode
     }
 
     /// Counts and logs a fault applied in this direction.

@@ -131,6 +131,23 @@ impl TestProxy {
         TestProxy { running: Some(running), addr, events }
     }
 
+    /// Starts the proxy with a profile from the repository's `profiles/` folder active.
+    pub async fn with_profile(upstream: &str, profile: &str) -> TestProxy {
+        let proxy = Self::start(upstream).await;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles").join(format!("{profile}.toml"));
+        let p = mqtt_chaos::fault::load_profile(&path).unwrap_or_else(|e| panic!("{e}"));
+        proxy.running().set_rules(p.rule_set());
+        proxy
+    }
+
+    /// Activates rules given as TOML `[[rules]]` tables.
+    pub fn set_rules(&self, toml_rules: &str) {
+        let spec: mqtt_chaos::fault::ProfileSpec =
+            toml::from_str(&format!("name = \"test\"\n{toml_rules}")).expect("test rules parse");
+        let p = spec.compile().expect("test rules are valid");
+        self.running().set_rules(p.rule_set());
+    }
+
     pub fn running(&self) -> &RunningProxy {
         self.running.as_ref().unwrap()
     }

@@ -3,6 +3,7 @@
 //! mosquitto`); without it these tests fail with that instruction.
 
 mod cli;
+mod faults;
 mod harness;
 mod keepalive;
 mod large;

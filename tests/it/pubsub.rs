@@ -10,15 +10,15 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// A received message, the same for both protocol versions.
 #[derive(Debug, Clone, PartialEq)]
-struct Msg {
-    topic: String,
-    payload: Vec<u8>,
-    qos: u8,
-    retain: bool,
+pub(crate) struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 /// A rumqttc client of either version, its event loop polled in a task.
-struct Client {
+pub(crate) struct Client {
     v4: Option<rumqttc::AsyncClient>,
     v5: Option<rumqttc::v5::AsyncClient>,
     msgs: mpsc::UnboundedReceiver<Msg>,
@@ -26,7 +26,7 @@ struct Client {
 }
 
 impl Client {
-    async fn v4(id: &str, addr: SocketAddr) -> Client {
+    pub(crate) async fn v4(id: &str, addr: SocketAddr) -> Client {
         let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, mut el) = rumqttc::AsyncClient::new(opts, 16);
@@ -57,7 +57,7 @@ impl Client {
         c
     }
 
-    async fn v5(id: &str, addr: SocketAddr) -> Client {
+    pub(crate) async fn v5(id: &str, addr: SocketAddr) -> Client {
         let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(10));
         let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 16);
@@ -89,12 +89,12 @@ impl Client {
         c
     }
 
-    async fn expect_ack(&mut self, what: &str) {
+    pub(crate) async fn expect_ack(&mut self, what: &str) {
         let got = tokio::time::timeout(WAIT, self.acks.recv()).await.unwrap_or_else(|_| panic!("no {what}"));
         assert_eq!(got, Some(what));
     }
 
-    async fn subscribe(&mut self, filter: &str) {
+    pub(crate) async fn subscribe(&mut self, filter: &str) {
         if let Some(c) = &self.v4 {
             c.subscribe(filter, rumqttc::QoS::ExactlyOnce).await.unwrap();
         } else if let Some(c) = &self.v5 {
@@ -103,7 +103,7 @@ impl Client {
         self.expect_ack("SUBACK").await;
     }
 
-    async fn publish(&mut self, topic: &str, qos: u8, retain: bool, payload: &[u8]) {
+    pub(crate) async fn publish(&mut self, topic: &str, qos: u8, retain: bool, payload: &[u8]) {
         if let Some(c) = &self.v4 {
             let q = rumqttc::qos(qos).unwrap();
             c.publish(topic, q, retain, payload.to_vec()).await.unwrap();
@@ -118,7 +118,7 @@ impl Client {
         }
     }
 
-    async fn next_msg(&mut self) -> Msg {
+    pub(crate) async fn next_msg(&mut self) -> Msg {
         tokio::time::timeout(WAIT, self.msgs.recv()).await.expect("no message arrived").expect("client ended")
     }
 }
