@@ -61,15 +61,26 @@ pub struct RouteConfig {
     pub upstream: String,
 }
 
-/// A configuration error with its location, printed as `file:line:col: message`.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}:{col}: {message}")]
+/// A configuration error with its location, printed as `file:line:col: message` (or
+/// `file: message` when it concerns the whole file, e.g. it cannot be read).
+#[derive(Debug)]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
     pub col: usize,
     pub message: String,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file, self.message),
+            line => write!(f, "{}:{line}:{}: {}", self.file, self.col, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     fn at(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {

@@ -181,3 +181,114 @@ fn sigterm_with_no_connections_exits_at_once() {
     assert!(out.status.success());
     assert!(signalled.elapsed() < Duration::from_secs(2), "took {:?}", signalled.elapsed());
 }
+
+#[test]
+fn every_shipped_profile_passes_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 12, "{files:?}");
+    let mut args = vec!["check".to_string()];
+    args.extend(files.iter().cloned());
+    let out = Command::new(binary()).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "passthrough",
+        "drop-pingreq",
+        "drop-pingresp",
+        "half-open-client",
+        "half-open-broker",
+        "partition",
+        "keepalive-disable",
+        "keepalive-shrink",
+        "server-keepalive-override",
+        "flaky-pingresp",
+        "slow-pingresp",
+        "reset-storm",
+    ] {
+        assert!(stdout.contains(&format!("({name}:")), "{name} not checked:\n{stdout}");
+    }
+}
+
+#[test]
+fn check_reports_every_bad_profile_with_file_line_and_column_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"bad\"\n\n[[rules]]\nname = \"x\"\naction = \"drop\"\nprobability = 1.5\n")
+        .unwrap();
+    let worse = dir.path().join("worse.toml");
+    std::fs::write(
+        &worse,
+        "name = \"worse\"\n[[rules]]\nname = \"x\"\naction = \"drop\"\npackets = [\"PONG\"]\n",
+    )
+    .unwrap();
+    let out = run(&["check", bad.to_str().unwrap(), worse.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:6:15: probability must be between 0.0 and 1.0, got 1.5", bad.display())),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{}:5:12: unknown packet type \"PONG\"", worse.display())), "{err}");
+}
+
+#[test]
+fn a_profile_that_fails_to_load_stops_the_start_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\n[[rules]]\nname = \"k\"\naction = \"rewrite_keepalive\"\nset = 1\nscale = 2.0\n",
+    )
+    .unwrap();
+    let out =
+        run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--profile", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("bad.toml:6:9: give either `set` or `scale`, not both"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--profile", "no-such-profile"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("profiles/no-such-profile.toml: cannot read"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_profile_named_on_the_command_line_is_active_from_the_start() {
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let child = spawn(
+        &[
+            "proxy",
+            "--listen",
+            &listen,
+            "--upstream",
+            &broker.addr(),
+            "--profiles-dir",
+            dir.to_str().unwrap(),
+            "--profile",
+            "keepalive-disable",
+            "--shutdown-grace",
+            "200ms",
+        ],
+        &listen,
+    );
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    device.write_all(&connect_v4("from-cli", 30, None)).unwrap();
+    device.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut connack = [0u8; 4];
+    std::io::Read::read_exact(&mut device, &mut connack).unwrap();
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(log.contains("profile active") && log.contains("keepalive-disable"), "{log}");
+    assert!(broker.log().lines().any(|l| l.contains("as from-cli") && l.contains("k0")), "{}", broker.log());
+}
