@@ -62,7 +62,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_NAME", conflicts_with = "config", default_value = "default")]
     pub name: String,
 
-    /// TOML file with several routes ([[route]] name, listen, upstream).
+    /// TOML file with several routes (a `[[route]]` table each: name, listen, upstream).
     #[arg(long, env = "MQTT_CHAOS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 

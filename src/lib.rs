@@ -9,8 +9,9 @@
 //! | module | owns |
 //! |---|---|
 //! | [`codec`] | pure MQTT framing and decoding: bytes in, values out; no I/O, no clock |
-//! | [`pump`] | one direction of one connection: read, split, inspect, write runs of packets — the only place bytes leave the proxy |
-//! | [`session`] | one connection from accept to close: dial, two pumps, FIN/RST propagation, the closed record |
+//! | [`fault`] | rules as data: schema and validation, profiles, the pure per-connection engine |
+//! | [`pump`] | one direction of one connection: read, split, inspect, apply verdicts, write runs of packets — the only place bytes leave the proxy |
+//! | [`session`] | one connection from accept to close: dial, two pumps, connection actions, FIN/RST propagation, the closed record |
 //! | [`server`] | listeners, accept loops, the shutdown tree |
 //! | [`record`] | live connection records, the registry of live connections, record events |
 //! | [`route`] | a named listener → upstream pair and its counters |

@@ -1,7 +1,7 @@
 //! The directional pump: the one place where bytes leave the proxy.
 //!
 //! One pump per direction reads what its sender sends, splits it into packets with the pure
-//! [`Splitter`], lets [`Inspector`] look at each packet (update the connection record, emit
+//! [`Splitter`], lets `Inspector` look at each packet (update the connection record, emit
 //! events, apply Keep Alive rewrites), asks the fault engine for a verdict, and then writes the
 //! result. Each batch is decided first (without awaiting, under the connection's fault lock) and
 //! written second: runs of consecutive forwarded packets become one write straight out of the
