@@ -119,7 +119,14 @@ impl Client {
     }
 
     pub(crate) async fn next_msg(&mut self) -> Msg {
-        tokio::time::timeout(WAIT, self.msgs.recv()).await.expect("no message arrived").expect("client ended")
+        self.next_msg_within(WAIT).await
+    }
+
+    pub(crate) async fn next_msg_within(&mut self, within: Duration) -> Msg {
+        tokio::time::timeout(within, self.msgs.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no message arrived within {within:?}"))
+            .expect("client ended")
     }
 }
 
