@@ -82,6 +82,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_MAX_BUFFERED_PACKET", default_value = "256KiB", value_parser = config::parse_size)]
     pub max_buffered_packet: usize,
 
+    /// How long after a connection's close (plus its Will Delay Interval) its Will may take to be seen.
+    #[arg(long, env = "MQTT_CHAOS_WILL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub will_timeout: Duration,
+
     /// Fault profile to activate at start: a name (looked up in --profiles-dir) or a file.
     #[arg(long, env = "MQTT_CHAOS_PROFILE", value_name = "NAME|FILE")]
     pub profile: Option<String>,
@@ -98,6 +102,7 @@ impl ProxyArgs {
             shutdown_grace: self.shutdown_grace,
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
+            will_timeout: self.will_timeout,
         }
     }
 

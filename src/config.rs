@@ -38,6 +38,8 @@ pub struct Settings {
     /// Packets up to this size (fixed header included) are inspected whole; larger ones are
     /// streamed through.
     pub max_buffered_packet: usize,
+    /// How long after the Will Delay Interval an expected Will may take to be seen.
+    pub will_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -47,6 +49,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             on_malformed: OnMalformed::Relay,
             max_buffered_packet: 256 * 1024,
+            will_timeout: Duration::from_secs(10),
         }
     }
 }

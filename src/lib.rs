@@ -26,6 +26,8 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod fault;
+pub mod metrics;
+pub mod monitor;
 pub mod pump;
 pub mod record;
 pub mod route;

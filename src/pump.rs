@@ -23,6 +23,7 @@
 //! raw (`--on-malformed relay`) or ends so the session closes both sides (`close`).
 
 use crate::codec::frame::FrameHeader;
+use crate::codec::reason_name;
 use crate::codec::{
     Connack, Connect, Disconnect, PacketType, Protocol, Publish, Splitter, Step,
     connack_with_server_keep_alive,
@@ -401,6 +402,9 @@ impl Pump<'_> {
                 None => self.emit(range, batch),
             }
         };
+        if dir == Direction::ClientToBroker && cursor > self.start && !self.inspector.first {
+            ctx.conn.on_client_activity(now);
+        }
         (cursor, outcome)
     }
 
@@ -528,6 +532,10 @@ impl Inspector<'_> {
                     self.applied(&applied, Some(PacketType::Connect));
                 }
                 conn.on_connect(&connect, forwarded);
+                if let Some(will) = &connect.will {
+                    // Released by the monitor once the connection's Will is settled.
+                    self.ctx.registry.watch_topic(&will.topic);
+                }
                 debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));
@@ -545,6 +553,7 @@ impl Inspector<'_> {
                                 debug!(conn = conn.id, rule = applied.rule.name(), from = ?connack.server_keep_alive,
                                     to = value, "Server Keep Alive set in CONNACK");
                                 self.applied(&applied, Some(PacketType::Connack));
+                                conn.route.stats.keepalive_rewrites.fetch_add(1, Relaxed);
                                 to_client = Some(value);
                                 replacement = Some(bytes);
                             }
@@ -568,10 +577,13 @@ impl Inspector<'_> {
                     None
                 });
                 conn.note_close(dir.sender(), CloseHow::Disconnect, reason, None, now);
+                let reason_label = reason.map_or("none", reason_name);
+                conn.route.stats.disconnect_reasons.inc((dir.as_str(), reason_label));
             }
-            (dir, PacketType::Publish) if self.ctx.registry.has_subscribers() => {
+            (Direction::BrokerToClient, PacketType::Pingresp) => conn.on_pingresp(now),
+            (dir @ Direction::BrokerToClient, PacketType::Publish) if self.ctx.registry.watching_topics() => {
                 match Publish::decode(frame, h, protocol) {
-                    Ok(p) => self.emit(|| Event::Publish {
+                    Ok(p) if self.ctx.registry.is_watched(&p.topic) => self.emit(|| Event::Publish {
                         conn: conn.clone(),
                         direction: dir,
                         topic: p.topic,
@@ -579,6 +591,7 @@ impl Inspector<'_> {
                         retain: p.retain,
                         at: now,
                     }),
+                    Ok(_) => {}
                     Err(e) => {
                         debug!(conn = conn.id, direction = %dir, error = %e, "PUBLISH could not be decoded")
                     }

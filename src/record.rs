@@ -233,6 +233,10 @@ pub struct Connection {
     /// Protocol level from the CONNECT (0 until seen), read by the broker_to_client pump to
     /// decode what the broker sends.
     protocol: AtomicU8,
+    /// When the PINGREQ awaiting its PINGRESP was forwarded (same encoding as `last_packet`).
+    ping_pending: AtomicU64,
+    /// When the client last sent anything, including packets a rule then dropped.
+    last_from_client: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -247,6 +251,8 @@ impl Connection {
             cancel,
             dirs: Default::default(),
             protocol: AtomicU8::new(0),
+            ping_pending: AtomicU64::new(0),
+            last_from_client: AtomicU64::new(0),
             state: Mutex::default(),
         }
     }
@@ -342,7 +348,7 @@ impl Connection {
         *self.state().faults.entry(rule.to_string()).or_default() += 1;
         let direction = applied.direction.map_or("both", Direction::as_str);
         let key = (rule.to_string(), applied.rule.kind().as_str(), direction);
-        *self.route.stats.faults.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+        self.route.stats.faults.inc(key);
     }
 
     /// Faults applied so far, by rule name.
@@ -354,20 +360,54 @@ impl Connection {
         self.state().malformed[dir.index()] = Some(reason);
     }
 
+    /// Records a batch delivered in `dir`, here and on the route.
     pub(crate) fn commit(&self, dir: Direction, batch: &Batch, at: Instant) {
         let d = &self.dirs[dir.index()];
-        for (counter, &n) in d.packets.iter().zip(&batch.packets) {
+        let route = &self.route.stats;
+        for ((counter, route_counter), &n) in
+            d.packets.iter().zip(&route.packets[dir.index()]).zip(&batch.packets)
+        {
             if n > 0 {
                 counter.fetch_add(u64::from(n), Relaxed);
+                route_counter.fetch_add(u64::from(n), Relaxed);
             }
         }
         d.bytes.fetch_add(batch.bytes, Relaxed);
+        route.bytes[dir.index()].fetch_add(batch.bytes, Relaxed);
         if batch.any_packet {
             let t = self.micros_since_start(at);
             d.last_packet.store(t, Relaxed);
             if batch.ping {
                 d.last_ping.store(t, Relaxed);
+                if dir == Direction::ClientToBroker {
+                    self.ping_pending.store(t, Relaxed);
+                }
             }
+        }
+    }
+
+    /// When the client last sent anything, including packets a rule dropped.
+    pub fn last_from_client(&self) -> Option<Instant> {
+        self.decode_time(self.last_from_client.load(Relaxed))
+    }
+
+    /// A PINGRESP arrived from the broker: the round trip since the PINGREQ forwarded last.
+    pub(crate) fn on_pingresp(&self, at: Instant) {
+        if let Some(sent) = self.decode_time(self.ping_pending.swap(0, Relaxed)) {
+            self.route.stats.ping_rtt.observe(at.saturating_duration_since(sent).as_secs_f64());
+        }
+    }
+
+    /// The client sent packets at `at` (whatever the proxy then did with them): counts a Keep
+    /// Alive violation if it had been silent longer than the Keep Alive it enforces.
+    pub(crate) fn on_client_activity(&self, at: Instant) {
+        let previous = self.decode_time(self.last_from_client.swap(self.micros_since_start(at), Relaxed));
+        let keep_alive = self.state().keep_alive.client_enforced().unwrap_or(0);
+        if let Some(previous) = previous
+            && keep_alive > 0
+            && at.saturating_duration_since(previous) > Duration::from_secs(u64::from(keep_alive))
+        {
+            self.route.stats.client_keepalive_violations.fetch_add(1, Relaxed);
         }
     }
 
@@ -521,7 +561,7 @@ pub enum Event {
     Connect(Arc<Connection>),
     /// A CONNACK was forwarded to the client.
     Connack(Arc<Connection>),
-    /// A PUBLISH was forwarded. Sent only while someone subscribes to events.
+    /// A PUBLISH on a watched topic ([`Registry::watch_topic`]) was forwarded to a client.
     Publish { conn: Arc<Connection>, direction: Direction, topic: String, qos: u8, retain: bool, at: Instant },
     /// The connection ended; its record holds the [`CloseInfo`].
     Closed(Arc<Connection>),
@@ -535,6 +575,10 @@ pub struct Registry {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Connection>>>,
     events: broadcast::Sender<Event>,
+    /// Will topics whose PUBLISHes are reported as events, with a reference count.
+    will_topics: Mutex<HashMap<String, usize>>,
+    /// Number of entries in `will_topics`, so the pumps can skip PUBLISH decoding when zero.
+    watching: AtomicU64,
 }
 
 impl Default for Registry {
@@ -543,6 +587,8 @@ impl Default for Registry {
             next_id: AtomicU64::new(1),
             live: Mutex::default(),
             events: broadcast::channel(EVENT_BACKLOG).0,
+            will_topics: Mutex::default(),
+            watching: AtomicU64::new(0),
         }
     }
 }
@@ -565,6 +611,38 @@ impl Registry {
     pub(crate) fn emit(&self, event: Event) {
         // No receiver is not an error: events are optional.
         let _ = self.events.send(event);
+    }
+
+    fn will_topics(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.will_topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reports PUBLISHes on `topic` flowing to clients as [`Event::Publish`] (counted: each
+    /// `watch_topic` needs its `unwatch_topic`).
+    pub fn watch_topic(&self, topic: &str) {
+        let mut topics = self.will_topics();
+        *topics.entry(topic.to_string()).or_default() += 1;
+        self.watching.store(topics.len() as u64, Relaxed);
+    }
+
+    pub fn unwatch_topic(&self, topic: &str) {
+        let mut topics = self.will_topics();
+        if let Some(n) = topics.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                topics.remove(topic);
+            }
+        }
+        self.watching.store(topics.len() as u64, Relaxed);
+    }
+
+    /// Whether any topic is watched (cheap: the pumps ask per PUBLISH).
+    pub(crate) fn watching_topics(&self) -> bool {
+        self.watching.load(Relaxed) > 0
+    }
+
+    pub(crate) fn is_watched(&self, topic: &str) -> bool {
+        self.will_topics().contains_key(topic)
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<Connection>> {

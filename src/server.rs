@@ -78,8 +78,14 @@ impl Proxy {
         self.registry.clone()
     }
 
-    /// Spawns the accept loops on the current tokio runtime.
+    /// Spawns the accept loops and the monitor on the current tokio runtime.
     pub fn start(self) -> RunningProxy {
+        let monitor_stop = CancellationToken::new();
+        let monitor = tokio::spawn(crate::monitor::run(
+            self.registry.clone(),
+            self.settings.will_timeout,
+            monitor_stop.clone(),
+        ));
         let accept_stop = CancellationToken::new();
         let connections = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -107,6 +113,7 @@ impl Proxy {
             connections,
             tracker,
             accept_loops,
+            monitor: (monitor, monitor_stop),
         }
     }
 }
@@ -168,6 +175,7 @@ pub struct RunningProxy {
     connections: CancellationToken,
     tracker: TaskTracker,
     accept_loops: Vec<JoinHandle<()>>,
+    monitor: (JoinHandle<()>, CancellationToken),
 }
 
 /// How a shutdown went.
@@ -189,6 +197,11 @@ impl RunningProxy {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        crate::metrics::render(&self.routes, &self.rules(), env!("CARGO_PKG_VERSION"))
     }
 
     /// The rules in force.
@@ -227,6 +240,10 @@ impl RunningProxy {
             self.connections.cancel();
             self.tracker.wait().await;
         }
+        // Let the monitor take in the last closes before it stops.
+        tokio::task::yield_now().await;
+        self.monitor.1.cancel();
+        let _ = self.monitor.0.await;
         report
     }
 }

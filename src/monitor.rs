@@ -1,0 +1,235 @@
+//! Turning record events into measurements: how long each side took to notice a dead peer,
+//! whether Wills arrived, what takeovers did.
+//!
+//! One task per proxy follows the [`Registry`]'s events:
+//!
+//! - **CONNECT**: the requested Keep Alive is observed; a client id already live on the same
+//!   route makes the older connection a *takeover* victim, watched for 5 s.
+//! - **Closed**: the close is counted by who and how. A broker-initiated close of a Keep Alive
+//!   > 0 connection that was not a takeover victim is a *broker detection* (silence since the
+//!   last packet delivered to the broker, and its multiple of the Keep Alive the broker enforces);
+//!   a client-initiated close without DISCONNECT is a *client detection*. A connection with a
+//!   Will that ended without a normal DISCONNECT expects its Will within the Will Delay Interval
+//!   plus `--will-timeout`.
+//! - **PUBLISH** on a Will topic flowing to any client through the proxy: an expected Will is
+//!   observed (also one published moments before the proxy saw the close: the broker publishes
+//!   at the close, on another socket).
+
+use crate::record::{CloseHow, Connection, Event, Registry, Side};
+use crate::route::Route;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long after a takeover CONNECT the old connection may stay open before the broker is
+/// said not to enforce takeovers.
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(5);
+/// How long a Will-topic PUBLISH is remembered, to match a close the proxy sees after it.
+const EARLY_WILL: Duration = Duration::from_secs(2);
+
+struct ExpectedWill {
+    route: Arc<Route>,
+    conn_id: u64,
+    topic: String,
+    closed_at: Instant,
+    deadline: Instant,
+}
+
+struct Takeover {
+    route: Arc<Route>,
+    at: Instant,
+}
+
+struct Monitor {
+    registry: Arc<Registry>,
+    will_timeout: Duration,
+    /// Live connections by (route, client id).
+    by_client: HashMap<(String, String), Vec<u64>>,
+    /// Old connection id → the takeover that made it a victim.
+    takeovers: HashMap<u64, Takeover>,
+    wills: Vec<ExpectedWill>,
+    /// Recent PUBLISHes on watched topics: (topic, when).
+    recent: VecDeque<(String, Instant)>,
+}
+
+/// Runs the monitor until `stop`.
+pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: CancellationToken) {
+    let mut events = registry.subscribe();
+    let mut m = Monitor {
+        registry,
+        will_timeout,
+        by_client: HashMap::new(),
+        takeovers: HashMap::new(),
+        wills: Vec::new(),
+        recent: VecDeque::new(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => m.expire(Instant::now()),
+            ev = events.recv() => match ev {
+                Ok(ev) => m.handle(ev),
+                Err(RecvError::Lagged(n)) => warn!(missed = n, "the monitor fell behind; some measurements are lost"),
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+impl Monitor {
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Connect(conn) => self.on_connect(&conn),
+            Event::Connack(_) => {}
+            Event::Publish { topic, at, .. } => self.on_will_topic_publish(topic, at),
+            Event::Closed(conn) => self.on_closed(&conn),
+        }
+    }
+
+    fn on_connect(&mut self, conn: &Arc<Connection>) {
+        let stats = &conn.route.stats;
+        if let Some(ka) = conn.keep_alive().requested {
+            stats.keepalive_requested.observe(f64::from(ka));
+        }
+        let Some(client_id) = conn.client_id().filter(|id| !id.is_empty()) else { return };
+        let live = self.by_client.entry((conn.route.name.clone(), client_id.clone())).or_default();
+        for &old in live.iter() {
+            debug!(conn = conn.id, old, client_id = %client_id, "takeover: the client id is already connected");
+            self.takeovers.insert(old, Takeover { route: conn.route.clone(), at: Instant::now() });
+        }
+        live.push(conn.id);
+    }
+
+    fn on_closed(&mut self, conn: &Arc<Connection>) {
+        let Some(close) = conn.close_info() else { return };
+        let stats = &conn.route.stats;
+        let now = Instant::now();
+        stats.closes.inc((close.closed_by.as_str(), close.how.as_str()));
+        stats.connection_duration.observe(now.saturating_duration_since(conn.started).as_secs_f64());
+        if let Some(id) = conn.client_id() {
+            let key = (conn.route.name.clone(), id);
+            if let Some(ids) = self.by_client.get_mut(&key) {
+                ids.retain(|&i| i != conn.id);
+                if ids.is_empty() {
+                    self.by_client.remove(&key);
+                }
+            }
+        }
+        let victim = self.takeovers.remove(&conn.id);
+        if let Some(t) = &victim {
+            let outcome = match (close.closed_by, close.how, close.disconnect_reason) {
+                (Side::Broker, CloseHow::Disconnect, Some(0x8e)) => "disconnect_0x8e",
+                _ => "closed",
+            };
+            stats.takeovers.inc(outcome);
+            stats.takeover_close_seconds.observe(now.saturating_duration_since(t.at).as_secs_f64());
+            info!(conn = conn.id, outcome, "takeover settled");
+        }
+        let ka = close.keep_alive_enforced.unwrap_or(0);
+        match close.closed_by {
+            Side::Broker if ka > 0 && victim.is_none() => {
+                if let (Some(s), Some(r)) = (close.silence_s, close.silence_ratio) {
+                    stats.broker_detection_seconds.observe(s);
+                    stats.broker_detection_ratio.observe(r);
+                }
+            }
+            Side::Client if close.how != CloseHow::Disconnect => {
+                if let Some(s) = close.silence_s {
+                    stats.client_detection_seconds.observe(s);
+                }
+                if let Some(r) = close.silence_ratio {
+                    stats.client_detection_ratio.observe(r);
+                }
+            }
+            _ => {}
+        }
+        // A client that said nothing for longer than its own Keep Alive before the end.
+        let client_ka = conn.keep_alive().client_enforced().unwrap_or(0);
+        let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
+        if client_ka > 0
+            && let Some(last) = conn.last_from_client()
+            && closed_at.saturating_duration_since(last) > Duration::from_secs(u64::from(client_ka))
+        {
+            stats.client_keepalive_violations.fetch_add(1, Relaxed);
+        }
+        self.expect_will(conn, &close, closed_at);
+    }
+
+    fn expect_will(&mut self, conn: &Arc<Connection>, close: &crate::record::CloseInfo, closed_at: Instant) {
+        let Some(will) = conn.will() else { return };
+        let normal = close.closed_by == Side::Client
+            && close.how == CloseHow::Disconnect
+            && close.disconnect_reason.unwrap_or(0) == 0;
+        if normal {
+            self.registry.unwatch_topic(&will.topic);
+            return;
+        }
+        let stats = &conn.route.stats;
+        stats.wills_expected.fetch_add(1, Relaxed);
+        let delay = Duration::from_secs(u64::from(will.delay_interval.unwrap_or(0)));
+        let expected = ExpectedWill {
+            route: conn.route.clone(),
+            conn_id: conn.id,
+            topic: will.topic,
+            closed_at,
+            deadline: closed_at + delay + self.will_timeout,
+        };
+        // The broker may have published it before the proxy noticed the close.
+        let early =
+            self.recent.iter().position(|(t, at)| *t == expected.topic && *at + EARLY_WILL >= closed_at);
+        match early {
+            Some(i) => {
+                let (_, at) = self.recent.remove(i).expect("found above");
+                self.observed(expected, at);
+            }
+            None => self.wills.push(expected),
+        }
+    }
+
+    fn on_will_topic_publish(&mut self, topic: String, at: Instant) {
+        match self.wills.iter().position(|w| w.topic == topic) {
+            Some(i) => {
+                let w = self.wills.remove(i);
+                self.observed(w, at);
+            }
+            None => self.recent.push_back((topic, at)),
+        }
+    }
+
+    fn observed(&mut self, w: ExpectedWill, at: Instant) {
+        let stats = &w.route.stats;
+        stats.wills_observed.fetch_add(1, Relaxed);
+        let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
+        stats.will_delay.observe(delay);
+        debug!(conn = w.conn_id, topic = %w.topic, delay_s = delay, "Will observed");
+        self.registry.unwatch_topic(&w.topic);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let (missing, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.wills).into_iter().partition(|w| now >= w.deadline);
+        self.wills = waiting;
+        for w in missing {
+            w.route.stats.wills_missing.fetch_add(1, Relaxed);
+            info!(conn = w.conn_id, topic = %w.topic, "expected Will not seen");
+            self.registry.unwatch_topic(&w.topic);
+        }
+        self.takeovers.retain(|old, t| {
+            let open = now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;
+            if !open {
+                t.route.stats.takeovers.inc("not_enforced");
+                info!(conn = old, "takeover not enforced: the old connection is still open");
+            }
+            open
+        });
+        while self.recent.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > EARLY_WILL) {
+            self.recent.pop_front();
+        }
+    }
+}
