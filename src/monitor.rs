@@ -5,8 +5,8 @@
 //!
 //! - **CONNECT**: the requested Keep Alive is observed; a client id already live on the same
 //!   route makes the older connection a *takeover* victim, watched for 5 s.
-//! - **Closed**: the close is counted by who and how. A broker-initiated close of a Keep Alive
-//!   > 0 connection that was not a takeover victim is a *broker detection* (silence since the
+//! - **Closed**: the close is counted by who and how. A broker-initiated close of a connection
+//!   with a Keep Alive above 0 that was not a takeover victim is a *broker detection* (silence since the
 //!   last packet delivered to the broker, and its multiple of the Keep Alive the broker enforces);
 //!   a client-initiated close without DISCONNECT is a *client detection*. A connection with a
 //!   Will that ended without a normal DISCONNECT expects its Will within the Will Delay Interval
