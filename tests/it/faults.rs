@@ -3,71 +3,11 @@
 use crate::harness::*;
 use crate::pubsub::Client;
 use mqtt_chaos::codec::{Connack, FrameHeader, Protocol};
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// What a pinging client saw.
-#[derive(Debug)]
-struct Pinged {
-    ending: Ending,
-    /// From the CONNACK to the end (or to the end of the run if still open).
-    lasted: Duration,
-    /// When each PINGRESP arrived, after the CONNACK.
-    pingresps: Vec<Duration>,
-}
-
-/// A raw MQTT 3.1.1 client that connects through `addr`, then sends a PINGREQ every `every`
-/// (the first one after `every`) for at most `run`.
-async fn pinging_client(
-    addr: SocketAddr,
-    client_id: &str,
-    keep_alive: u16,
-    will: Option<(&str, &str)>,
-    every: Option<Duration>,
-    run: Duration,
-) -> Pinged {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(&connect_v4(client_id, keep_alive, will)).await.unwrap();
-    expect_packet(&mut s, WAIT, "CONNACK").await;
-    let start = Instant::now();
-    let (mut rx, mut tx) = s.into_split();
-    let (events, mut seen) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(async move {
-        loop {
-            match read_packet(&mut rx).await {
-                Ok(p) if p == PINGRESP => drop(events.send(Ok(start.elapsed()))),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return drop(events.send(Err(Ending::Reset)));
-                }
-                Err(_) => return drop(events.send(Err(Ending::Eof))),
-            }
-        }
-    });
-    let mut pingresps = Vec::new();
-    let mut ticker = every.map(|e| tokio::time::interval_at(start + e, e));
-    let deadline = start + run;
-    let ending = loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => break Ending::Open,
-            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
-                let _ = tx.write_all(&PINGREQ).await;
-            }
-            ev = seen.recv() => match ev {
-                Some(Ok(at)) => pingresps.push(at),
-                Some(Err(ending)) => break ending,
-                None => break Ending::Eof,
-            },
-        }
-    };
-    reader.abort();
-    Pinged { ending, lasted: start.elapsed(), pingresps }
-}
 
 /// mosquitto closes a silent Keep Alive 2 client between ~3 s and ~10 s after its last packet
 /// (it checks every ~6 s in whole seconds; see KEEPALIVE.md).

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 
 /// Where mosquitto lives: on PATH, or in sbin (which root's PATH may lack).
 pub fn mosquitto_binary() -> PathBuf {
@@ -188,6 +190,66 @@ impl TestProxy {
             }
         }
     }
+}
+
+// ---- a raw pinging client ------------------------------------------------------------
+
+/// What a pinging client saw.
+#[derive(Debug)]
+pub struct Pinged {
+    pub ending: Ending,
+    /// From the CONNACK to the end (or to the end of the run if still open).
+    pub lasted: Duration,
+    /// When each PINGRESP arrived, after the CONNACK.
+    pub pingresps: Vec<Duration>,
+}
+
+/// A raw MQTT 3.1.1 client that connects through `addr`, then sends a PINGREQ every `every`
+/// (the first one after `every`) for at most `run`.
+pub async fn pinging_client(
+    addr: SocketAddr,
+    client_id: &str,
+    keep_alive: u16,
+    will: Option<(&str, &str)>,
+    every: Option<Duration>,
+    run: Duration,
+) -> Pinged {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&connect_v4(client_id, keep_alive, will)).await.unwrap();
+    expect_packet(&mut s, Duration::from_secs(5), "CONNACK").await;
+    let start = Instant::now();
+    let (mut rx, mut tx) = s.into_split();
+    let (events, mut seen) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            match read_packet(&mut rx).await {
+                Ok(p) if p == PINGRESP => drop(events.send(Ok(start.elapsed()))),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return drop(events.send(Err(Ending::Reset)));
+                }
+                Err(_) => return drop(events.send(Err(Ending::Eof))),
+            }
+        }
+    });
+    let mut pingresps = Vec::new();
+    let mut ticker = every.map(|e| tokio::time::interval_at(start + e, e));
+    let deadline = start + run;
+    let ending = loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break Ending::Open,
+            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => {
+                let _ = tx.write_all(&PINGREQ).await;
+            }
+            ev = seen.recv() => match ev {
+                Some(Ok(at)) => pingresps.push(at),
+                Some(Err(ending)) => break ending,
+                None => break Ending::Eof,
+            },
+        }
+    };
+    reader.abort();
+    Pinged { ending, lasted: start.elapsed(), pingresps }
 }
 
 // ---- raw MQTT packets ------------------------------------------------------------------

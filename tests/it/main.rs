@@ -7,5 +7,6 @@ mod faults;
 mod harness;
 mod keepalive;
 mod large;
+mod metrics;
 mod pubsub;
 mod wire;

@@ -1,0 +1,170 @@
+//! What the metrics say after real scenarios against mosquitto.
+
+use crate::harness::*;
+use crate::pubsub::Client;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// The value of the sample `name{labels}` (labels in any order, all given ones must match).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, label_text) =
+            series.split_once('{').map_or((series, ""), |(m, l)| (m, l.trim_end_matches('}')));
+        if metric != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
+}
+
+fn route(labels: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut l = vec![("route", "default")];
+    l.extend_from_slice(labels);
+    l
+}
+
+/// Waits until the monitor has counted what `ready` asks for (it runs on its own task).
+async fn metrics_when(proxy: &TestProxy, ready: impl Fn(&str) -> bool) -> String {
+    for _ in 0..100 {
+        let text = proxy.running().metrics();
+        if ready(&text) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.running().metrics()
+}
+
+#[tokio::test]
+async fn drop_pingreq_gives_one_broker_detection_inside_mosquittos_window_and_the_will_is_seen() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::with_profile(&broker.addr(), "drop-pingreq").await;
+    // The subscriber that sees the Will is behind the proxy too.
+    let mut watcher = Client::v4("watcher", proxy.addr).await;
+    watcher.subscribe("status/#").await;
+    let will = Some(("status/device-1", "offline"));
+    let seen = pinging_client(
+        proxy.addr,
+        "device-1",
+        2,
+        will,
+        Some(Duration::from_secs(1)),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(seen.ending, Ending::Eof);
+    proxy.next_closed(WAIT).await;
+    watcher.next_msg_within(Duration::from_secs(3)).await;
+    let m = metrics_when(&proxy, |m| sample(m, "mqtt_chaos_wills_observed_total", &route(&[])) == Some(1.0))
+        .await;
+    assert_eq!(sample(&m, "mqtt_chaos_broker_detection_ratio_count", &route(&[])), Some(1.0), "{m}");
+    let ratio = sample(&m, "mqtt_chaos_broker_detection_ratio_sum", &route(&[])).unwrap();
+    assert!((1.45..=5.5).contains(&ratio), "detection ratio {ratio} outside mosquitto's window");
+    assert_eq!(sample(&m, "mqtt_chaos_wills_expected_total", &route(&[])), Some(1.0));
+    assert_eq!(sample(&m, "mqtt_chaos_wills_observed_total", &route(&[])), Some(1.0));
+    assert_eq!(sample(&m, "mqtt_chaos_wills_missing_total", &route(&[])), Some(0.0));
+    assert_eq!(sample(&m, "mqtt_chaos_will_delay_seconds_count", &route(&[])), Some(1.0));
+    assert!(sample(&m, "mqtt_chaos_faults_total", &route(&[("rule", "swallow-pingreq")])).unwrap() >= 2.0);
+    assert_eq!(
+        sample(&m, "mqtt_chaos_connection_closes_total", &route(&[("closed_by", "broker"), ("how", "fin")])),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &m,
+            "mqtt_chaos_packets_total",
+            &route(&[("direction", "client_to_broker"), ("type", "CONNECT")])
+        ) >= Some(2.0)
+    );
+    assert_eq!(sample(&m, "mqtt_chaos_client_detection_ratio_count", &route(&[])), Some(0.0));
+    assert_eq!(sample(&m, "mqtt_chaos_build_info", &[("profile", "drop-pingreq")]), Some(1.0));
+    assert_eq!(sample(&m, "mqtt_chaos_rules_active", &route(&[])), Some(1.0));
+}
+
+#[tokio::test]
+async fn drop_pingresp_gives_one_client_detection() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::with_profile(&broker.addr(), "drop-pingresp").await;
+    let mut opts = rumqttc::MqttOptions::new("impatient", proxy.addr.ip().to_string(), proxy.addr.port());
+    opts.set_keep_alive(Duration::from_secs(2));
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(15), async { while eventloop.poll().await.is_ok() {} })
+        .await;
+    drop(eventloop);
+    proxy.next_closed(WAIT).await;
+    let m = metrics_when(&proxy, |m| {
+        sample(m, "mqtt_chaos_client_detection_ratio_count", &route(&[])) == Some(1.0)
+    })
+    .await;
+    assert_eq!(sample(&m, "mqtt_chaos_client_detection_ratio_count", &route(&[])), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "mqtt_chaos_client_detection_seconds_count", &route(&[])), Some(1.0));
+    assert_eq!(sample(&m, "mqtt_chaos_broker_detection_ratio_count", &route(&[])), Some(0.0));
+    assert!(
+        sample(&m, "mqtt_chaos_ping_rtt_seconds_count", &route(&[])) >= Some(1.0),
+        "PINGRESPs were received from the broker"
+    );
+}
+
+#[tokio::test]
+async fn a_takeover_is_counted_as_closed_and_is_not_a_broker_detection() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::start(&broker.addr()).await;
+    let mut old = proxy.connect().await;
+    old.write_all(&connect_v4("twin", 30, Some(("status/twin", "gone")))).await.unwrap();
+    expect_packet(&mut old, WAIT, "CONNACK").await;
+    let mut new = proxy.connect().await;
+    new.write_all(&connect_v4("twin", 30, None)).await.unwrap();
+    expect_packet(&mut new, WAIT, "CONNACK").await;
+    assert_eq!(read_to_end(&mut old, WAIT).await.1, Ending::Eof, "mosquitto closes the old connection");
+    drop(old);
+    let (conn, close) = proxy.next_closed(WAIT).await;
+    assert_eq!((conn.client_id().as_deref(), close.closed_by.as_str()), (Some("twin"), "broker"));
+    let m = metrics_when(&proxy, |m| {
+        sample(m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "closed")])) == Some(1.0)
+    })
+    .await;
+    assert_eq!(sample(&m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "closed")])), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "not_enforced")])), Some(0.0));
+    assert_eq!(sample(&m, "mqtt_chaos_takeover_close_seconds_count", &route(&[])), Some(1.0));
+    assert_eq!(sample(&m, "mqtt_chaos_broker_detection_ratio_count", &route(&[])), Some(0.0));
+    // The old connection ended without DISCONNECT and had a Will: it is expected (mosquitto
+    // publishes it on takeover only for a clean session, which this one was).
+    assert_eq!(sample(&m, "mqtt_chaos_wills_expected_total", &route(&[])), Some(1.0));
+}
+
+#[tokio::test]
+async fn a_normal_disconnect_expects_no_will() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::start(&broker.addr()).await;
+    let mut c = proxy.connect().await;
+    c.write_all(&connect_v4("polite", 30, Some(("status/polite", "gone")))).await.unwrap();
+    expect_packet(&mut c, WAIT, "CONNACK").await;
+    c.write_all(&DISCONNECT).await.unwrap();
+    assert_eq!(read_to_end(&mut c, WAIT).await.1, Ending::Eof);
+    drop(c);
+    let (_, close) = proxy.next_closed(WAIT).await;
+    assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("client", "disconnect"));
+    let m = metrics_when(&proxy, |m| {
+        sample(
+            m,
+            "mqtt_chaos_connection_closes_total",
+            &route(&[("closed_by", "client"), ("how", "disconnect")]),
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(sample(&m, "mqtt_chaos_wills_expected_total", &route(&[])), Some(0.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "mqtt_chaos_disconnect_reasons_total",
+            &route(&[("direction", "client_to_broker"), ("reason", "none")])
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&m, "mqtt_chaos_client_detection_ratio_count", &route(&[])), Some(0.0));
+    assert_eq!(sample(&m, "mqtt_chaos_keepalive_requested_seconds_count", &route(&[])), Some(1.0));
+}
