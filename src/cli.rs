@@ -35,6 +35,49 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Validate fault profiles: exit 0 if all are valid, else 2 with file:line:col and the reason.
     Check(CheckArgs),
+    /// Talk to a running proxy's admin API.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The proxy's admin API.
+    #[arg(long, env = "MQTT_CHAOS_ADMIN_URL", default_value = "http://127.0.0.1:9184", value_name = "URL")]
+    pub admin: String,
+
+    /// Bearer token, if the proxy runs with --admin-token.
+    #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List live connections.
+    Connections,
+    /// Close one connection.
+    Kill {
+        id: u64,
+        /// fin or rst.
+        #[arg(long, default_value = "fin")]
+        how: String,
+    },
+    /// Show the rules in force.
+    Rules,
+    /// Add a global rule: JSON text, or a .json/.toml file with one rule.
+    Add { rule: String },
+    /// Remove a global rule by name.
+    Remove { name: String },
+    /// Activate a profile: a name in the proxy's --profiles-dir, or a local TOML file.
+    Profile { profile: String },
+    /// Remove every rule (passthrough).
+    Reset,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +128,14 @@ pub struct ProxyArgs {
     /// How long after a connection's close (plus its Will Delay Interval) its Will may take to be seen.
     #[arg(long, env = "MQTT_CHAOS_WILL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub will_timeout: Duration,
+
+    /// Admin HTTP API address (metrics, connections, rules, profiles), or `none`.
+    #[arg(long, env = "MQTT_CHAOS_ADMIN", default_value = "127.0.0.1:9184", value_name = "ADDR|none")]
+    pub admin: String,
+
+    /// Require `Authorization: Bearer TOKEN` on the admin API (all routes but /healthz).
+    #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// Fault profile to activate at start: a name (looked up in --profiles-dir) or a file.
     #[arg(long, env = "MQTT_CHAOS_PROFILE", value_name = "NAME|FILE")]

@@ -22,9 +22,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod ctl;
 pub mod fault;
 pub mod metrics;
 pub mod monitor;

@@ -2,7 +2,7 @@
 //! SIGINT or SIGTERM. Exit codes: 0 clean stop, 1 runtime failure, 2 bad usage or configuration.
 
 use clap::Parser;
-use mqtt_chaos::cli::{CheckArgs, Cli, Command, LogFormat, ProxyArgs};
+use mqtt_chaos::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, LogFormat, ProxyArgs};
 use mqtt_chaos::fault::profile;
 use mqtt_chaos::server::Proxy;
 use std::io::IsTerminal;
@@ -22,7 +22,73 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Proxy(args) => runtime.block_on(proxy(args)),
         Command::Check(args) => check(&args),
+        Command::Ctl(args) => runtime.block_on(ctl(args)),
     }
+}
+
+/// `mqtt-chaos ctl …`: one admin API request, printed as a table or JSON.
+async fn ctl(args: CtlArgs) -> ExitCode {
+    use mqtt_chaos::ctl;
+    let client = match ctl::Client::new(&args.admin, args.admin_token.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mqtt-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json = Some("application/json");
+    let request = match &args.command {
+        CtlCommand::Connections => Ok(("GET", "/connections".to_string(), None, Vec::new())),
+        CtlCommand::Kill { id, how } => {
+            Ok(("DELETE", format!("/connections/{id}?how={how}"), None, Vec::new()))
+        }
+        CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
+        CtlCommand::Add { rule } => ctl::rule_body(rule).map(|b| ("POST", "/rules".to_string(), json, b)),
+        CtlCommand::Remove { name } => Ok(("DELETE", format!("/rules/{name}"), None, Vec::new())),
+        CtlCommand::Profile { profile } => {
+            if std::path::Path::new(profile).is_file() {
+                std::fs::read(profile)
+                    .map(|b| ("PUT", "/profile".to_string(), Some("application/toml"), b))
+                    .map_err(|e| format!("{profile}: {e}"))
+            } else {
+                let body = serde_json::json!({ "name": profile }).to_string().into_bytes();
+                Ok(("PUT", "/profile".to_string(), json, body))
+            }
+        }
+        CtlCommand::Reset => Ok(("POST", "/reset".to_string(), None, Vec::new())),
+    };
+    let (method, path, content_type, body) = match request {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqtt-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reply = match client.request(method, &path, content_type, &body).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqtt-chaos: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !(200..300).contains(&reply.status) {
+        eprintln!("mqtt-chaos: {} ({})", reply.error(), reply.status);
+        return ExitCode::from(1);
+    }
+    if args.json {
+        println!("{}", reply.body);
+        return ExitCode::SUCCESS;
+    }
+    let value = reply.json().unwrap_or_default();
+    match &args.command {
+        CtlCommand::Connections => print!("{}", ctl::connections_table(&value)),
+        CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
+        CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
+        CtlCommand::Add { .. } => println!("added rule {}", value["name"].as_str().unwrap_or("")),
+        CtlCommand::Remove { name } => println!("removed rule {name}"),
+        CtlCommand::Reset => println!("all rules removed"),
+    }
+    ExitCode::SUCCESS
 }
 
 /// `mqtt-chaos check FILE…`: every profile is loaded and validated; all errors are reported.
@@ -88,10 +154,42 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         tracing::info!(profile = %p.spec.name, rules = ?names, "profile active");
         proxy.set_rules(p.rule_set());
     }
+    let admin = match args.admin.as_str() {
+        "none" => None,
+        addr => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("mqtt-chaos: cannot listen on {addr} for the admin API (--admin): {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
     let running = proxy.start();
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_task = admin.map(|listener| {
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+        if !loopback && args.admin_token.is_none() {
+            tracing::warn!(admin = %addr, "the admin API listens beyond loopback without --admin-token");
+        }
+        tracing::info!(admin = %addr, "admin API listening");
+        let app =
+            mqtt_chaos::admin::app(running.control(args.profiles_dir.clone(), args.admin_token.clone()));
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the admin API stopped");
+            }
+        })
+    });
     let signal = shutdown_signal().await;
     tracing::info!(signal, "shutting down");
     let report = running.shutdown().await;
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
     tracing::info!(closed_after_grace = report.closed_after_grace, "stopped");
     ExitCode::SUCCESS
 }

@@ -37,7 +37,6 @@ use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -61,8 +60,6 @@ pub(crate) struct Ctx {
     pub rules: RulesRx,
     /// Asks both pumps to stop at the next packet boundary (a connection action is due).
     pub stop: CancellationToken,
-    /// Wakes the pumps and the session when the CONNECT was seen (rule clocks start then).
-    pub wake: Notify,
 }
 
 impl Ctx {
@@ -218,7 +215,7 @@ impl Pump<'_> {
                     rules_open = r.is_ok();
                     continue;
                 }
-                _ = ctx.wake.notified() => continue,
+                _ = ctx.conn.wake.notified() => continue,
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => continue,
                 r = reader.read_buf(&mut self.buf), if can_read => r,
             };
@@ -539,7 +536,7 @@ impl Inspector<'_> {
                 debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));
-                self.ctx.wake.notify_waiters();
+                self.ctx.conn.wake.notify_waiters();
             }
             (Direction::BrokerToClient, PacketType::Connack) => match Connack::decode(frame, h, protocol) {
                 Ok(connack) => {

@@ -229,6 +229,10 @@ pub struct Connection {
     started_wall: SystemTime,
     /// Cancelling it ends the connection (both pumps stop; the session closes the sockets).
     pub(crate) cancel: CancellationToken,
+    /// Rules for this connection only (admin API); its fault engine follows them.
+    pub(crate) local_rules: tokio::sync::watch::Sender<Vec<Arc<crate::fault::Rule>>>,
+    /// Wakes the connection's pumps and session when its rules or its identity changed.
+    pub(crate) wake: tokio::sync::Notify,
     dirs: [DirStats; 2],
     /// Protocol level from the CONNECT (0 until seen), read by the broker_to_client pump to
     /// decode what the broker sends.
@@ -249,6 +253,8 @@ impl Connection {
             started: Instant::now(),
             started_wall: SystemTime::now(),
             cancel,
+            local_rules: tokio::sync::watch::channel(Vec::new()).0,
+            wake: tokio::sync::Notify::new(),
             dirs: Default::default(),
             protocol: AtomicU8::new(0),
             ping_pending: AtomicU64::new(0),
@@ -306,6 +312,32 @@ impl Connection {
 
     pub fn bytes(&self, dir: Direction) -> u64 {
         self.dirs[dir.index()].bytes.load(Relaxed)
+    }
+
+    /// Rules that apply to this connection only.
+    pub fn local_rules(&self) -> Vec<Arc<crate::fault::Rule>> {
+        self.local_rules.borrow().clone()
+    }
+
+    /// Adds a rule for this connection only; fails if one with that name exists.
+    pub fn add_local_rule(&self, rule: Arc<crate::fault::Rule>) -> Result<(), String> {
+        let mut added = Err(format!("this connection already has a rule named {:?}", rule.name()));
+        self.local_rules.send_if_modified(|rules| {
+            if rules.iter().any(|r| r.name() == rule.name()) {
+                return false;
+            }
+            rules.push(rule.clone());
+            added = Ok(());
+            true
+        });
+        self.wake.notify_waiters();
+        added
+    }
+
+    /// Ends the connection from outside (admin API): the proxy closes both sides with `how`.
+    pub fn kill(&self, how: CloseHow, reason: &str) {
+        self.note_close(Side::Proxy, how, None, Some(reason.to_string()), Instant::now());
+        self.cancel.cancel();
     }
 
     pub(crate) fn set_broker(&self, addr: SocketAddr, at: Instant) {

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -152,14 +152,14 @@ impl Acceptor {
         stats.connections_active.fetch_add(1, Relaxed);
         let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());
         let span = info_span!("conn", id = conn.id, route = %self.route.name);
+        let faults = ConnFaults::new(self.rules.subscribe()).with_local(conn.local_rules.subscribe());
         let ctx = Ctx {
             conn,
             registry: self.registry.clone(),
             settings: self.settings.clone(),
-            faults: Mutex::new(ConnFaults::new(self.rules.subscribe())),
+            faults: Mutex::new(faults),
             rules: self.rules.subscribe(),
             stop: CancellationToken::new(),
-            wake: Notify::new(),
         };
         self.tracker.spawn(session::run(ctx, socket).instrument(span));
     }
@@ -197,6 +197,17 @@ impl RunningProxy {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// A handle for the admin API.
+    pub fn control(&self, profiles_dir: std::path::PathBuf, token: Option<String>) -> crate::admin::Control {
+        crate::admin::Control {
+            routes: self.routes.clone(),
+            registry: self.registry.clone(),
+            rules: self.rules.clone(),
+            profiles_dir,
+            token,
+        }
     }
 
     /// The metrics in the Prometheus text format.

@@ -111,7 +111,7 @@ async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
         }
         tokio::select! {
             r = rules.changed(), if rules_open => rules_open = r.is_ok(),
-            _ = ctx.wake.notified() => {}
+            _ = ctx.conn.wake.notified() => {}
             _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
         }
     }

@@ -104,6 +104,9 @@ struct Facts {
 pub struct ConnFaults {
     rx: RulesRx,
     set: Arc<RuleSet>,
+    /// Rules added for this connection only (admin API), after the global ones.
+    local_rx: Option<watch::Receiver<Vec<Arc<Rule>>>>,
+    local: Vec<Arc<Rule>>,
     facts: Option<Facts>,
     rules: Vec<RuleState>,
 }
@@ -118,7 +121,14 @@ pub struct Applied {
 impl ConnFaults {
     pub fn new(mut rx: RulesRx) -> ConnFaults {
         let set = rx.borrow_and_update().clone();
-        ConnFaults { rx, set, facts: None, rules: Vec::new() }
+        ConnFaults { rx, set, local_rx: None, local: Vec::new(), facts: None, rules: Vec::new() }
+    }
+
+    /// Also follows rules published for this connection only.
+    pub fn with_local(mut self, mut local: watch::Receiver<Vec<Arc<Rule>>>) -> ConnFaults {
+        self.local = local.borrow_and_update().clone();
+        self.local_rx = Some(local);
+        self
     }
 
     /// No rule is in force: the pumps can skip every fault check.
@@ -132,10 +142,15 @@ impl ConnFaults {
 
     /// Picks up a newly published rule set, keeping the state of rules that remain.
     pub fn refresh(&mut self) {
-        if !self.rx.has_changed().unwrap_or(false) {
+        let global = self.rx.has_changed().unwrap_or(false);
+        let local = self.local_rx.as_ref().is_some_and(|rx| rx.has_changed().unwrap_or(false));
+        if !global && !local {
             return;
         }
         self.set = self.rx.borrow_and_update().clone();
+        if let Some(rx) = &mut self.local_rx {
+            self.local = rx.borrow_and_update().clone();
+        }
         self.rebuild();
     }
 
@@ -162,7 +177,7 @@ impl ConnFaults {
     fn rebuild(&mut self) {
         let Some(facts) = &self.facts else { return };
         let mut old = std::mem::take(&mut self.rules);
-        for rule in &self.set.rules {
+        for rule in self.set.rules.iter().chain(&self.local) {
             if let Some(i) = old.iter().position(|s| Arc::ptr_eq(&s.rule, rule)) {
                 self.rules.push(old.swap_remove(i));
                 continue;

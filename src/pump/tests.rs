@@ -35,7 +35,6 @@ fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
         faults: Mutex::new(ConnFaults::new(rx.clone())),
         rules: rx,
         stop: CancellationToken::new(),
-        wake: Notify::new(),
     }
 }
 

@@ -89,10 +89,12 @@ fn a_listen_address_in_use_exits_1_naming_the_route() {
     );
 }
 
-/// Starts the binary and waits until it listens on `listen`.
+/// Starts the binary and waits until it listens on `listen`. The admin API is off: parallel
+/// tests would compete for its default port.
 fn spawn(args: &[&str], listen: &str) -> Child {
     let mut child = Command::new(binary())
         .args(args)
+        .args(["--admin", "none"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

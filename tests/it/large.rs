@@ -12,7 +12,7 @@ async fn a_20_mib_publish_passes_with_proxy_memory_far_below_its_size() {
     let broker = Mosquitto::start();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(binary())
-        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr()])
+        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", "none"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -2,6 +2,7 @@
 //! raw sockets and scripted fake brokers. mosquitto must be installed (`apt-get install -y
 //! mosquitto`); without it these tests fail with that instruction.
 
+mod admin;
 mod cli;
 mod faults;
 mod harness;

@@ -1,0 +1,338 @@
+//! The admin HTTP API (axum on hyper), bound to loopback by default.
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up (never needs the token) |
+//! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
+//! | `GET /connections` | live connection records (JSON, never passwords or usernames) |
+//! | `GET /connections/{id}` | one record; 404 if it is not live |
+//! | `DELETE /connections/{id}?how=fin\|rst` | close one connection (default `fin`) |
+//! | `GET /rules` | the rules in force: `{"profile", "seed", "rules": [...]}` |
+//! | `POST /rules` | add one global rule (the profile rule schema, as JSON); 409 if the name is taken |
+//! | `DELETE /rules/{name}` | remove one global rule; 404 if there is none |
+//! | `POST /connections/{id}/rules` | add a rule for one live connection only |
+//! | `GET /profiles` | the profiles in `--profiles-dir`, each with its description or its error |
+//! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`) or a TOML body |
+//! | `POST /reset` | remove every rule: back to passthrough |
+//!
+//! Errors are JSON `{"error": "…", "status": N}` (validation errors also name the `field`):
+//! 400, 404, 409, 413 (bodies over 1 MiB), 401 when `--admin-token` is set and the
+//! `Authorization: Bearer` header is missing or wrong.
+
+use crate::fault::{Profile, RuleSet, RuleSpec, profile};
+use crate::record::{CloseHow, Registry};
+use crate::route::Route;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// What the API acts on: a handle to the running proxy.
+#[derive(Clone)]
+pub struct Control {
+    pub routes: Vec<Arc<Route>>,
+    pub registry: Arc<Registry>,
+    pub rules: Arc<crate::fault::RulesTx>,
+    pub profiles_dir: PathBuf,
+    pub token: Option<String>,
+}
+
+impl Control {
+    fn rule_set(&self) -> Arc<RuleSet> {
+        self.rules.borrow().clone()
+    }
+
+    fn publish(&self, set: RuleSet) {
+        self.rules.send_replace(Arc::new(set));
+    }
+}
+
+/// An API error: a status and a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), field: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message, "status": self.status.as_u16()});
+        if let Some(field) = self.field {
+            body["field"] = json!(field);
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body over the {BODY_LIMIT}-byte limit")
+        } else {
+            r.body_text()
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl From<crate::fault::RuleError> for ApiError {
+    fn from(e: crate::fault::RuleError) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, field: Some(e.path.clone()), message: e.to_string() }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(status: StatusCode, body: Value) -> ApiResult {
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// The API as a router, testable without a socket.
+pub fn app(control: Control) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/connections", get(connections))
+        .route("/connections/{id}", get(connection).delete(kill))
+        .route("/connections/{id}/rules", post(add_connection_rule))
+        .route("/rules", get(rules).post(add_rule))
+        .route("/rules/{name}", delete(remove_rule))
+        .route("/profiles", get(profiles))
+        .route("/profile", put(activate_profile))
+        .route("/reset", post(reset))
+        .route_layer(middleware::from_fn_with_state(control.clone(), require_token))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; see GET /healthz, /metrics, /connections, /rules, /profiles",
+            )
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(control)
+}
+
+async fn require_token(State(c): State<Control>, request: Request, next: Next) -> Response {
+    if let Some(token) = &c.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong `Authorization: Bearer` token")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(c): State<Control>) -> Response {
+    let text = crate::metrics::render(&c.routes, &c.rule_set(), env!("CARGO_PKG_VERSION"));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+fn parse_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("connection id {id:?} is not a number")))
+}
+
+fn live(c: &Control, id: &str) -> Result<Arc<crate::record::Connection>, ApiError> {
+    let id = parse_id(id)?;
+    c.registry.get(id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no live connection {id}")))
+}
+
+async fn connections(State(c): State<Control>) -> ApiResult {
+    let all: Vec<_> = c.registry.list().iter().map(|conn| conn.snapshot()).collect();
+    ok(StatusCode::OK, json!(all))
+}
+
+async fn connection(State(c): State<Control>, Path(id): Path<String>) -> ApiResult {
+    let conn = live(&c, &id)?;
+    let mut body = json!(conn.snapshot());
+    body["local_rules"] = json!(conn.local_rules().iter().map(|r| &r.spec).collect::<Vec<_>>());
+    ok(StatusCode::OK, body)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillQuery {
+    how: Option<String>,
+}
+
+async fn kill(
+    State(c): State<Control>,
+    Path(id): Path<String>,
+    query: Result<Query<KillQuery>, QueryRejection>,
+) -> ApiResult {
+    let query = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let how = match query.how.as_deref().unwrap_or("fin") {
+        "fin" => CloseHow::Fin,
+        "rst" => CloseHow::Rst,
+        other => {
+            return Err(ApiError {
+                field: Some("how".into()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, format!("how must be fin or rst, not {other:?}"))
+            });
+        }
+    };
+    let conn = live(&c, &id)?;
+    conn.kill(how, "closed through the admin API");
+    ok(StatusCode::OK, json!({"closed": conn.id, "how": how.as_str()}))
+}
+
+fn rules_body(set: &RuleSet) -> Value {
+    json!({
+        "profile": set.profile,
+        "seed": set.seed,
+        "rules": set.rules.iter().map(|r| &r.spec).collect::<Vec<_>>(),
+    })
+}
+
+async fn rules(State(c): State<Control>) -> ApiResult {
+    ok(StatusCode::OK, rules_body(&c.rule_set()))
+}
+
+/// Parses one rule from a JSON body and validates it.
+fn rule_from(body: Result<Bytes, BytesRejection>) -> Result<Arc<crate::fault::Rule>, ApiError> {
+    let body = body?;
+    let spec: RuleSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the body is not a valid rule: {e}")))?;
+    Ok(Arc::new(spec.compile("rule")?))
+}
+
+async fn add_rule(State(c): State<Control>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let rule = rule_from(body)?;
+    let current = c.rule_set();
+    if current.get(rule.name()).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("a rule named {:?} is already in force", rule.name()),
+        ));
+    }
+    let mut rules = current.rules.clone();
+    let spec = rule.spec.clone();
+    rules.push(rule);
+    c.publish(RuleSet { profile: current.profile.clone(), seed: current.seed, rules });
+    ok(StatusCode::CREATED, json!(spec))
+}
+
+async fn remove_rule(State(c): State<Control>, Path(name): Path<String>) -> ApiResult {
+    let current = c.rule_set();
+    if current.get(&name).is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule named {name:?} is in force")));
+    }
+    let rules = current.rules.iter().filter(|r| r.name() != name).cloned().collect();
+    c.publish(RuleSet { profile: current.profile.clone(), seed: current.seed, rules });
+    ok(StatusCode::OK, json!({"removed": name}))
+}
+
+async fn add_connection_rule(
+    State(c): State<Control>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let conn = live(&c, &id)?;
+    let rule = rule_from(body)?;
+    let spec = rule.spec.clone();
+    conn.add_local_rule(rule).map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    ok(StatusCode::CREATED, json!({"connection": conn.id, "rule": spec}))
+}
+
+async fn profiles(State(c): State<Control>) -> ApiResult {
+    let list = profile::list(&c.profiles_dir).map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("cannot read the profiles directory {}: {e}", c.profiles_dir.display()),
+        )
+    })?;
+    let body: Vec<Value> = list
+        .into_iter()
+        .map(|(path, loaded)| match loaded {
+            Ok(p) => json!({
+                "name": p.spec.name,
+                "file": path.display().to_string(),
+                "description": p.spec.description,
+                "rules": p.rules.len(),
+            }),
+            Err(e) => json!({"file": path.display().to_string(), "error": e.to_string()}),
+        })
+        .collect();
+    ok(StatusCode::OK, json!(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileByName {
+    name: String,
+}
+
+async fn activate_profile(
+    State(c): State<Control>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body = body?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
+    let profile: Profile = if is_json {
+        let by_name: ProfileByName = serde_json::from_str(text).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("expected {{\"name\": \"…\"}}: {e}"))
+        })?;
+        let plain = !by_name.name.is_empty()
+            && by_name.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !plain || by_name.name.starts_with('.') {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "a profile name is letters, digits, - _ and . (no paths)",
+            ));
+        }
+        let path = c.profiles_dir.join(format!("{}.toml", by_name.name));
+        if !path.is_file() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no profile {:?} in {}", by_name.name, c.profiles_dir.display()),
+            ));
+        }
+        profile::load_profile(&path).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
+    } else {
+        profile::parse_profile("request body", text)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
+    };
+    tracing::info!(profile = %profile.spec.name, rules = profile.rules.len(), "profile activated through the admin API");
+    let set = profile.rule_set();
+    let body = rules_body(&set);
+    c.publish(set);
+    ok(StatusCode::OK, body)
+}
+
+async fn reset(State(c): State<Control>) -> ApiResult {
+    c.publish(RuleSet::new(None, None, Vec::new()));
+    ok(StatusCode::OK, json!({"rules": []}))
+}

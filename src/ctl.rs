@@ -1,0 +1,214 @@
+//! `mqtt-chaos ctl`: the admin API for shells and scripts.
+//!
+//! A deliberately small HTTP/1.1 client (one request per connection, `Connection: close`) — the
+//! admin API is on loopback or a trusted network and needs no TLS — plus table rendering.
+
+use crate::fault::RuleSpec;
+use serde_json::Value;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An admin API endpoint.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// `host:port`.
+    authority: String,
+    token: Option<String>,
+}
+
+/// A response: status and body text.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Result<Value, String> {
+        serde_json::from_str(&self.body)
+            .map_err(|e| format!("the admin API answered {} with a non-JSON body ({e})", self.status))
+    }
+
+    /// The error message of a JSON error body, or the raw body.
+    pub fn error(&self) -> String {
+        self.json()
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| self.body.clone())
+    }
+}
+
+impl Client {
+    /// `http://host:port` (or just `host:port`); other schemes and paths are refused.
+    pub fn new(url: &str, token: Option<String>) -> Result<Client, String> {
+        let rest = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+        if rest.contains('/') || url.starts_with("https://") || !rest.contains(':') {
+            return Err(format!("--admin must be http://HOST:PORT, got {url:?}"));
+        }
+        Ok(Client { authority: rest.to_string(), token })
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Reply, String> {
+        let fail = |e: std::io::Error| format!("admin API at {} unreachable: {e}", self.authority);
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.authority))
+            .await
+            .map_err(|_| format!("admin API at {} did not answer within 5 s", self.authority))?
+            .map_err(fail)?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.authority,
+            body.len()
+        );
+        if let Some(t) = content_type {
+            head.push_str(&format!("Content-Type: {t}\r\n"));
+        }
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await.map_err(fail)?;
+        stream.write_all(body).await.map_err(fail)?;
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+            .await
+            .map_err(|_| format!("admin API at {} did not finish its answer within 30 s", self.authority))?
+            .map_err(fail)?;
+        parse_response(&raw)
+    }
+}
+
+/// Parses an HTTP/1.1 response (content-length, chunked, or read-to-close bodies).
+fn parse_response(raw: &[u8]) -> Result<Reply, String> {
+    let split =
+        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed HTTP response (no header end)")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or("malformed HTTP status line")?;
+    let chunked = lines.any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
+    });
+    let mut body = &raw[split + 4..];
+    let body = if chunked {
+        let mut out = Vec::new();
+        loop {
+            let end = body.windows(2).position(|w| w == b"\r\n").ok_or("malformed chunk")?;
+            let size = usize::from_str_radix(String::from_utf8_lossy(&body[..end]).trim(), 16)
+                .map_err(|_| "malformed chunk size")?;
+            body = &body[end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(body.get(..size).ok_or("truncated chunk")?);
+            body = body.get(size + 2..).unwrap_or_default();
+        }
+        out
+    } else {
+        body.to_vec()
+    };
+    Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// A rule for `ctl add`: JSON text, or a `.json`/`.toml` file holding one rule.
+pub fn rule_body(arg: &str) -> Result<Vec<u8>, String> {
+    let path = std::path::Path::new(arg);
+    let spec: RuleSpec = if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{arg}: {e}"))?;
+        if arg.ends_with(".toml") {
+            toml::from_str(&text).map_err(|e| {
+                let (line, col) = crate::config::line_col(&text, e.span().map_or(0, |s| s.start));
+                format!("{arg}:{line}:{col}: {}", e.message().trim_end())
+            })?
+        } else {
+            serde_json::from_str(&text).map_err(|e| format!("{arg}: {e}"))?
+        }
+    } else {
+        serde_json::from_str(arg).map_err(|e| format!("the rule is neither a file nor valid JSON: {e}"))?
+    };
+    serde_json::to_vec(&spec).map_err(|e| e.to_string())
+}
+
+/// Live connections as a table.
+pub fn connections_table(v: &Value) -> String {
+    let mut out = format!(
+        "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8} {:>10} {:>10}  {}\n",
+        "ID", "ROUTE", "CLIENT_ID", "PROTO", "KA req/bk/cl", "AGE_S", "C→B_BYTES", "B→C_BYTES", "FAULTS"
+    );
+    for c in v.as_array().into_iter().flatten() {
+        let ka = |k: &str| c["keep_alive"][k].as_u64().map_or("-".to_string(), |n| n.to_string());
+        let faults: Vec<String> =
+            c["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
+        out.push_str(&format!(
+            "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {}\n",
+            c["id"].as_u64().unwrap_or(0),
+            c["route"].as_str().unwrap_or(""),
+            c["client_id"].as_str().unwrap_or("-"),
+            c["protocol"].as_u64().map_or("-".to_string(), |p| p.to_string()),
+            format!("{}/{}/{}", ka("requested"), ka("broker_enforced"), ka("client_enforced")),
+            c["age_s"].as_f64().unwrap_or(0.0),
+            c["client_to_broker"]["bytes"].as_u64().unwrap_or(0),
+            c["broker_to_client"]["bytes"].as_u64().unwrap_or(0),
+            faults.join(","),
+        ));
+    }
+    out
+}
+
+/// The rules in force as a table.
+pub fn rules_table(v: &Value) -> String {
+    let mut out = format!("profile: {}\n", v["profile"].as_str().unwrap_or("(none)"));
+    out.push_str(&format!(
+        "{:<28} {:<18} {:<17} {:<20} {:<8} {:<8}\n",
+        "NAME", "ACTION", "DIRECTION", "PACKETS", "AFTER", "DURATION"
+    ));
+    for r in v["rules"].as_array().into_iter().flatten() {
+        let packets = r["packets"]
+            .as_array()
+            .map_or("all".to_string(), |p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","));
+        out.push_str(&format!(
+            "{:<28} {:<18} {:<17} {:<20} {:<8} {:<8}\n",
+            r["name"].as_str().unwrap_or(""),
+            r["action"].as_str().unwrap_or(""),
+            r["direction"].as_str().unwrap_or("both"),
+            packets,
+            r["after"].as_str().unwrap_or("0s"),
+            r["duration"].as_str().unwrap_or("-"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_length_and_chunked_responses() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "{}"));
+        let r = parse_response(
+            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (404, "abcde"));
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn admin_urls() {
+        assert!(Client::new("http://127.0.0.1:9184", None).is_ok());
+        assert!(Client::new("127.0.0.1:9184/", None).is_ok());
+        assert!(Client::new("https://x:1", None).is_err());
+        assert!(Client::new("http://x:1/metrics", None).is_err());
+    }
+}

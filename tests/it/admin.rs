@@ -1,0 +1,235 @@
+//! The admin API, route by route, its errors and its token; `ctl` against the running binary.
+
+use crate::harness::*;
+use mqtt_chaos::ctl::{Client, Reply};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Serves the admin API of `proxy` on a free loopback port.
+async fn serve_admin(proxy: &TestProxy, token: Option<&str>) -> SocketAddr {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let app = mqtt_chaos::admin::app(proxy.running().control(dir, token.map(str::to_string)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+async fn call(admin: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Reply {
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    client.request(method, path, Some("application/json"), &body).await.unwrap()
+}
+
+fn assert_error(r: &Reply, status: u16, contains: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v = r.json().unwrap();
+    assert_eq!(v["status"], status, "{}", r.body);
+    assert!(v["error"].as_str().unwrap().contains(contains), "{}", r.body);
+}
+
+#[tokio::test]
+async fn every_route_answers_and_every_error_is_json() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+
+    assert_eq!(call(admin, "GET", "/healthz", None).await.json().unwrap(), json!({"status": "ok"}));
+    let metrics = call(admin, "GET", "/metrics", None).await;
+    assert!(metrics.body.contains("mqtt_chaos_connections_total{route=\"default\"} 0"), "{}", metrics.body);
+    assert_eq!(call(admin, "GET", "/connections", None).await.json().unwrap(), json!([]));
+
+    let mut device = proxy.connect().await;
+    device.write_all(&connect_v4("api-device", 30, None)).await.unwrap();
+    expect_packet(&mut device, WAIT, "CONNACK").await;
+    let list = call(admin, "GET", "/connections", None).await.json().unwrap();
+    assert_eq!(list[0]["client_id"], "api-device");
+    let id = list[0]["id"].as_u64().unwrap();
+    let one = call(admin, "GET", &format!("/connections/{id}"), None).await;
+    assert_eq!(one.json().unwrap()["keep_alive"]["requested"], 30);
+    assert_error(&call(admin, "GET", "/connections/999999", None).await, 404, "no live connection 999999");
+    assert_error(&call(admin, "GET", "/connections/abc", None).await, 400, "not a number");
+
+    // Global rules.
+    let rule = json!({"name": "late", "action": "delay", "latency": "1s", "packets": ["PUBLISH"]});
+    assert_eq!(call(admin, "POST", "/rules", Some(rule.clone())).await.status, 201);
+    assert_error(&call(admin, "POST", "/rules", Some(rule)).await, 409, "already in force");
+    let bad =
+        call(admin, "POST", "/rules", Some(json!({"name": "p", "action": "drop", "probability": 2}))).await;
+    assert_error(&bad, 400, "probability must be between 0.0 and 1.0");
+    assert_eq!(bad.json().unwrap()["field"], "rule.probability");
+    assert_error(
+        &call(admin, "POST", "/rules", Some(json!({"name": "u", "action": "drop", "speed": 1}))).await,
+        400,
+        "unknown field `speed`",
+    );
+    let rules = call(admin, "GET", "/rules", None).await.json().unwrap();
+    assert_eq!(rules["rules"][0]["name"], "late");
+    assert_error(&call(admin, "DELETE", "/rules/nope", None).await, 404, "no rule named \"nope\"");
+    assert_eq!(call(admin, "DELETE", "/rules/late", None).await.status, 200);
+    assert_eq!(call(admin, "GET", "/rules", None).await.json().unwrap()["rules"], json!([]));
+
+    // A rule for this one connection: its PINGREQs vanish, another connection's do not.
+    let local =
+        json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
+    assert_eq!(
+        call(admin, "POST", &format!("/connections/{id}/rules"), Some(local.clone())).await.status,
+        201
+    );
+    assert_error(
+        &call(admin, "POST", &format!("/connections/{id}/rules"), Some(local)).await,
+        409,
+        "already has a rule",
+    );
+    device.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(read_to_end(&mut device, Duration::from_millis(700)).await, (vec![], Ending::Open));
+    let mut other = proxy.connect().await;
+    other.write_all(&connect_v4("api-other", 30, None)).await.unwrap();
+    expect_packet(&mut other, WAIT, "CONNACK").await;
+    other.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(expect_packet(&mut other, WAIT, "PINGRESP").await, PINGRESP);
+
+    // Profiles.
+    let profiles = call(admin, "GET", "/profiles", None).await.json().unwrap();
+    assert!(profiles.as_array().unwrap().iter().any(|p| p["name"] == "drop-pingreq"), "{profiles}");
+    let active = call(admin, "PUT", "/profile", Some(json!({"name": "drop-pingreq"}))).await;
+    assert_eq!(active.json().unwrap()["profile"], "drop-pingreq");
+    assert_error(&call(admin, "PUT", "/profile", Some(json!({"name": "../secrets"}))).await, 400, "no paths");
+    assert_error(
+        &call(admin, "PUT", "/profile", Some(json!({"name": "nope"}))).await,
+        404,
+        "no profile \"nope\"",
+    );
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let toml_body = "name = \"inline\"\n[[rules]]\nname = \"z\"\naction = \"drop\"\npackets = [\"PONG\"]\n";
+    let r = client.request("PUT", "/profile", Some("application/toml"), toml_body.as_bytes()).await.unwrap();
+    assert_error(&r, 400, "request body:5:12: unknown packet type \"PONG\"");
+    let good = toml_body.replace("PONG", "PINGREQ");
+    let r = client.request("PUT", "/profile", Some("application/toml"), good.as_bytes()).await.unwrap();
+    assert_eq!(r.json().unwrap()["profile"], "inline");
+    let m = call(admin, "GET", "/metrics", None).await.body;
+    assert!(m.contains("mqtt_chaos_build_info{version=\"0.1.0\",profile=\"inline\"} 1"), "{m}");
+    assert_eq!(call(admin, "POST", "/reset", None).await.status, 200);
+    assert_eq!(call(admin, "GET", "/rules", None).await.json().unwrap()["profile"], Value::Null);
+
+    // Closing one connection, with a reset.
+    assert_error(
+        &call(admin, "DELETE", &format!("/connections/{id}?how=gently"), None).await,
+        400,
+        "fin or rst",
+    );
+    assert_eq!(call(admin, "DELETE", &format!("/connections/{id}?how=rst"), None).await.status, 200);
+    assert_eq!(read_to_end(&mut device, WAIT).await.1, Ending::Reset);
+    assert_error(&call(admin, "GET", "/no/such/route", None).await, 404, "no such route");
+}
+
+#[tokio::test]
+async fn abusive_bodies_get_clear_errors_and_the_data_path_is_unaffected() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let r = client.request("POST", "/rules", Some("application/json"), &big).await.unwrap();
+    assert_error(&r, 413, "limit");
+    for nested in [
+        format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)),
+        format!(
+            "{{\"name\":\"n\",\"action\":\"drop\",\"match\":{}{}}}",
+            "{\"a\":".repeat(10_000),
+            "}".repeat(10_000)
+        ),
+    ] {
+        let r = client.request("POST", "/rules", Some("application/json"), nested.as_bytes()).await.unwrap();
+        assert_error(&r, 400, "not a valid rule");
+    }
+    let r = client.request("PUT", "/profile", Some("application/toml"), b"\xff\xfe name").await.unwrap();
+    assert_error(&r, 400, "not UTF-8");
+    let mut device = proxy.connect().await;
+    device.write_all(&connect_v4("still-fine", 30, None)).await.unwrap();
+    expect_packet(&mut device, WAIT, "CONNACK").await;
+}
+
+#[tokio::test]
+async fn the_token_guards_every_route_but_healthz() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, Some("s3cret")).await;
+    assert_error(&call(admin, "GET", "/metrics", None).await, 401, "Bearer");
+    let wrong = Client::new(&format!("http://{admin}"), Some("guess".into())).unwrap();
+    assert_error(&wrong.request("GET", "/rules", None, b"").await.unwrap(), 401, "Bearer");
+    let right = Client::new(&format!("http://{admin}"), Some("s3cret".into())).unwrap();
+    assert_eq!(right.request("GET", "/rules", None, b"").await.unwrap().status, 200);
+    assert_eq!(call(admin, "GET", "/healthz", None).await.status, 200);
+}
+
+#[test]
+fn ctl_drives_a_running_proxy() {
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+    let mut proxy = Command::new(binary())
+        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
+        .args(["--profiles-dir", dir.to_str().unwrap(), "--shutdown-grace", "200ms"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&admin).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ctl = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["ctl", "--admin", &format!("http://{admin}")])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(&mut device, &connect_v4("ctl-device", 45, None)).unwrap();
+    device.set_read_timeout(Some(WAIT)).unwrap();
+    std::io::Read::read_exact(&mut device, &mut [0u8; 4]).unwrap();
+
+    let (code, out, _) = ctl(&["connections"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("ctl-device") && out.contains("45/45/45"), "{out}");
+    let (code, out, _) = ctl(&["profile", "drop-pingresp"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("profile: drop-pingresp") && out.contains("swallow-pingresp"), "{out}");
+    let (code, out, _) = ctl(&["add", r#"{"name":"extra","action":"drop","packets":["PUBLISH"]}"#]);
+    assert_eq!((code, out.trim()), (Some(0), "added rule extra"));
+    let (code, _, err) = ctl(&["add", r#"{"name":"extra","action":"drop"}"#]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("already in force (409)"), "{err}");
+    let (code, out, _) = ctl(&["--json", "rules"]);
+    assert_eq!(code, Some(0));
+    let rules: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rules["rules"].as_array().unwrap().len(), 2);
+    assert_eq!(ctl(&["remove", "extra"]).0, Some(0));
+    assert_eq!(ctl(&["reset"]).0, Some(0));
+    let (code, out, _) = ctl(&["--json", "connections"]);
+    assert_eq!(code, Some(0));
+    let id = serde_json::from_str::<Value>(&out).unwrap()[0]["id"].as_u64().unwrap();
+    assert_eq!(ctl(&["kill", &id.to_string()]).0, Some(0));
+    let mut rest = Vec::new();
+    assert_eq!(std::io::Read::read_to_end(&mut device, &mut rest).unwrap(), 0, "killed with FIN");
+    let out =
+        Command::new(binary()).args(["ctl", "--admin", "http://127.0.0.1:1", "rules"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{out:?}");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
