@@ -168,3 +168,29 @@ async fn a_normal_disconnect_expects_no_will() {
     assert_eq!(sample(&m, "mqtt_chaos_client_detection_ratio_count", &route(&[])), Some(0.0));
     assert_eq!(sample(&m, "mqtt_chaos_keepalive_requested_seconds_count", &route(&[])), Some(1.0));
 }
+
+#[tokio::test]
+async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types() {
+    let proxy = TestProxy::start("127.0.0.1:1").await;
+    let exposed: std::collections::BTreeMap<String, String> = proxy
+        .running()
+        .metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            (name.to_string(), kind.to_string())
+        })
+        .collect();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/METRICS.md")).unwrap();
+    let documented: std::collections::BTreeMap<String, String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `mqtt_chaos_"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (format!("mqtt_chaos_{}", cells[0].trim_end_matches('`')), cells[1].to_string())
+        })
+        .collect();
+    assert_eq!(exposed, documented, "METRICS.md and /metrics disagree");
+    assert!(exposed.len() >= 26, "{exposed:?}");
+}
