@@ -174,12 +174,14 @@ fn ctl_drives_a_running_proxy() {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
-    let mut proxy = Command::new(binary())
-        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
-        .args(["--profiles-dir", dir.to_str().unwrap(), "--shutdown-grace", "200ms"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _proxy = KillOnDrop(
+        Command::new(binary())
+            .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
+            .args(["--profiles-dir", dir.to_str().unwrap(), "--shutdown-grace", "200ms"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..100 {
         if std::net::TcpStream::connect(&admin).is_ok() {
             break;
@@ -230,6 +232,4 @@ fn ctl_drives_a_running_proxy() {
         Command::new(binary()).args(["ctl", "--admin", "http://127.0.0.1:1", "rules"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{out:?}");
-    let _ = proxy.kill();
-    let _ = proxy.wait();
 }

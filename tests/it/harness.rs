@@ -32,6 +32,91 @@ pub fn mosquitto_binary() -> PathBuf {
         })
 }
 
+/// Where Prometheus lives.
+pub fn prometheus_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("prometheus")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path.into_iter().chain([PathBuf::from("/usr/bin/prometheus")]).find(|p| p.is_file()).unwrap_or_else(
+        || {
+            panic!(
+                "prometheus is not installed, and the dashboard test checks every query against a real one: \
+             install it with `apt-get install -y prometheus` (Debian/Ubuntu), or run `.ci/run`"
+            )
+        },
+    )
+}
+
+/// A Prometheus server on a free loopback port scraping `target` every second; stopped on drop.
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(target: &str) -> Prometheus {
+        let binary = prometheus_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: mqtt-chaos\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", conf.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+        let p = Prometheus { child, port, _dir: dir };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("prometheus did not start listening on {port}");
+    }
+
+    /// GET on Prometheus' HTTP API; the JSON answer.
+    pub async fn api(&self, path_and_query: &str) -> serde_json::Value {
+        let client = mqtt_chaos::ctl::Client::new(&format!("http://127.0.0.1:{}", self.port), None).unwrap();
+        let reply = client.request("GET", path_and_query, None, b"").await.unwrap();
+        serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body))
+    }
+
+    /// Runs an instant query.
+    pub async fn query(&self, expr: &str) -> serde_json::Value {
+        self.api(&format!("/api/v1/query?query={}", percent_encode(expr))).await
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A free loopback port (bound and released; the caller binds it next).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -394,6 +479,16 @@ pub fn peak_rss(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc status");
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
+}
+
+/// A child process killed when the test ends, even by a failed assertion.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The proxy binary built for these tests.

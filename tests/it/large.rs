@@ -11,13 +11,15 @@ const SIZE: usize = 20 * 1024 * 1024;
 async fn a_20_mib_publish_passes_with_proxy_memory_far_below_its_size() {
     let broker = Mosquitto::start();
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(binary())
-        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", "none"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let child = KillOnDrop(
+        Command::new(binary())
+            .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", "none"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
     let connect = || async {
         for _ in 0..100 {
             if let Ok(s) = tokio::net::TcpStream::connect(&listen).await {
@@ -54,8 +56,7 @@ async fn a_20_mib_publish_passes_with_proxy_memory_far_below_its_size() {
     assert!(received.ends_with(&payload), "payload corrupted");
 
     let peak = peak_rss(pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(
         peak < baseline + 4 * 1024 * 1024,
         "proxy peak RSS grew from {baseline} to {peak} bytes while relaying {SIZE} bytes twice"

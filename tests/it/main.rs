@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod dashboard;
 mod faults;
 mod harness;
 mod keepalive;
