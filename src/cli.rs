@@ -32,7 +32,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy: one route from --listen/--upstream, or several from --config.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Validate fault profiles: exit 0 if all are valid, else 2 with file:line:col and the reason.
     Check(CheckArgs),
     /// Talk to a running proxy's admin API.
@@ -137,6 +137,23 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Also watch for Wills with an own MQTT client on each route's upstream (for subscribers
+    /// that are not behind the proxy).
+    #[arg(long, env = "MQTT_CHAOS_OBSERVE_WILLS")]
+    pub observe_wills: bool,
+
+    /// Client id prefix of the Will observer (the route name is appended).
+    #[arg(long, env = "MQTT_CHAOS_OBSERVER_CLIENT_ID", default_value = "mqtt-chaos-observer-")]
+    pub observer_client_id: String,
+
+    /// Username of the Will observer.
+    #[arg(long, env = "MQTT_CHAOS_OBSERVER_USERNAME")]
+    pub observer_username: Option<String>,
+
+    /// File holding the Will observer's password (or set MQTT_CHAOS_OBSERVER_PASSWORD).
+    #[arg(long, env = "MQTT_CHAOS_OBSERVER_PASSWORD_FILE", value_name = "FILE")]
+    pub observer_password_file: Option<PathBuf>,
+
     /// Fault profile to activate at start: a name (looked up in --profiles-dir) or a file.
     #[arg(long, env = "MQTT_CHAOS_PROFILE", value_name = "NAME|FILE")]
     pub profile: Option<String>,
@@ -147,14 +164,34 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    pub fn settings(&self) -> Settings {
-        Settings {
+    /// The settings the flags describe. Errors are user-facing (an unreadable password file).
+    pub fn settings(&self) -> Result<Settings, String> {
+        let observe_wills = if self.observe_wills {
+            let password = match &self.observer_password_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("--observer-password-file {}: {e}", path.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                ),
+                None => std::env::var("MQTT_CHAOS_OBSERVER_PASSWORD").ok(),
+            };
+            Some(crate::observer::ObserverConfig {
+                client_id: self.observer_client_id.clone(),
+                username: self.observer_username.clone(),
+                password,
+            })
+        } else {
+            None
+        };
+        Ok(Settings {
             connect_timeout: self.connect_timeout,
             shutdown_grace: self.shutdown_grace,
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
             will_timeout: self.will_timeout,
-        }
+            observe_wills,
+        })
     }
 
     /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).

@@ -40,6 +40,8 @@ pub struct Settings {
     pub max_buffered_packet: usize,
     /// How long after the Will Delay Interval an expected Will may take to be seen.
     pub will_timeout: Duration,
+    /// `--observe-wills`: subscribe to Will topics with an own client on each upstream.
+    pub observe_wills: Option<crate::observer::ObserverConfig>,
 }
 
 impl Default for Settings {
@@ -50,6 +52,7 @@ impl Default for Settings {
             on_malformed: OnMalformed::Relay,
             max_buffered_packet: 256 * 1024,
             will_timeout: Duration::from_secs(10),
+            observe_wills: None,
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod ctl;
 pub mod fault;
 pub mod metrics;
 pub mod monitor;
+pub mod observer;
 pub mod pump;
 pub mod record;
 pub mod route;

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Proxy(args) => runtime.block_on(proxy(args)),
+        Command::Proxy(args) => runtime.block_on(proxy(*args)),
         Command::Check(args) => check(&args),
         Command::Ctl(args) => runtime.block_on(ctl(args)),
     }
@@ -142,7 +142,14 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let proxy = match Proxy::bind(&routes, args.settings()).await {
+    let settings = match args.settings() {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("mqtt-chaos: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let proxy = match Proxy::bind(&routes, settings).await {
         Ok(proxy) => proxy,
         Err(e) => {
             eprintln!("mqtt-chaos: {e}");

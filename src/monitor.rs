@@ -87,7 +87,11 @@ impl Monitor {
         match ev {
             Event::Connect(conn) => self.on_connect(&conn),
             Event::Connack(_) => {}
-            Event::Publish { topic, at, .. } => self.on_will_topic_publish(topic, at),
+            Event::Publish { topic, at, retain: false, .. } => self.on_will_topic_publish(topic, at, None),
+            Event::Publish { .. } => {} // retained: delivered because of a subscription, not a Will firing
+            Event::WillTopicPublish { route, topic, at } => {
+                self.on_will_topic_publish(topic, at, Some(route))
+            }
             Event::Closed(conn) => self.on_closed(&conn),
         }
     }
@@ -192,8 +196,10 @@ impl Monitor {
         }
     }
 
-    fn on_will_topic_publish(&mut self, topic: String, at: Instant) {
-        match self.wills.iter().position(|w| w.topic == topic) {
+    /// A PUBLISH on a Will topic: through the proxy (any route), or seen by a route's observer.
+    fn on_will_topic_publish(&mut self, topic: String, at: Instant, route: Option<String>) {
+        let same_route = |w: &ExpectedWill| route.as_ref().is_none_or(|r| *r == w.route.name);
+        match self.wills.iter().position(|w| w.topic == topic && same_route(w)) {
             Some(i) => {
                 let w = self.wills.remove(i);
                 self.observed(w, at);

@@ -597,6 +597,8 @@ pub enum Event {
     Publish { conn: Arc<Connection>, direction: Direction, topic: String, qos: u8, retain: bool, at: Instant },
     /// The connection ended; its record holds the [`CloseInfo`].
     Closed(Arc<Connection>),
+    /// The Will observer (`--observe-wills`) received a PUBLISH on a Will topic.
+    WillTopicPublish { route: String, topic: String, at: Instant },
 }
 
 /// How many events a slow subscriber may fall behind before it misses some.

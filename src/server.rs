@@ -86,6 +86,12 @@ impl Proxy {
             self.settings.will_timeout,
             monitor_stop.clone(),
         ));
+        if let Some(observer) = &self.settings.observe_wills {
+            for (route, _) in &self.listeners {
+                let (route, registry, stop) = (route.clone(), self.registry.clone(), monitor_stop.clone());
+                tokio::spawn(crate::observer::run(route, registry, observer.clone(), stop));
+            }
+        }
         let accept_stop = CancellationToken::new();
         let connections = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -268,6 +268,7 @@ impl TestProxy {
                 Event::Connect(_) => seen.push("CONNECT".to_string()),
                 Event::Connack(_) => seen.push("CONNACK".to_string()),
                 Event::Publish { direction, topic, .. } => seen.push(format!("PUBLISH {direction} {topic}")),
+                Event::WillTopicPublish { topic, .. } => seen.push(format!("OBSERVED {topic}")),
                 Event::Closed(conn) => {
                     let close = conn.close_info().expect("closed record has close info");
                     return (seen, conn, close);

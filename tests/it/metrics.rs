@@ -194,3 +194,73 @@ async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types()
     assert_eq!(exposed, documented, "METRICS.md and /metrics disagree");
     assert!(exposed.len() >= 26, "{exposed:?}");
 }
+
+fn observing() -> mqtt_chaos::config::Settings {
+    mqtt_chaos::config::Settings {
+        observe_wills: Some(mqtt_chaos::observer::ObserverConfig {
+            client_id: "test-observer-".into(),
+            ..Default::default()
+        }),
+        will_timeout: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn observe_wills_sees_the_will_when_no_subscriber_is_behind_the_proxy() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::start_with(&broker.addr(), observing()).await;
+    proxy.set_rules("[[rules]]\nname = \"mute\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the observer connects
+    let will = Some(("status/lonely", "offline"));
+    let seen =
+        pinging_client(proxy.addr, "lonely", 2, will, Some(Duration::from_secs(1)), Duration::from_secs(15))
+            .await;
+    assert_eq!(seen.ending, Ending::Eof, "mosquitto log:\n{}", broker.log());
+    proxy.next_closed(WAIT).await;
+    let m = metrics_when(&proxy, |m| sample(m, "mqtt_chaos_wills_observed_total", &route(&[])) == Some(1.0))
+        .await;
+    assert_eq!(sample(&m, "mqtt_chaos_wills_expected_total", &route(&[])), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "mqtt_chaos_wills_observed_total", &route(&[])),
+        Some(1.0),
+        "{m}\n{}",
+        broker.log()
+    );
+    assert_eq!(sample(&m, "mqtt_chaos_broker_detection_ratio_count", &route(&[])), Some(1.0));
+    let ratio = sample(&m, "mqtt_chaos_broker_detection_ratio_sum", &route(&[])).unwrap();
+    assert!((1.45..=5.5).contains(&ratio), "detection ratio {ratio}");
+    assert!(broker.log().contains("test-observer-default"), "the observer connected to the broker itself");
+}
+
+#[tokio::test]
+async fn a_will_the_broker_never_publishes_is_counted_missing() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::start_with(&broker.addr(), observing()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A persistent session (clean session 0) with a Will, taken over by a connection that
+    // resumes it: mosquitto 2.0 closes the old connection without publishing its Will.
+    let mut body = string("MQTT");
+    body.extend([4, 0x04, 0, 60]); // will flag, no clean session
+    body.extend(string("keeper"));
+    body.extend(string("status/keeper"));
+    body.extend(string("gone"));
+    let mut old = proxy.connect().await;
+    old.write_all(&packet(0x10, &body)).await.unwrap();
+    expect_packet(&mut old, WAIT, "CONNACK").await;
+    let mut resume = string("MQTT");
+    resume.extend([4, 0x00, 0, 60]); // no clean session, no Will
+    resume.extend(string("keeper"));
+    let mut new = proxy.connect().await;
+    new.write_all(&packet(0x10, &resume)).await.unwrap();
+    expect_packet(&mut new, WAIT, "CONNACK").await;
+    assert_eq!(read_to_end(&mut old, WAIT).await.1, Ending::Eof);
+    drop(old);
+    proxy.next_closed(WAIT).await;
+    let m =
+        metrics_when(&proxy, |m| sample(m, "mqtt_chaos_wills_missing_total", &route(&[])) == Some(1.0)).await;
+    assert_eq!(sample(&m, "mqtt_chaos_wills_expected_total", &route(&[])), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "mqtt_chaos_wills_missing_total", &route(&[])), Some(1.0), "{m}\n{}", broker.log());
+    assert_eq!(sample(&m, "mqtt_chaos_wills_observed_total", &route(&[])), Some(0.0));
+    assert_eq!(sample(&m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "closed")])), Some(1.0));
+}
