@@ -264,3 +264,54 @@ async fn a_will_the_broker_never_publishes_is_counted_missing() {
     assert_eq!(sample(&m, "mqtt_chaos_wills_observed_total", &route(&[])), Some(0.0));
     assert_eq!(sample(&m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "closed")])), Some(1.0));
 }
+
+#[tokio::test]
+async fn a_broker_that_sends_disconnect_0x8e_on_takeover_is_counted_as_such() {
+    // mosquitto 2.0.11 closes without 0x8E, so a scripted MQTT 5 broker plays the part.
+    let broker = FakeBroker::start().await;
+    let mut proxy = TestProxy::start(&broker.addr()).await;
+    let mut connect = string("MQTT");
+    connect.extend([5, 0x02, 0, 60, 0]);
+    connect.extend(string("dup"));
+    let connect = packet(0x10, &connect);
+    let connack = [0x20, 0x03, 0x00, 0x00, 0x00];
+    let mut old = proxy.connect().await;
+    old.write_all(&connect).await.unwrap();
+    let mut old_up = broker.accept().await;
+    expect_packet(&mut old_up, WAIT, "CONNECT").await;
+    old_up.write_all(&connack).await.unwrap();
+    expect_packet(&mut old, WAIT, "CONNACK").await;
+    let mut new = proxy.connect().await;
+    new.write_all(&connect).await.unwrap();
+    let mut new_up = broker.accept().await;
+    expect_packet(&mut new_up, WAIT, "CONNECT").await;
+    old_up.write_all(&[0xe0, 0x02, 0x8e, 0x00]).await.unwrap();
+    drop(old_up);
+    new_up.write_all(&connack).await.unwrap();
+    assert_eq!(expect_packet(&mut old, WAIT, "DISCONNECT").await, [0xe0, 0x02, 0x8e, 0x00]);
+    drop(old);
+    let (_, close) = proxy.next_closed(WAIT).await;
+    assert_eq!(
+        (close.closed_by.as_str(), close.how.as_str(), close.disconnect_reason),
+        ("broker", "disconnect", Some(0x8e))
+    );
+    let m = metrics_when(&proxy, |m| {
+        sample(m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "disconnect_0x8e")])) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&m, "mqtt_chaos_takeovers_total", &route(&[("outcome", "disconnect_0x8e")])),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "mqtt_chaos_disconnect_reasons_total",
+            &route(&[("direction", "broker_to_client"), ("reason", "session_taken_over")])
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&m, "mqtt_chaos_broker_detection_ratio_count", &route(&[])), Some(0.0));
+    drop(new);
+}
