@@ -118,15 +118,18 @@ struct RouteEntry {
     upstream: Spanned<String>,
 }
 
+/// Reads a configuration file: its name as errors show it, and its text.
+pub fn read_config_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigError { file, line: 0, col: 0, message: format!("cannot read: {e}") }),
+    }
+}
+
 /// Reads and validates a routes file.
 pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        col: 0,
-        message: format!("cannot read: {e}"),
-    })?;
+    let (file, text) = read_config_file(path)?;
     parse_routes(&file, &text)
 }
 

@@ -14,7 +14,7 @@
 
 use super::engine::RuleSet;
 use super::rule::{Rule, RuleError, RuleSpec};
-use crate::config::{ConfigError, line_col};
+use crate::config::{ConfigError, line_col, read_config_file};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,13 +84,7 @@ pub fn parse_profile(file: &str, text: &str) -> Result<Profile, ConfigError> {
 
 /// Reads a profile file.
 pub fn load_profile(path: &Path) -> Result<Profile, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        col: 0,
-        message: format!("cannot read: {e}"),
-    })?;
+    let (file, text) = read_config_file(path)?;
     parse_profile(&file, &text)
 }
 

@@ -13,6 +13,12 @@ const WAIT: Duration = Duration::from_secs(5);
 /// (it checks every ~6 s in whole seconds; see KEEPALIVE.md).
 const MOSQUITTO_KA2_WINDOW: std::ops::RangeInclusive<f64> = 2.9..=11.0;
 
+/// The client both profile tests below compare: Keep Alive 2, a Will, a PINGREQ every second.
+async fn ka2_pinger(proxy: &TestProxy) -> Pinged {
+    let will = Some(("will/pinger", "gone"));
+    pinging_client(proxy.addr, "pinger", 2, will, Some(Duration::from_secs(1)), Duration::from_secs(15)).await
+}
+
 #[tokio::test]
 async fn drop_pingreq_makes_mosquitto_close_the_client_and_publish_its_will() {
     let broker = Mosquitto::start();
@@ -20,15 +26,7 @@ async fn drop_pingreq_makes_mosquitto_close_the_client_and_publish_its_will() {
     let mut watcher = Client::v4("will-watcher", broker.addr().parse().unwrap()).await;
     watcher.subscribe("will/#").await;
 
-    let seen = pinging_client(
-        proxy.addr,
-        "pinger",
-        2,
-        Some(("will/pinger", "gone")),
-        Some(Duration::from_secs(1)),
-        Duration::from_secs(15),
-    )
-    .await;
+    let seen = ka2_pinger(&proxy).await;
     assert_eq!(seen.ending, Ending::Eof, "mosquitto log:\n{}", broker.log());
     assert!(seen.pingresps.is_empty(), "no PINGREQ reached the broker, so no PINGRESP came back");
     assert!(MOSQUITTO_KA2_WINDOW.contains(&seen.lasted.as_secs_f64()), "closed after {:?}", seen.lasted);
@@ -46,15 +44,7 @@ async fn drop_pingreq_makes_mosquitto_close_the_client_and_publish_its_will() {
 async fn passthrough_keeps_the_same_pinging_client_connected_for_15_s() {
     let broker = Mosquitto::start();
     let proxy = TestProxy::with_profile(&broker.addr(), "passthrough").await;
-    let seen = pinging_client(
-        proxy.addr,
-        "pinger",
-        2,
-        Some(("will/pinger", "gone")),
-        Some(Duration::from_secs(1)),
-        Duration::from_secs(15),
-    )
-    .await;
+    let seen = ka2_pinger(&proxy).await;
     assert_eq!(seen.ending, Ending::Open, "mosquitto log:\n{}", broker.log());
     assert!(seen.pingresps.len() >= 13, "{} PINGRESPs in 15 s", seen.pingresps.len());
 }
