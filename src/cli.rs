@@ -125,6 +125,15 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_MAX_BUFFERED_PACKET", default_value = "256KiB", value_parser = config::parse_size)]
     pub max_buffered_packet: usize,
 
+    /// After one side sent FIN, how long the other direction may go on before both are closed (0s: for ever).
+    #[arg(long, env = "MQTT_CHAOS_HALF_CLOSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub half_close_timeout: Duration,
+
+    /// Most connections open at once over all routes; beyond it new clients are closed at once
+    /// (0: no limit).
+    #[arg(long, env = "MQTT_CHAOS_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
     /// How long after a connection's close (plus its Will Delay Interval) its Will may take to be seen.
     #[arg(long, env = "MQTT_CHAOS_WILL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub will_timeout: Duration,
@@ -190,6 +199,8 @@ impl ProxyArgs {
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
             will_timeout: self.will_timeout,
+            half_close_timeout: self.half_close_timeout,
+            max_connections: self.max_connections,
             observe_wills,
         })
     }

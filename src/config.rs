@@ -40,6 +40,12 @@ pub struct Settings {
     pub max_buffered_packet: usize,
     /// How long after the Will Delay Interval an expected Will may take to be seen.
     pub will_timeout: Duration,
+    /// After one direction ended with a FIN, how long the other may go on before the proxy
+    /// closes both (0: for ever). Bounds connections whose peer never closes.
+    pub half_close_timeout: Duration,
+    /// Most connections open at once over all routes (0: no limit); beyond it new clients are
+    /// closed at once.
+    pub max_connections: usize,
     /// `--observe-wills`: subscribe to Will topics with an own client on each upstream.
     pub observe_wills: Option<crate::observer::ObserverConfig>,
 }
@@ -52,6 +58,8 @@ impl Default for Settings {
             on_malformed: OnMalformed::Relay,
             max_buffered_packet: 256 * 1024,
             will_timeout: Duration::from_secs(10),
+            half_close_timeout: Duration::from_secs(30),
+            max_connections: 0,
             observe_wills: None,
         }
     }

@@ -39,6 +39,8 @@ pub struct RouteStats {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
+    /// Clients closed at once because `--max-connections` was reached.
+    pub connections_rejected: AtomicU64,
     /// Directions switched to raw relay or closed because their bytes were not MQTT,
     /// indexed client_to_broker, broker_to_client.
     pub malformed: [AtomicU64; 2],
@@ -77,6 +79,7 @@ impl Default for RouteStats {
             connections_total: AtomicU64::default(),
             connections_active: AtomicU64::default(),
             upstream_connect_failures: AtomicU64::default(),
+            connections_rejected: AtomicU64::default(),
             malformed: Default::default(),
             packets: Default::default(),
             bytes: Default::default(),
@@ -111,7 +114,13 @@ impl RouteStats {
     /// Every route metric, family by family.
     pub(crate) fn render_all(routes: &[Arc<Route>], e: &mut Exposition) {
         type Counter = fn(&RouteStats) -> u64;
-        let simple: [(&str, &str, &str, Counter); 8] = [
+        let simple: [(&str, &str, &str, Counter); 9] = [
+            (
+                "mqtt_chaos_connections_rejected_total",
+                "counter",
+                "Clients closed at once because --max-connections was reached.",
+                |s| s.connections_rejected.load(Relaxed),
+            ),
             ("mqtt_chaos_connections_total", "counter", "Client connections accepted.", |s| {
                 s.connections_total.load(Relaxed)
             }),

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// A listener that could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,19 @@ impl Acceptor {
 
     fn spawn_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr) {
         let stats = &self.route.stats;
+        let limit = self.settings.max_connections;
+        if limit > 0 && self.registry.len() >= limit {
+            let rejected = stats.connections_rejected.fetch_add(1, Relaxed) + 1;
+            // The first refusal and every 1000th are warnings; the rest would flood the log.
+            if rejected == 1 || rejected % 1000 == 0 {
+                warn!(route = %self.route.name, client = %peer, limit, rejected,
+                    "connection limit reached (--max-connections): closing new clients at once");
+            } else {
+                debug!(route = %self.route.name, client = %peer, "connection limit reached; closing the client");
+            }
+            drop(socket);
+            return;
+        }
         stats.connections_total.fetch_add(1, Relaxed);
         stats.connections_active.fetch_add(1, Relaxed);
         let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());

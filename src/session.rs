@@ -58,12 +58,11 @@ async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
     let (up, down, action) = {
         let (mut client_rx, mut client_tx) = client.split();
         let (mut broker_rx, mut broker_tx) = broker.split();
-        let pumps = async {
-            tokio::join!(
-                guarded(ctx, Direction::ClientToBroker, &mut client_rx, &mut broker_tx),
-                guarded(ctx, Direction::BrokerToClient, &mut broker_rx, &mut client_tx),
-            )
-        };
+        let pumps = both_directions(
+            ctx,
+            guarded(ctx, Direction::ClientToBroker, &mut client_rx, &mut broker_tx),
+            guarded(ctx, Direction::BrokerToClient, &mut broker_rx, &mut client_tx),
+        );
         tokio::pin!(pumps);
         tokio::select! {
             (up, down) = &mut pumps => (up, down, None),
@@ -86,6 +85,39 @@ async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
     let broker_reset = down.read_reset() || up.write_reset();
     for (stream, arm) in [(&client, broker_reset || proxy_rst), (&broker, client_reset || proxy_rst)] {
         arm_rst(ctx, stream, arm);
+    }
+}
+
+/// Runs both pumps to their end. Once one ended with a FIN, the other gets
+/// `--half-close-timeout` to end too; then the connection is cancelled, so a peer that never
+/// closes cannot hold it for ever.
+async fn both_directions(
+    ctx: &Ctx,
+    up: impl Future<Output = PumpEnd>,
+    down: impl Future<Output = PumpEnd>,
+) -> (PumpEnd, PumpEnd) {
+    tokio::pin!(up, down);
+    let (mut up_end, mut down_end) = (None, None);
+    let mut deadline = None;
+    let timeout = ctx.settings.half_close_timeout;
+    loop {
+        if let (Some(_), Some(_)) = (&up_end, &down_end) {
+            return (up_end.expect("checked"), down_end.expect("checked"));
+        }
+        tokio::select! {
+            end = &mut up, if up_end.is_none() => up_end = Some(end),
+            end = &mut down, if down_end.is_none() => down_end = Some(end),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                info!(conn = ctx.conn.id, timeout = %humantime::format_duration(timeout),
+                    "half-closed for longer than --half-close-timeout; closing both sides");
+                deadline = None;
+                ctx.conn.cancel.cancel();
+            }
+        }
+        let one_fin = matches!(up_end, Some(PumpEnd::Eof)) || matches!(down_end, Some(PumpEnd::Eof));
+        if one_fin && deadline.is_none() && !timeout.is_zero() && !ctx.conn.cancel.is_cancelled() {
+            deadline = Some(Instant::now() + timeout);
+        }
     }
 }
 

@@ -127,6 +127,7 @@ pub struct Mosquitto {
     child: Child,
     pub port: u16,
     dir: tempfile::TempDir,
+    binary: PathBuf,
 }
 
 impl Mosquitto {
@@ -150,20 +151,38 @@ impl Mosquitto {
             )
             .unwrap();
             let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-            let child = Command::new(&binary)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-            let mut m = Mosquitto { child, port, dir };
+            let child = Self::spawn(&binary, &conf, log);
+            let mut m = Mosquitto { child, port, dir, binary: binary.clone() };
             if m.wait_ready() {
                 return m;
             }
             // Most likely the port was taken between free_port() and mosquitto's bind.
         }
         panic!("mosquitto did not start listening after 5 attempts");
+    }
+
+    fn spawn(binary: &Path, conf: &Path, log: std::fs::File) -> Child {
+        Command::new(binary)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()))
+    }
+
+    /// Kills the broker (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same config.
+    pub fn restart(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().append(true).open(self.dir.path().join("mosquitto.log")).unwrap();
+        self.child = Self::spawn(&self.binary, &self.dir.path().join("mosquitto.conf"), log);
+        assert!(self.wait_ready(), "mosquitto did not come back on port {}", self.port);
     }
 
     fn wait_ready(&mut self) -> bool {

@@ -11,4 +11,5 @@ mod keepalive;
 mod large;
 mod metrics;
 mod pubsub;
+mod robust;
 mod wire;
