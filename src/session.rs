@@ -28,7 +28,9 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
     let dial = tokio::select! {
         biased;
         _ = conn.cancel.cancelled() => None,
-        r = timeout(ctx.settings.connect_timeout, TcpStream::connect(route.upstream.as_str())) => Some(r),
+        // Boxed: the dial (with name resolution) is large and short-lived; it must not be sized
+        // into every connection's future for its whole life.
+        r = Box::pin(timeout(ctx.settings.connect_timeout, TcpStream::connect(route.upstream.as_str()))) => Some(r),
     };
     let broker = match dial {
         Some(Ok(Ok(broker))) => broker,
@@ -76,7 +78,8 @@ async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
     if let Some((action, applied)) = action
         && !matches!(up, PumpEnd::Cancelled)
     {
-        return carry_out(ctx, action, &applied, client, broker).await;
+        // Boxed for the same reason as the dial: rare, and larger than an idle connection.
+        return Box::pin(carry_out(ctx, action, &applied, client, broker)).await;
     }
     let proxy_rst =
         ctx.conn.close_info().is_some_and(|c| c.closed_by == Side::Proxy && c.how == CloseHow::Rst);
@@ -208,7 +211,7 @@ async fn carry_out(
 /// closes by itself (typically when its Keep Alive runs out) or the connection is killed.
 async fn hold_half_open(ctx: &Ctx, mut stream: TcpStream, side: Side) {
     let started = Instant::now();
-    let mut sink = [0u8; 2048];
+    let mut sink = vec![0u8; 2048];
     let ended = loop {
         tokio::select! {
             _ = ctx.conn.cancel.cancelled() => break "the connection was ended by the proxy",
