@@ -233,3 +233,52 @@ fn ctl_drives_a_running_proxy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"), "{out:?}");
 }
+
+#[tokio::test]
+async fn ten_thousand_rules_and_a_slow_dripping_body_leave_the_api_and_the_data_path_working() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+
+    // A client that starts a request and then sends its body one byte at a time.
+    let mut drip = tokio::net::TcpStream::connect(admin).await.unwrap();
+    drip.write_all(
+        b"POST /rules HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let dripping = tokio::spawn(async move {
+        for b in b"{\"name\":\"slow\"".iter() {
+            if drip.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drip
+    });
+
+    // 10,000 rules that match nobody, as one profile.
+    let mut profile = String::from("name = \"ten-thousand\"\n");
+    for i in 0..10_000 {
+        profile.push_str(&format!(
+            "[[rules]]\nname = \"r{i}\"\naction = \"drop\"\nmatch = {{ client_id = \"nobody-{i}\" }}\n"
+        ));
+    }
+    assert!(profile.len() < mqtt_chaos::admin::BODY_LIMIT);
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let r = client.request("PUT", "/profile", Some("application/toml"), profile.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    let m = call(admin, "GET", "/metrics", None).await.body;
+    assert!(m.contains("mqtt_chaos_rules_active{route=\"default\"} 10000"), "rules_active is wrong");
+
+    // The data path still works with every rule evaluated and none matching.
+    let mut device = proxy.connect().await;
+    device.write_all(&connect_v4("busy-day", 30, None)).await.unwrap();
+    expect_packet(&mut device, WAIT, "CONNACK").await;
+    for _ in 0..100 {
+        device.write_all(&PINGREQ).await.unwrap();
+        assert_eq!(expect_packet(&mut device, WAIT, "PINGRESP").await, PINGRESP);
+    }
+    assert_eq!(call(admin, "GET", "/healthz", None).await.status, 200, "the API answers during the drip");
+    drop(dripping.await.unwrap());
+}
