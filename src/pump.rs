@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// The smallest read buffer; an idle connection keeps one this size per direction.
-const MIN_READ: usize = 1024;
+const MIN_READ: usize = 512;
 /// The largest read; busy connections grow towards it.
 const MAX_READ: usize = 64 * 1024;
 /// Bytes a direction may hold in its delay queue before it stops reading from the sender.
