@@ -109,6 +109,9 @@ pub struct ConnFaults {
     local: Vec<Arc<Rule>>,
     facts: Option<Facts>,
     rules: Vec<RuleState>,
+    /// Per direction, the packet types an applicable drop/delay rule may act on: a packet
+    /// outside it is forwarded after one bit test, however many rules are loaded.
+    packet_masks: [u16; 2],
 }
 
 /// A fault that was applied, for counting and logging.
@@ -121,7 +124,15 @@ pub struct Applied {
 impl ConnFaults {
     pub fn new(mut rx: RulesRx) -> ConnFaults {
         let set = rx.borrow_and_update().clone();
-        ConnFaults { rx, set, local_rx: None, local: Vec::new(), facts: None, rules: Vec::new() }
+        ConnFaults {
+            rx,
+            set,
+            local_rx: None,
+            local: Vec::new(),
+            facts: None,
+            rules: Vec::new(),
+            packet_masks: [0; 2],
+        }
     }
 
     /// Also follows rules published for this connection only.
@@ -196,6 +207,18 @@ impl ConnFaults {
                 && (!per_connection || rng.chance(rule.probability));
             self.rules.push(RuleState { rule: rule.clone(), applies, count: 0, rng, fired: [false; 2] });
         }
+        self.packet_masks = [0; 2];
+        for s in self
+            .rules
+            .iter()
+            .filter(|s| s.applies && matches!(s.rule.action, Action::Drop | Action::Delay { .. }))
+        {
+            for dir in Direction::BOTH {
+                if s.rule.applies_to(dir) {
+                    self.packet_masks[dir as usize] |= s.rule.packets;
+                }
+            }
+        }
     }
 
     /// The window in which `rule` acts on this connection.
@@ -212,6 +235,9 @@ impl ConnFaults {
 
     /// The verdict for one packet; the rule that decided it, if one did.
     pub fn decide(&mut self, dir: Direction, t: PacketType, now: Instant) -> (Verdict, Option<Applied>) {
+        if self.packet_masks[dir as usize] & (1 << t.index()) == 0 {
+            return (Verdict::Forward, None);
+        }
         for i in 0..self.rules.len() {
             let s = &self.rules[i];
             let r = &s.rule;
@@ -524,6 +550,25 @@ mod tests {
         let now = Instant::now();
         assert_eq!(f.mode(C2B, now).0, Mode::Blackhole);
         assert_eq!(f.mode(C2B, now + Duration::from_secs(3)).0, Mode::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rules_that_match_nobody_leave_every_packet_to_the_fast_path() {
+        let inert: Vec<_> = (0..20)
+            .map(|i| {
+                rule(&format!(
+                    "name = \"r{i}\"\naction = \"drop\"\nmatch = {{ client_id = \"nobody-{i}\" }}\n"
+                ))
+            })
+            .collect();
+        let only_pingresp = rule(
+            "name = \"p\"\naction = \"drop\"\ndirection = \"broker_to_client\"\npackets = [\"PINGRESP\"]\n",
+        );
+        let (_tx, mut f) = faults([inert, vec![only_pingresp]].concat(), 1);
+        connect(&mut f, "device", 4);
+        assert_eq!(f.packet_masks, [0, 1 << PacketType::Pingresp.index()]);
+        assert_eq!(f.decide(C2B, PacketType::Publish, Instant::now()).0, Verdict::Forward);
+        assert_eq!(f.decide(B2C, PacketType::Pingresp, Instant::now()).0, Verdict::Drop);
     }
 
     #[tokio::test(start_paused = true)]
