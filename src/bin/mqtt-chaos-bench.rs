@@ -9,7 +9,7 @@
 //! and CPU. Every run is bounded in time and traffic. The result is a markdown table.
 
 use clap::Parser;
-use mqtt_chaos::codec::{PacketType, Splitter, Step};
+use mqtt_chaos::codec::{PacketType, Splitter, Step, encode_varint};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -215,20 +215,8 @@ fn chaos(name: &str, proxy: &std::path::Path, sink: &str, profile: Option<&str>)
 }
 
 fn publish(payload: usize) -> Vec<u8> {
-    let body_len = 2 + 5 + payload;
     let mut p = vec![0x30];
-    let mut len = body_len;
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if len == 0 {
-            break;
-        }
-    }
+    encode_varint(2 + 5 + payload, &mut p);
     p.extend_from_slice(&[0, 5, b'b', b'e', b'n', b'c', b'h']);
     p.extend(std::iter::repeat_n(0x42u8, payload));
     p

@@ -171,23 +171,14 @@ async fn the_token_guards_every_route_but_healthz() {
 #[test]
 fn ctl_drives_a_running_proxy() {
     let broker = Mosquitto::start();
-    let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
-    let _proxy = KillOnDrop(
-        Command::new(binary())
-            .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
-            .args(["--profiles-dir", dir.to_str().unwrap(), "--shutdown-grace", "200ms"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let dir = dir.to_str().unwrap();
+    let proxy = ProxyProcess::start(
+        &broker.addr(),
+        &["--admin", &admin, "--profiles-dir", dir, "--shutdown-grace", "200ms"],
     );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&admin).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let listen = proxy.listen.clone();
     let ctl = |args: &[&str]| {
         let out = Command::new(binary())
             .args(["ctl", "--admin", &format!("http://{admin}")])

@@ -2,7 +2,6 @@
 
 use crate::harness::*;
 use serde_json::{Value, json};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -35,33 +34,10 @@ fn grafana_substitute(expr: &str) -> String {
 #[tokio::test]
 async fn every_dashboard_query_parses_and_returns_data_after_a_scenario() {
     let broker = Mosquitto::start();
-    let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let _proxy = KillOnDrop(
-        Command::new(binary())
-            .args([
-                "proxy",
-                "--listen",
-                &listen,
-                "--upstream",
-                &broker.addr(),
-                "--admin",
-                &admin,
-                "--will-timeout",
-                "3s",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let proxy = ProxyProcess::start(&broker.addr(), &["--admin", &admin, "--will-timeout", "3s"]);
     let prometheus = Prometheus::start(&admin);
-    let proxy_addr: std::net::SocketAddr = listen.parse().unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&admin).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let proxy_addr: std::net::SocketAddr = proxy.listen.parse().unwrap();
     let api = mqtt_chaos::ctl::Client::new(&format!("http://{admin}"), None).unwrap();
     for rule in [
         json!({"name": "mute-victims", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"], "match": {"client_id": "victim-*"}}),

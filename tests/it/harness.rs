@@ -511,6 +511,50 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The proxy binary, running `proxy --listen <free port> --upstream <upstream>` plus `extra`
+/// (`--admin none` unless `extra` names an admin address), once it listens. Killed on drop.
+pub struct ProxyProcess {
+    pub child: KillOnDrop,
+    pub listen: String,
+}
+
+impl ProxyProcess {
+    pub fn start(upstream: &str, extra: &[&str]) -> ProxyProcess {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["proxy", "--listen", &listen, "--upstream", upstream];
+        if !extra.contains(&"--admin") {
+            args.extend(["--admin", "none"]);
+        }
+        args.extend(extra);
+        let child = KillOnDrop(
+            Command::new(binary()).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        );
+        // Ready when the route listens, and the admin API too if one was asked for.
+        let admin = extra.iter().position(|a| *a == "--admin").map(|i| extra[i + 1]).filter(|a| *a != "none");
+        for addr in std::iter::once(listen.as_str()).chain(admin) {
+            let ready = (0..200).any(|_| {
+                let up = std::net::TcpStream::connect(addr).is_ok();
+                if !up {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                up
+            });
+            assert!(ready, "the proxy did not start listening on {addr}");
+        }
+        ProxyProcess { child, listen }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    pub async fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(&self.listen).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+}
+
 /// The proxy binary built for these tests.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mqtt-chaos"))

@@ -1,7 +1,6 @@
 //! A 20 MiB PUBLISH through the proxy binary, with its memory measured from /proc.
 
 use crate::harness::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -10,25 +9,9 @@ const SIZE: usize = 20 * 1024 * 1024;
 #[tokio::test]
 async fn a_20_mib_publish_passes_with_proxy_memory_far_below_its_size() {
     let broker = Mosquitto::start();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let child = KillOnDrop(
-        Command::new(binary())
-            .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", "none"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = child.0.id();
-    let connect = || async {
-        for _ in 0..100 {
-            if let Ok(s) = tokio::net::TcpStream::connect(&listen).await {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the proxy did not start listening on {listen}");
-    };
+    let proxy = ProxyProcess::start(&broker.addr(), &[]);
+    let pid = proxy.pid();
+    let connect = || proxy.connect();
 
     // The subscriber is behind the proxy too, so the payload crosses it twice.
     let mut sub = connect().await;
@@ -56,7 +39,7 @@ async fn a_20_mib_publish_passes_with_proxy_memory_far_below_its_size() {
     assert!(received.ends_with(&payload), "payload corrupted");
 
     let peak = peak_rss(pid);
-    drop(child);
+    drop(proxy);
     assert!(
         peak < baseline + 4 * 1024 * 1024,
         "proxy peak RSS grew from {baseline} to {peak} bytes while relaying {SIZE} bytes twice"

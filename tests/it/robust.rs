@@ -3,7 +3,6 @@
 use crate::harness::*;
 use crate::metrics::sample;
 use mqtt_chaos::config::Settings;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -57,28 +56,12 @@ async fn beyond_max_connections_new_clients_are_closed_at_once_and_counted() {
 #[tokio::test]
 async fn a_client_that_never_reads_while_the_broker_floods_it_keeps_proxy_memory_bounded() {
     let broker = FakeBroker::start().await;
-    let listen = format!("127.0.0.1:{}", free_port());
-    let proxy = KillOnDrop(
-        Command::new(binary())
-            .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", "none"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = tokio::net::TcpStream::connect(&listen).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut client = client.expect("the proxy listens");
+    let proxy = ProxyProcess::start(&broker.addr(), &[]);
+    let mut client = proxy.connect().await;
     client.write_all(&connect_v4("deaf", 30, None)).await.unwrap();
     let mut upstream = broker.accept().await;
     expect_packet(&mut upstream, WAIT, "CONNECT").await;
-    let baseline = peak_rss(proxy.0.id());
+    let baseline = peak_rss(proxy.pid());
     // 64 MiB of PUBLISHes towards a client that reads nothing.
     let publish = publish_v4("flood", &[0x5a; 16 * 1024]);
     let mut sent = 0usize;
@@ -89,7 +72,7 @@ async fn a_client_that_never_reads_while_the_broker_floods_it_keeps_proxy_memory
         }
     })
     .await;
-    let peak = peak_rss(proxy.0.id());
+    let peak = peak_rss(proxy.pid());
     assert!(sent < 16 * 1024 * 1024, "the broker could send {sent} bytes: no back-pressure");
     assert!(peak < baseline + 4 * 1024 * 1024, "proxy peak RSS grew from {baseline} to {peak} bytes");
     drop(client);
