@@ -12,4 +12,5 @@ mod large;
 mod metrics;
 mod pubsub;
 mod robust;
+mod soak;
 mod wire;

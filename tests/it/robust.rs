@@ -59,8 +59,14 @@ async fn a_client_that_never_reads_while_the_broker_floods_it_keeps_proxy_memory
     let proxy = ProxyProcess::start(&broker.addr(), &[]);
     let mut client = proxy.connect().await;
     client.write_all(&connect_v4("deaf", 30, None)).await.unwrap();
-    let mut upstream = broker.accept().await;
-    expect_packet(&mut upstream, WAIT, "CONNECT").await;
+    // The readiness probe of ProxyProcess::start was proxied too: skip its (empty) dial.
+    let mut upstream = loop {
+        let mut u = broker.accept().await;
+        if let Ok(Ok(p)) = tokio::time::timeout(WAIT, read_packet(&mut u)).await {
+            assert_eq!(p[0], 0x10, "the client's CONNECT");
+            break u;
+        }
+    };
     let baseline = peak_rss(proxy.pid());
     // 64 MiB of PUBLISHes towards a client that reads nothing.
     let publish = publish_v4("flood", &[0x5a; 16 * 1024]);
