@@ -53,10 +53,6 @@ impl Histogram {
             self.sum.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + value).to_bits()));
     }
 
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Relaxed)).sum()
-    }
-
     pub fn sum(&self) -> f64 {
         f64::from_bits(self.sum.load(Relaxed))
     }

@@ -200,7 +200,8 @@ struct State {
     /// When the upstream TCP connection was established.
     broker_connected: Option<Instant>,
     client_id: Option<String>,
-    username: Option<String>,
+    /// Whether the CONNECT carried a username (the username itself is not kept).
+    username_present: bool,
     clean_start: Option<bool>,
     session_expiry: Option<u32>,
     will: Option<Will>,
@@ -285,10 +286,6 @@ impl Connection {
         self.state().client_id.clone()
     }
 
-    pub fn username(&self) -> Option<String> {
-        self.state().username.clone()
-    }
-
     pub fn will(&self) -> Option<Will> {
         self.state().will.clone()
     }
@@ -351,7 +348,7 @@ impl Connection {
         self.protocol.store(c.protocol.level(), Relaxed);
         let mut s = self.state();
         s.client_id = Some(c.client_id.clone());
-        s.username = c.username.clone();
+        s.username_present = c.username.is_some();
         s.clean_start = Some(c.clean_start);
         s.session_expiry = c.session_expiry;
         s.will = c.will.clone();
@@ -525,7 +522,7 @@ impl Connection {
             protocol: self.protocol(),
             clean_start: s.clean_start,
             session_expiry: s.session_expiry,
-            username_present: s.username.is_some(),
+            username_present: s.username_present,
             will: s.will.clone(),
             keep_alive: KeepAliveSnapshot {
                 broker_enforced: s.keep_alive.broker_enforced(),

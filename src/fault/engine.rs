@@ -147,10 +147,6 @@ impl ConnFaults {
         self.rules.is_empty()
     }
 
-    pub fn rule_set(&self) -> &Arc<RuleSet> {
-        &self.set
-    }
-
     /// Picks up a newly published rule set, keeping the state of rules that remain.
     pub fn refresh(&mut self) {
         let global = self.rx.has_changed().unwrap_or(false);
