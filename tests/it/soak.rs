@@ -2,9 +2,10 @@
 //! the admin API. Bounded: 60 s of traffic in two rounds (SOAK_SECONDS overrides), loopback only.
 //!
 //! Checked: no byte lost or reordered on the 900 connections no rule touches, every connection
-//! closed (`connections_active` back to 0), the proxy alive, and no growth of RSS from the first
-//! round to the second. RSS does not fall back to its very first value: glibc's allocator keeps
-//! the heap it grew to (measured: 12 MB at start, 23 MB after each round).
+//! closed (`connections_active` back to 0), the proxy alive, and after each round its RSS back
+//! near the start: at least three quarters of what the round added given back to the OS (the
+//! binary trims the heap a few seconds after connections close; measured in a debug build:
+//! 12.1 MB at start, 22 MB during a round, 13.9 MB after).
 
 use crate::harness::*;
 use crate::metrics::sample;
@@ -56,18 +57,15 @@ fn profiles() -> Vec<String> {
     .collect()
 }
 
-fn current_rss(pid: u32) -> u64 {
+/// The process's resident set, in bytes: (total, anonymous). The anonymous part is the heap and
+/// stacks; the rest is mostly the binary's code, paged in as it runs.
+fn current_rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    kib * 1024
+    let kib = |key: &str| -> u64 {
+        let line = status.lines().find_map(|l| l.strip_prefix(key)).unwrap();
+        line.split_whitespace().next().unwrap().parse::<u64>().unwrap() * 1024
+    };
+    (kib("VmRSS:"), kib("RssAnon:"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,22 +75,37 @@ async fn a_thousand_connections_survive_a_profile_change_every_second_without_lo
     let admin = format!("127.0.0.1:{}", free_port());
     let mut proxy = ProxyProcess::start(&upstream, &["--admin", &admin]);
     let api = Client::new(&format!("http://{admin}"), None).unwrap();
-    let rss_start = current_rss(proxy.pid());
-    // Two rounds of half the time each: the first warms the allocator up; a leak would make the
-    // second end higher than the first.
-    let first = round(&mut proxy, &api, seconds / 2).await;
-    let second = round(&mut proxy, &api, seconds - seconds / 2).await;
-    eprintln!("soak RSS: start {rss_start} B, after round 1 {first} B, after round 2 {second} B");
-    assert!(
-        second <= first + first / 10,
-        "RSS grew from round to round (a leak?): start {rss_start}, round 1 {first}, round 2 {second}"
-    );
+    let start = current_rss(proxy.pid());
+    // Two rounds of half the time each: memory must come back after both, and a leak would
+    // show as the second ending higher than the first.
+    for n in 1..=2 {
+        let peak = round(&mut proxy, &api, if n == 1 { seconds / 2 } else { seconds - seconds / 2 }).await;
+        assert!(peak > start.0, "the round did not grow the proxy at all? start {start:?}, peak {peak}");
+        // Allowed to keep: a quarter of what the round added (tables sized for the peak, code
+        // paged in). The trim runs within 5 s of the closes.
+        let allowed = start.0 + (peak - start.0) / 4;
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let mut now = current_rss(proxy.pid());
+        while now.0 > allowed && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            now = current_rss(proxy.pid());
+        }
+        eprintln!(
+            "soak round {n}: RSS at start {} B (anonymous {}), peak {peak}, after {} (anonymous {})",
+            start.0, start.1, now.0, now.1
+        );
+        assert!(
+            now.0 <= allowed,
+            "round {n}: RSS did not come back near its start: {} B at start, {peak} at the peak, still {} \
+             12 s after every connection closed (allowed {allowed})",
+            start.0,
+            now.0
+        );
+    }
 }
 
-/// One round: 1,000 connections for `seconds`; returns the proxy's RSS once all have closed.
+/// One round: 1,000 connections for `seconds`; returns the proxy's RSS at its peak.
 async fn round(proxy: &mut ProxyProcess, api: &Client, seconds: u64) -> u64 {
-    let rss_before = current_rss(proxy.pid());
-
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut clients = Vec::new();
     for i in 0..CLEAN + VICTIMS {
@@ -142,7 +155,7 @@ async fn round(proxy: &mut ProxyProcess, api: &Client, seconds: u64) -> u64 {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(changes as u64 >= seconds - 2, "only {changes} profile changes");
-    let peak_during = current_rss(proxy.pid());
+    let peak = current_rss(proxy.pid()).0;
 
     let mut clean_checked = 0;
     for c in clients {
@@ -160,7 +173,7 @@ async fn round(proxy: &mut ProxyProcess, api: &Client, seconds: u64) -> u64 {
     }
     assert_eq!(clean_checked, CLEAN);
 
-    // Every connection is gone, the process lives, and its memory came back down.
+    // Every connection is gone and the process lives.
     let mut active = None;
     for _ in 0..100 {
         let m = api.request("GET", "/metrics", None, b"").await.unwrap().body;
@@ -172,9 +185,6 @@ async fn round(proxy: &mut ProxyProcess, api: &Client, seconds: u64) -> u64 {
     }
     assert_eq!(active, Some(0.0), "connections_active did not return to 0");
     assert!(proxy.child.0.try_wait().unwrap().is_none(), "the proxy died");
-    let rss_end = current_rss(proxy.pid());
-    eprintln!(
-        "soak round: {changes} profile changes; RSS before {rss_before} B, during {peak_during}, after {rss_end}"
-    );
-    rss_end
+    eprintln!("soak round: {changes} profile changes");
+    peak
 }
