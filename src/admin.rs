@@ -17,7 +17,11 @@
 //!
 //! Errors are JSON `{"error": "…", "status": N}` (validation errors also name the `field`):
 //! 400, 404, 409, 413 (bodies over 1 MiB), 401 when `--admin-token` is set and the
-//! `Authorization: Bearer` header is missing or wrong.
+//! `Authorization: Bearer` header is missing or wrong, 408 when a request is not complete
+//! within [`REQUEST_TIMEOUT`] of its headers (a body dripping in).
+//!
+//! [`serve`] runs the API over HTTP/1.1: a client gets [`HEADER_TIMEOUT`] to send its request
+//! headers before the connection is closed, so stalled clients cannot pile up.
 
 use crate::fault::{Profile, RuleSet, RuleSpec, profile};
 use crate::record::{CloseHow, Registry};
@@ -34,9 +38,20 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// Time a client has to send a request's headers, from the connection's start or the end of
+/// its previous request; then the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time from a request's headers to its response, the body upload included; then 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the API acts on: a handle to the running proxy.
 #[derive(Clone)]
@@ -127,7 +142,65 @@ pub fn app(control: Control) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(deadline))
         .with_state(control)
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled, then lets the requests in flight finish
+/// (each is bounded by [`REQUEST_TIMEOUT`]).
+pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, typically: wait instead of spinning.
+                    tracing::warn!(error = %e, "admin API: accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let mut conn = std::pin::pin!(http.serve_connection(TokioIo::new(stream), service));
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(client = %peer, error = %e, "admin API connection ended");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Answers 408 for a request not complete within [`REQUEST_TIMEOUT`] (its body still arriving)
+/// and closes the connection.
+async fn deadline(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let message = format!(
+                "request not complete within {} s of its headers (body too slow)",
+                REQUEST_TIMEOUT.as_secs()
+            );
+            let mut response = ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response();
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 async fn require_token(State(c): State<Control>, request: Request, next: Next) -> Response {

@@ -189,13 +189,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         tracing::info!(admin = %addr, "admin API listening");
         let app =
             mqtt_chaos::admin::app(running.control(args.profiles_dir.clone(), args.admin_token.clone()));
-        let stop = admin_stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the admin API stopped");
-            }
-        })
+        tokio::spawn(mqtt_chaos::admin::serve(listener, app, admin_stop.clone()))
     });
     let signal = shutdown_signal().await;
     tracing::info!(signal, "shutting down");

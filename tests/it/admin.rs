@@ -5,8 +5,8 @@ use mqtt_chaos::ctl::{Client, Reply};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -16,7 +16,7 @@ async fn serve_admin(proxy: &TestProxy, token: Option<&str>) -> SocketAddr {
     let app = mqtt_chaos::admin::app(proxy.running().control(dir, token.map(str::to_string)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(mqtt_chaos::admin::serve(listener, app, Default::default()));
     addr
 }
 
@@ -226,26 +226,39 @@ fn ctl_drives_a_running_proxy() {
 }
 
 #[tokio::test]
-async fn ten_thousand_rules_and_a_slow_dripping_body_leave_the_api_and_the_data_path_working() {
+async fn ten_thousand_rules_and_stalled_clients_leave_the_api_and_the_data_path_working() {
     let broker = Mosquitto::start();
     let proxy = TestProxy::start(&broker.addr()).await;
     let admin = serve_admin(&proxy, None).await;
 
-    // A client that starts a request and then sends its body one byte at a time.
-    let mut drip = tokio::net::TcpStream::connect(admin).await.unwrap();
-    drip.write_all(
-        b"POST /rules HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let dripping = tokio::spawn(async move {
-        for b in b"{\"name\":\"slow\"".iter() {
-            if drip.write_all(&[*b]).await.is_err() {
+    // A client that sends its request headers, then its body one byte every 500 ms (64 bytes
+    // announced: 32 s), and one that never finishes its headers.
+    let started = Instant::now();
+    let drip = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut drip_rx, mut drip_tx) = drip.into_split();
+    drip_tx
+        .write_all(b"POST /rules HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        for _ in 0..64 {
+            if drip_tx.write_all(b" ").await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        drip
+    });
+    let dripped = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), drip_rx.read_to_end(&mut answer)).await;
+        (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+    });
+    let mut stall = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stall.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let stalled = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), stall.read_to_end(&mut answer)).await;
+        started.elapsed()
     });
 
     // 10,000 rules that match nobody, as one profile.
@@ -271,5 +284,14 @@ async fn ten_thousand_rules_and_a_slow_dripping_body_leave_the_api_and_the_data_
         assert_eq!(expect_packet(&mut device, WAIT, "PINGRESP").await, PINGRESP);
     }
     assert_eq!(call(admin, "GET", "/healthz", None).await.status, 200, "the API answers during the drip");
-    drop(dripping.await.unwrap());
+
+    // The dripping body gets a 408 once REQUEST_TIMEOUT (10 s) has passed; the stalled headers
+    // get their connection closed after HEADER_TIMEOUT (10 s).
+    let (answer, after) = dripped.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?} after {after:?}");
+    assert!(answer.contains("\"status\":408") && answer.contains("body too slow"), "{answer}");
+    assert!((Duration::from_secs(9)..Duration::from_secs(15)).contains(&after), "408 after {after:?}");
+    let after = stalled.await.unwrap();
+    assert!((Duration::from_secs(9)..Duration::from_secs(15)).contains(&after), "closed after {after:?}");
+    assert_eq!(call(admin, "GET", "/healthz", None).await.status, 200, "the API still answers");
 }
