@@ -4,8 +4,8 @@
 //! |---|---|
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up (never needs the token) |
 //! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
-//! | `GET /connections` | live connection records (JSON, never passwords or usernames) |
-//! | `GET /connections/{id}` | one record; 404 if it is not live |
+//! | `GET /connections` | live connection records (JSON, never passwords or usernames), each with its `local_rules` |
+//! | `GET /connections/{id}` | one record, with its `local_rules`; 404 if it is not live |
 //! | `DELETE /connections/{id}?how=fin\|rst` | close one connection (default `fin`) |
 //! | `GET /rules` | the rules in force: `{"profile", "seed", "rules": [...]}` |
 //! | `POST /rules` | add one global rule (the profile rule schema, as JSON); 409 if the name is taken |
@@ -238,15 +238,20 @@ fn live(c: &Control, id: &str) -> Result<Arc<crate::record::Connection>, ApiErro
 }
 
 async fn connections(State(c): State<Control>) -> ApiResult {
-    let all: Vec<_> = c.registry.list().iter().map(|conn| conn.snapshot()).collect();
+    let all: Vec<_> = c.registry.list().iter().map(|conn| record(conn)).collect();
     ok(StatusCode::OK, json!(all))
 }
 
 async fn connection(State(c): State<Control>, Path(id): Path<String>) -> ApiResult {
     let conn = live(&c, &id)?;
+    ok(StatusCode::OK, record(&conn))
+}
+
+/// A connection's record with the rules added for it alone (`local_rules`).
+fn record(conn: &crate::record::Connection) -> Value {
     let mut body = json!(conn.snapshot());
     body["local_rules"] = json!(conn.local_rules().iter().map(|r| &r.spec).collect::<Vec<_>>());
-    ok(StatusCode::OK, body)
+    body
 }
 
 #[derive(Deserialize)]

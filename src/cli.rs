@@ -70,8 +70,14 @@ pub enum CtlCommand {
     },
     /// Show the rules in force.
     Rules,
-    /// Add a global rule: JSON text, or a .json/.toml file with one rule.
-    Add { rule: String },
+    /// Add a rule: JSON text, or a .json/.toml file with one rule. Global, or with --conn for
+    /// one live connection only.
+    Add {
+        rule: String,
+        /// The id of the live connection the rule is for (see `ctl connections`).
+        #[arg(long, value_name = "ID")]
+        conn: Option<u64>,
+    },
     /// Remove a global rule by name.
     Remove { name: String },
     /// Activate a profile: a name in the proxy's --profiles-dir, or a local TOML file.

@@ -141,15 +141,26 @@ pub fn rule_body(arg: &str) -> Result<Vec<u8>, String> {
 /// Live connections as a table.
 pub fn connections_table(v: &Value) -> String {
     let mut out = format!(
-        "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8} {:>10} {:>10}  {}\n",
-        "ID", "ROUTE", "CLIENT_ID", "PROTO", "KA req/bk/cl", "AGE_S", "C→B_BYTES", "B→C_BYTES", "FAULTS"
+        "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8} {:>10} {:>10}  {:<16} {}\n",
+        "ID",
+        "ROUTE",
+        "CLIENT_ID",
+        "PROTO",
+        "KA req/bk/cl",
+        "AGE_S",
+        "C→B_BYTES",
+        "B→C_BYTES",
+        "OWN_RULES",
+        "FAULTS"
     );
     for c in v.as_array().into_iter().flatten() {
         let ka = |k: &str| c["keep_alive"][k].as_u64().map_or("-".to_string(), |n| n.to_string());
         let faults: Vec<String> =
             c["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
+        let own: Vec<&str> =
+            c["local_rules"].as_array().into_iter().flatten().filter_map(|r| r["name"].as_str()).collect();
         out.push_str(&format!(
-            "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {}\n",
+            "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {:<16} {}\n",
             c["id"].as_u64().unwrap_or(0),
             c["route"].as_str().unwrap_or(""),
             c["client_id"].as_str().unwrap_or("-"),
@@ -158,6 +169,7 @@ pub fn connections_table(v: &Value) -> String {
             c["age_s"].as_f64().unwrap_or(0.0),
             c["client_to_broker"]["bytes"].as_u64().unwrap_or(0),
             c["broker_to_client"]["bytes"].as_u64().unwrap_or(0),
+            if own.is_empty() { "-".to_string() } else { own.join(",") },
             faults.join(","),
         ));
     }

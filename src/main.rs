@@ -47,7 +47,10 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             Ok(("DELETE", format!("/connections/{id}?how={how}"), None, Vec::new()))
         }
         CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
-        CtlCommand::Add { rule } => ctl::rule_body(rule).map(|b| ("POST", "/rules".to_string(), json, b)),
+        CtlCommand::Add { rule, conn } => {
+            let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
+            ctl::rule_body(rule).map(|b| ("POST", path, json, b))
+        }
         CtlCommand::Remove { name } => Ok(("DELETE", format!("/rules/{name}"), None, Vec::new())),
         CtlCommand::Profile { profile } => {
             if std::path::Path::new(profile).is_file() {
@@ -88,7 +91,10 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Connections => print!("{}", ctl::connections_table(&value)),
         CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
         CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
-        CtlCommand::Add { .. } => println!("added rule {}", value["name"].as_str().unwrap_or("")),
+        CtlCommand::Add { conn: None, .. } => println!("added rule {}", value["name"].as_str().unwrap_or("")),
+        CtlCommand::Add { conn: Some(id), .. } => {
+            println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or(""))
+        }
         CtlCommand::Remove { name } => println!("removed rule {name}"),
         CtlCommand::Reset => println!("all rules removed"),
     }

@@ -216,6 +216,24 @@ fn ctl_drives_a_running_proxy() {
     let (code, out, _) = ctl(&["--json", "connections"]);
     assert_eq!(code, Some(0));
     let id = serde_json::from_str::<Value>(&out).unwrap()[0]["id"].as_u64().unwrap();
+
+    // A rule for this connection alone shows in its row, and the connection feels it.
+    let rule = r#"{"name":"mute-me","action":"drop","packets":["PINGRESP"]}"#;
+    let (code, out, _) = ctl(&["add", "--conn", &id.to_string(), rule]);
+    assert_eq!((code, out.trim()), (Some(0), format!("added rule mute-me to connection {id}").as_str()));
+    let (code, out, _) = ctl(&["connections"]);
+    assert_eq!(code, Some(0));
+    let row = out.lines().find(|l| l.contains("ctl-device")).unwrap_or_default();
+    assert!(row.contains("mute-me"), "{out}");
+    assert!(!ctl(&["rules"]).1.contains("mute-me"), "a connection's rule is not a global one");
+    std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
+    device.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(std::io::Read::read(&mut device, &mut [0u8; 2]).is_err(), "PINGRESP was not dropped");
+    device.set_read_timeout(Some(WAIT)).unwrap();
+    let (code, _, err) = ctl(&["add", "--conn", "999999", rule]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no live connection 999999 (404)"), "{err}");
+
     assert_eq!(ctl(&["kill", &id.to_string()]).0, Some(0));
     let mut rest = Vec::new();
     assert_eq!(std::io::Read::read_to_end(&mut device, &mut rest).unwrap(), 0, "killed with FIN");
