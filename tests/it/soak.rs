@@ -76,8 +76,8 @@ async fn a_thousand_connections_survive_a_profile_change_every_second_without_lo
     let mut proxy = ProxyProcess::start(&upstream, &["--admin", &admin]);
     let api = Client::new(&format!("http://{admin}"), None).unwrap();
     let start = current_rss(proxy.pid());
-    // Two rounds of half the time each: memory must come back after both, and a leak would
-    // show as the second ending higher than the first.
+    // Two rounds of half the time each: memory must come back after both (a leak would keep
+    // the second from coming back as far).
     for n in 1..=2 {
         let peak = round(&mut proxy, &api, if n == 1 { seconds / 2 } else { seconds - seconds / 2 }).await;
         assert!(peak > start.0, "the round did not grow the proxy at all? start {start:?}, peak {peak}");
