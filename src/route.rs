@@ -212,26 +212,27 @@ impl RouteStats {
                 e.sample("mqtt_chaos_faults_total", &labels, n as f64);
             }
         }
-        e.family(
-            "mqtt_chaos_connection_closes_total",
-            "counter",
-            "Connections ended, by who closed first and how.",
-        );
-        for r in routes {
-            for ((closed_by, how), n) in r.stats.closes.snapshot() {
-                let labels = [("route", r.name.as_str()), ("closed_by", closed_by), ("how", how)];
-                e.sample("mqtt_chaos_connection_closes_total", &labels, n as f64);
-            }
-        }
-        e.family(
-            "mqtt_chaos_disconnect_reasons_total",
-            "counter",
-            "DISCONNECT packets seen, by direction and reason.",
-        );
-        for r in routes {
-            for ((direction, reason), n) in r.stats.disconnect_reasons.snapshot() {
-                let labels = [("route", r.name.as_str()), ("direction", direction), ("reason", reason)];
-                e.sample("mqtt_chaos_disconnect_reasons_total", &labels, n as f64);
+        type Pairs = fn(&RouteStats) -> &LabeledCounts<(&'static str, &'static str)>;
+        let by_pair: [(&str, &str, [&str; 2], Pairs); 2] = [
+            (
+                "mqtt_chaos_connection_closes_total",
+                "Connections ended, by who closed first and how.",
+                ["closed_by", "how"],
+                |s| &s.closes,
+            ),
+            (
+                "mqtt_chaos_disconnect_reasons_total",
+                "DISCONNECT packets seen, by direction and reason.",
+                ["direction", "reason"],
+                |s| &s.disconnect_reasons,
+            ),
+        ];
+        for (name, help, [first, second], get) in by_pair {
+            e.family(name, "counter", help);
+            for r in routes {
+                for ((a, b), n) in get(&r.stats).snapshot() {
+                    e.sample(name, &[("route", &r.name), (first, a), (second, b)], n as f64);
+                }
             }
         }
         e.family(

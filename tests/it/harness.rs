@@ -493,12 +493,21 @@ impl FakeBroker {
     }
 }
 
-/// Resident-memory high-water mark of a process, from /proc (bytes).
-pub fn peak_rss(pid: u32) -> u64 {
+/// One memory figure of a process from /proc/PID/status, in bytes: `VmRSS` (resident now),
+/// `VmHWM` (resident at most), `RssAnon` (its heap and stacks), …
+pub fn proc_memory(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc status");
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
+}
+
+/// Resident-memory high-water mark of a process (bytes).
+pub fn peak_rss(pid: u32) -> u64 {
+    proc_memory(pid, "VmHWM")
 }
 
 /// A child process killed when the test ends, even by a failed assertion.

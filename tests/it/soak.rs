@@ -57,17 +57,6 @@ fn profiles() -> Vec<String> {
     .collect()
 }
 
-/// The process's resident set, in bytes: (total, anonymous). The anonymous part is the heap and
-/// stacks; the rest is mostly the binary's code, paged in as it runs.
-fn current_rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| -> u64 {
-        let line = status.lines().find_map(|l| l.strip_prefix(key)).unwrap();
-        line.split_whitespace().next().unwrap().parse::<u64>().unwrap() * 1024
-    };
-    (kib("VmRSS:"), kib("RssAnon:"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_survive_a_profile_change_every_second_without_losing_a_byte() {
     let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
@@ -75,31 +64,32 @@ async fn a_thousand_connections_survive_a_profile_change_every_second_without_lo
     let admin = format!("127.0.0.1:{}", free_port());
     let mut proxy = ProxyProcess::start(&upstream, &["--admin", &admin]);
     let api = Client::new(&format!("http://{admin}"), None).unwrap();
-    let start = current_rss(proxy.pid());
+    let rss = |proxy: &ProxyProcess| proc_memory(proxy.pid(), "VmRSS");
+    let anon = |proxy: &ProxyProcess| proc_memory(proxy.pid(), "RssAnon");
+    let (start, start_anon) = (rss(&proxy), anon(&proxy));
     // Two rounds of half the time each: memory must come back after both (a leak would keep
     // the second from coming back as far).
     for n in 1..=2 {
         let peak = round(&mut proxy, &api, if n == 1 { seconds / 2 } else { seconds - seconds / 2 }).await;
-        assert!(peak > start.0, "the round did not grow the proxy at all? start {start:?}, peak {peak}");
+        assert!(peak > start, "the round did not grow the proxy at all? start {start}, peak {peak}");
         // Allowed to keep: a quarter of what the round added (tables sized for the peak, code
         // paged in). The trim runs within 5 s of the closes.
-        let allowed = start.0 + (peak - start.0) / 4;
+        let allowed = start + (peak - start) / 4;
         let deadline = Instant::now() + Duration::from_secs(12);
-        let mut now = current_rss(proxy.pid());
-        while now.0 > allowed && Instant::now() < deadline {
+        let mut now = rss(&proxy);
+        while now > allowed && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            now = current_rss(proxy.pid());
+            now = rss(&proxy);
         }
         eprintln!(
-            "soak round {n}: RSS at start {} B (anonymous {}), peak {peak}, after {} (anonymous {})",
-            start.0, start.1, now.0, now.1
+            "soak round {n}: RSS at start {start} B (anonymous {start_anon}), peak {peak}, after {now} \
+             (anonymous {})",
+            anon(&proxy)
         );
         assert!(
-            now.0 <= allowed,
-            "round {n}: RSS did not come back near its start: {} B at start, {peak} at the peak, still {} \
-             12 s after every connection closed (allowed {allowed})",
-            start.0,
-            now.0
+            now <= allowed,
+            "round {n}: RSS did not come back near its start: {start} B at start, {peak} at the peak, \
+             still {now} 12 s after every connection closed (allowed {allowed})"
         );
     }
 }
@@ -155,7 +145,7 @@ async fn round(proxy: &mut ProxyProcess, api: &Client, seconds: u64) -> u64 {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(changes as u64 >= seconds - 2, "only {changes} profile changes");
-    let peak = current_rss(proxy.pid()).0;
+    let peak = proc_memory(proxy.pid(), "VmRSS");
 
     let mut clean_checked = 0;
     for c in clients {
