@@ -2,7 +2,7 @@
 //!
 //! | route | does |
 //! |---|---|
-//! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up (never needs the token) |
+//! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up, 503 `{"status":"shutting_down"}` once a shutdown began (never needs the token) |
 //! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
 //! | `GET /connections` | live connection records (JSON, never passwords or usernames), each with its `local_rules` |
 //! | `GET /connections/{id}` | one record, with its `local_rules`; 404 if it is not live |
@@ -11,9 +11,13 @@
 //! | `POST /rules` | add one global rule (the profile rule schema, as JSON); 409 if the name is taken |
 //! | `DELETE /rules/{name}` | remove one global rule; 404 if there is none |
 //! | `POST /connections/{id}/rules` | add a rule for one live connection only |
+//! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
 //! | `GET /profiles` | the profiles in `--profiles-dir`, each with its description or its error |
 //! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`) or a TOML body |
-//! | `POST /reset` | remove every rule: back to passthrough |
+//! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
+//!
+//! Every change to the rules is atomic: concurrent requests take effect in some serial order and
+//! none is lost (see [`crate::fault::RuleBook`]).
 //!
 //! Errors are JSON `{"error": "…", "status": N}` (validation errors also name the `field`):
 //! 400, 404, 409, 413 (bodies over 1 MiB), 401 when `--admin-token` is set and the
@@ -58,18 +62,16 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Control {
     pub routes: Vec<Arc<Route>>,
     pub registry: Arc<Registry>,
-    pub rules: Arc<crate::fault::RulesTx>,
+    pub rules: Arc<crate::fault::RuleBook>,
     pub profiles_dir: PathBuf,
     pub token: Option<String>,
+    /// Cancelled when the proxy begins to shut down (`/healthz` then answers 503).
+    pub stopping: CancellationToken,
 }
 
 impl Control {
     fn rule_set(&self) -> Arc<RuleSet> {
-        self.rules.borrow().clone()
-    }
-
-    fn publish(&self, set: RuleSet) {
-        self.rules.send_replace(Arc::new(set));
+        self.rules.current()
     }
 }
 
@@ -128,13 +130,14 @@ pub fn app(control: Control) -> Router {
         .route("/connections", get(connections))
         .route("/connections/{id}", get(connection).delete(kill))
         .route("/connections/{id}/rules", post(add_connection_rule))
+        .route("/connections/{id}/rules/{name}", delete(remove_connection_rule))
         .route("/rules", get(rules).post(add_rule))
         .route("/rules/{name}", delete(remove_rule))
         .route("/profiles", get(profiles))
         .route("/profile", put(activate_profile))
         .route("/reset", post(reset))
         .route_layer(middleware::from_fn_with_state(control.clone(), require_token))
-        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -203,13 +206,24 @@ async fn deadline(request: Request, next: Next) -> Response {
     }
 }
 
+/// 200 while the listeners accept clients; 503 once a shutdown began.
+async fn healthz(State(c): State<Control>) -> Response {
+    if c.stopping.is_cancelled() {
+        let body = json!({"status": "shutting_down"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
 async fn require_token(State(c): State<Control>, request: Request, next: Next) -> Response {
     if let Some(token) = &c.token {
+        // `Bearer` is case-insensitive (RFC 9110 §11.1), and may be followed by several spaces.
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong `Authorization: Bearer` token")
                 .into_response();
@@ -223,7 +237,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics(State(c): State<Control>) -> Response {
-    let text = crate::metrics::render(&c.routes, &c.rule_set(), env!("CARGO_PKG_VERSION"));
+    let text = crate::metrics::render(&c.routes, &c.rule_set(), &c.registry, env!("CARGO_PKG_VERSION"));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
@@ -303,27 +317,25 @@ fn rule_from(body: Result<Bytes, BytesRejection>) -> Result<Arc<crate::fault::Ru
 
 async fn add_rule(State(c): State<Control>, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let rule = rule_from(body)?;
-    let current = c.rule_set();
-    if current.get(rule.name()).is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("a rule named {:?} is already in force", rule.name()),
-        ));
-    }
-    let mut rules = current.rules.clone();
-    let spec = rule.spec.clone();
-    rules.push(rule);
-    c.publish(RuleSet { profile: current.profile.clone(), seed: current.seed, rules });
-    ok(StatusCode::CREATED, json!(spec))
+    let added = c.rules.add(rule).map_err(|rule| {
+        ApiError::new(StatusCode::CONFLICT, format!("a rule named {:?} is already in force", rule.name()))
+    })?;
+    let rule = added.rules.last().expect("just added");
+    tracing::info!(
+        rule = rule.name(),
+        action = rule.kind().as_str(),
+        scope = "global",
+        rules = added.rules.len(),
+        "rule added through the admin API"
+    );
+    ok(StatusCode::CREATED, json!(rule.spec))
 }
 
 async fn remove_rule(State(c): State<Control>, Path(name): Path<String>) -> ApiResult {
-    let current = c.rule_set();
-    if current.get(&name).is_none() {
+    let Some(rule) = c.rules.remove(&name) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule named {name:?} is in force")));
-    }
-    let rules = current.rules.iter().filter(|r| r.name() != name).cloned().collect();
-    c.publish(RuleSet { profile: current.profile.clone(), seed: current.seed, rules });
+    };
+    tracing::info!(rule = rule.name(), scope = "global", "rule removed through the admin API");
     ok(StatusCode::OK, json!({"removed": name}))
 }
 
@@ -336,7 +348,24 @@ async fn add_connection_rule(
     let rule = rule_from(body)?;
     let spec = rule.spec.clone();
     conn.add_local_rule(rule).map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    tracing::info!(conn = conn.id, rule = %spec.name, action = spec.action.as_str(), scope = "connection",
+        "rule added through the admin API");
     ok(StatusCode::CREATED, json!({"connection": conn.id, "rule": spec}))
+}
+
+async fn remove_connection_rule(
+    State(c): State<Control>,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult {
+    let conn = live(&c, &id)?;
+    if !conn.remove_local_rule(&name) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("connection {} has no rule named {name:?} of its own", conn.id),
+        ));
+    }
+    tracing::info!(conn = conn.id, rule = %name, scope = "connection", "rule removed through the admin API");
+    ok(StatusCode::OK, json!({"connection": conn.id, "removed": name}))
 }
 
 async fn profiles(State(c): State<Control>) -> ApiResult {
@@ -376,7 +405,7 @@ async fn activate_profile(
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/json"));
+        .is_some_and(|t| media_type(t).eq_ignore_ascii_case("application/json"));
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
     let profile: Profile = if is_json {
@@ -406,11 +435,19 @@ async fn activate_profile(
     tracing::info!(profile = %profile.spec.name, rules = profile.rules.len(), "profile activated through the admin API");
     let set = profile.rule_set();
     let body = rules_body(&set);
-    c.publish(set);
+    c.rules.replace(set);
     ok(StatusCode::OK, body)
 }
 
+/// Removes every rule: the global ones and each live connection's own.
 async fn reset(State(c): State<Control>) -> ApiResult {
-    c.publish(RuleSet::new(None, None, Vec::new()));
-    ok(StatusCode::OK, json!({"rules": []}))
+    let old = c.rules.replace(RuleSet::new(None, None, Vec::new()));
+    let local: usize = c.registry.list().iter().map(|conn| conn.clear_local_rules()).sum();
+    tracing::info!(global = old.rules.len(), local, "all rules removed through the admin API (reset)");
+    ok(StatusCode::OK, json!({"rules": [], "removed": {"global": old.rules.len(), "local": local}}))
+}
+
+/// The media type of a `Content-Type` value, without parameters (compared case-insensitively).
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
 }

@@ -131,6 +131,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_MAX_BUFFERED_PACKET", default_value = "256KiB", value_parser = config::parse_size)]
     pub max_buffered_packet: usize,
 
+    /// Largest CONNECT or CONNACK (always decoded whole, whatever --max-buffered-packet says);
+    /// a larger one is malformed and --on-malformed decides.
+    #[arg(long, env = "MQTT_CHAOS_MAX_CONNECT_PACKET", default_value = "1MiB", value_parser = config::parse_size)]
+    pub max_connect_packet: usize,
+
     /// After one side sent FIN, how long the other direction may go on before both are closed (0s: for ever).
     #[arg(long, env = "MQTT_CHAOS_HALF_CLOSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub half_close_timeout: Duration,
@@ -199,11 +204,37 @@ impl ProxyArgs {
         } else {
             None
         };
+        let durations = [
+            ("--connect-timeout", self.connect_timeout),
+            ("--shutdown-grace", self.shutdown_grace),
+            ("--half-close-timeout", self.half_close_timeout),
+            ("--will-timeout", self.will_timeout),
+        ];
+        for (flag, d) in durations {
+            if d > crate::fault::rule::MAX_DURATION {
+                return Err(format!(
+                    "{flag}: {} is over the maximum of 1 year (\"1year\")",
+                    humantime::format_duration(d)
+                ));
+            }
+        }
+        for (flag, size) in [
+            ("--max-buffered-packet", self.max_buffered_packet),
+            ("--max-connect-packet", self.max_connect_packet),
+        ] {
+            let largest = crate::codec::frame::MAX_REMAINING_LENGTH as usize + 5;
+            if size > largest {
+                return Err(format!(
+                    "{flag}: {size} bytes is over the largest MQTT packet ({largest} bytes)"
+                ));
+            }
+        }
         Ok(Settings {
             connect_timeout: self.connect_timeout,
             shutdown_grace: self.shutdown_grace,
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
+            max_connect_packet: self.max_connect_packet,
             will_timeout: self.will_timeout,
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,

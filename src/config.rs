@@ -38,6 +38,9 @@ pub struct Settings {
     /// Packets up to this size (fixed header included) are inspected whole; larger ones are
     /// streamed through.
     pub max_buffered_packet: usize,
+    /// CONNECT and CONNACK are always buffered and decoded whole up to this size; larger ones
+    /// are malformed (`on_malformed` decides what follows).
+    pub max_connect_packet: usize,
     /// How long after the Will Delay Interval an expected Will may take to be seen.
     pub will_timeout: Duration,
     /// After one direction ended with a FIN, how long the other may go on before the proxy
@@ -57,6 +60,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             on_malformed: OnMalformed::Relay,
             max_buffered_packet: 256 * 1024,
+            max_connect_packet: crate::codec::frame::DEFAULT_MAX_HANDSHAKE,
             will_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,
@@ -178,9 +182,8 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
 
 /// Route names become metric labels and log fields: keep them short and plain.
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    crate::names::check("route name", name)?;
+    let ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok { Ok(()) } else { Err(format!("invalid route name {name:?}: use 1 to 64 of A-Z a-z 0-9 - _ .")) }
 }
 

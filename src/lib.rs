@@ -17,6 +17,7 @@
 //! | [`route`] | a named listener → upstream pair and its counters |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
 //! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
+//! | [`names`] | the one rule for rule, profile and route names (length, no control characters) |
 //!
 //! See ARCHITECTURE.md for the data path as a diagram.
 
@@ -30,6 +31,7 @@ pub mod ctl;
 pub mod fault;
 pub mod metrics;
 pub mod monitor;
+pub mod names;
 pub mod observer;
 pub mod pump;
 pub mod record;

@@ -130,7 +130,12 @@ fn fmt_value(v: f64) -> String {
 }
 
 /// Renders every metric of every route.
-pub fn render(routes: &[std::sync::Arc<Route>], rules: &RuleSet, version: &str) -> String {
+pub fn render(
+    routes: &[std::sync::Arc<Route>],
+    rules: &RuleSet,
+    registry: &crate::record::Registry,
+    version: &str,
+) -> String {
     let mut e = Exposition::new();
     e.family("mqtt_chaos_build_info", "gauge", "Always 1; labels give the version and the active profile.");
     let profile = rules.profile.as_deref().unwrap_or("");
@@ -144,6 +149,14 @@ pub fn render(routes: &[std::sync::Arc<Route>], rules: &RuleSet, version: &str) 
             .filter(|rule| rule.matcher.route.as_ref().is_none_or(|n| n.contains(&r.name)))
             .count();
         e.sample("mqtt_chaos_rules_active", &[("route", &r.name)], n as f64);
+    }
+    e.family(
+        "mqtt_chaos_tracked_entries",
+        "gauge",
+        "Entries in the proxy's indexes keyed by what clients send; 0 when nothing is open or awaited.",
+    );
+    for (index, n) in registry.tracked_entries() {
+        e.sample("mqtt_chaos_tracked_entries", &[("index", index)], n as f64);
     }
     crate::route::RouteStats::render_all(routes, &mut e);
     e.out

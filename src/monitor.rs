@@ -15,7 +15,7 @@
 //!   observed (also one published moments before the proxy saw the close: the broker publishes
 //!   at the close, on another socket).
 
-use crate::record::{CloseHow, Connection, Event, Registry, Side};
+use crate::record::{CloseHow, Connection, Event, Registry, Side, TopicWatch};
 use crate::route::Route;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,13 +31,22 @@ use tracing::{debug, info, warn};
 pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(5);
 /// How long a Will-topic PUBLISH is remembered, to match a close the proxy sees after it.
 const EARLY_WILL: Duration = Duration::from_secs(2);
+/// How many such PUBLISHes are remembered at most (the oldest go first).
+const MAX_RECENT: usize = 10_000;
 
 struct ExpectedWill {
     route: Arc<Route>,
     conn_id: u64,
-    topic: String,
+    /// Keeps the topic watched until the Will is settled (dropped with this).
+    watch: Arc<TopicWatch>,
     closed_at: Instant,
     deadline: Instant,
+}
+
+impl ExpectedWill {
+    fn topic(&self) -> &str {
+        self.watch.topic()
+    }
 }
 
 struct Takeover {
@@ -50,6 +59,9 @@ struct Monitor {
     will_timeout: Duration,
     /// Live connections by (route, client id).
     by_client: HashMap<(String, String), Vec<u64>>,
+    /// The key each live connection was filed under in `by_client` (its client id may change
+    /// later: a CONNACK can assign one).
+    keys: HashMap<u64, (String, String)>,
     /// Old connection id → the takeover that made it a victim.
     takeovers: HashMap<u64, Takeover>,
     wills: Vec<ExpectedWill>,
@@ -64,6 +76,7 @@ pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: Cancella
         registry,
         will_timeout,
         by_client: HashMap::new(),
+        keys: HashMap::new(),
         takeovers: HashMap::new(),
         wills: Vec::new(),
         recent: VecDeque::new(),
@@ -75,10 +88,14 @@ pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: Cancella
             _ = tick.tick() => m.expire(Instant::now()),
             ev = events.recv() => match ev {
                 Ok(ev) => m.handle(ev),
-                Err(RecvError::Lagged(n)) => warn!(missed = n, "the monitor fell behind; some measurements are lost"),
+                Err(RecvError::Lagged(n)) => {
+                    warn!(missed = n, "the monitor fell behind; some measurements are lost");
+                    m.forget_closed();
+                }
                 Err(RecvError::Closed) => return,
             },
         }
+        m.publish_sizes();
     }
 }
 
@@ -102,12 +119,47 @@ impl Monitor {
             stats.keepalive_requested.observe(f64::from(ka));
         }
         let Some(client_id) = conn.client_id().filter(|id| !id.is_empty()) else { return };
-        let live = self.by_client.entry((conn.route.name.clone(), client_id.clone())).or_default();
+        if self.keys.contains_key(&conn.id) || self.registry.get(conn.id).is_none() {
+            return; // filed already, or closed before we got here: nothing to take over
+        }
+        let key = (conn.route.name.clone(), client_id);
+        let live = self.by_client.entry(key.clone()).or_default();
         for &old in live.iter() {
-            debug!(conn = conn.id, old, client_id = %client_id, "takeover: the client id is already connected");
+            debug!(conn = conn.id, old, client_id = %key.1, "takeover: the client id is already connected");
             self.takeovers.insert(old, Takeover { route: conn.route.clone(), at: Instant::now() });
         }
         live.push(conn.id);
+        self.keys.insert(conn.id, key);
+    }
+
+    /// Removes a connection from the client-id index.
+    fn unfile(&mut self, id: u64) {
+        let Some(key) = self.keys.remove(&id) else { return };
+        if let Some(ids) = self.by_client.get_mut(&key) {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.by_client.remove(&key);
+            }
+        }
+    }
+
+    /// After missed events: forgets connections that are no longer live (their Closed event
+    /// may have been among those missed), so no index keeps them.
+    fn forget_closed(&mut self) {
+        let gone: Vec<u64> =
+            self.keys.keys().copied().filter(|&id| self.registry.get(id).is_none()).collect();
+        for id in gone {
+            self.unfile(id);
+            self.takeovers.remove(&id);
+        }
+    }
+
+    fn publish_sizes(&self) {
+        let t = &self.registry.tracked;
+        t.client_ids.store(self.keys.len() as u64, Relaxed);
+        t.takeovers.store(self.takeovers.len() as u64, Relaxed);
+        t.wills.store(self.wills.len() as u64, Relaxed);
+        t.will_publishes.store(self.recent.len() as u64, Relaxed);
     }
 
     fn on_closed(&mut self, conn: &Arc<Connection>) {
@@ -116,15 +168,7 @@ impl Monitor {
         let now = Instant::now();
         stats.closes.inc((close.closed_by.as_str(), close.how.as_str()));
         stats.connection_duration.observe(now.saturating_duration_since(conn.started).as_secs_f64());
-        if let Some(id) = conn.client_id() {
-            let key = (conn.route.name.clone(), id);
-            if let Some(ids) = self.by_client.get_mut(&key) {
-                ids.retain(|&i| i != conn.id);
-                if ids.is_empty() {
-                    self.by_client.remove(&key);
-                }
-            }
-        }
+        self.unfile(conn.id);
         let victim = self.takeovers.remove(&conn.id);
         if let Some(t) = &victim {
             let outcome = match (close.closed_by, close.how, close.disconnect_reason) {
@@ -166,13 +210,12 @@ impl Monitor {
     }
 
     fn expect_will(&mut self, conn: &Arc<Connection>, close: &crate::record::CloseInfo, closed_at: Instant) {
-        let Some(will) = conn.will() else { return };
+        let (Some(will), Some(watch)) = (conn.will(), conn.will_watch()) else { return };
         let normal = close.closed_by == Side::Client
             && close.how == CloseHow::Disconnect
             && close.disconnect_reason.unwrap_or(0) == 0;
         if normal {
-            self.registry.unwatch_topic(&will.topic);
-            return;
+            return; // the record's watch goes with the record
         }
         let stats = &conn.route.stats;
         stats.wills_expected.fetch_add(1, Relaxed);
@@ -180,13 +223,13 @@ impl Monitor {
         let expected = ExpectedWill {
             route: conn.route.clone(),
             conn_id: conn.id,
-            topic: will.topic,
+            watch,
             closed_at,
             deadline: closed_at + delay + self.will_timeout,
         };
         // The broker may have published it before the proxy noticed the close.
         let early =
-            self.recent.iter().position(|(t, at)| *t == expected.topic && *at + EARLY_WILL >= closed_at);
+            self.recent.iter().position(|(t, at)| t == expected.topic() && *at + EARLY_WILL >= closed_at);
         match early {
             Some(i) => {
                 let (_, at) = self.recent.remove(i).expect("found above");
@@ -199,12 +242,17 @@ impl Monitor {
     /// A PUBLISH on a Will topic: through the proxy (any route), or seen by a route's observer.
     fn on_will_topic_publish(&mut self, topic: String, at: Instant, route: Option<String>) {
         let same_route = |w: &ExpectedWill| route.as_ref().is_none_or(|r| *r == w.route.name);
-        match self.wills.iter().position(|w| w.topic == topic && same_route(w)) {
+        match self.wills.iter().position(|w| w.topic() == topic && same_route(w)) {
             Some(i) => {
                 let w = self.wills.remove(i);
                 self.observed(w, at);
             }
-            None => self.recent.push_back((topic, at)),
+            None => {
+                if self.recent.len() >= MAX_RECENT {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back((topic, at))
+            }
         }
     }
 
@@ -213,8 +261,7 @@ impl Monitor {
         stats.wills_observed.fetch_add(1, Relaxed);
         let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
         stats.will_delay.observe(delay);
-        debug!(conn = w.conn_id, topic = %w.topic, delay_s = delay, "Will observed");
-        self.registry.unwatch_topic(&w.topic);
+        debug!(conn = w.conn_id, topic = %w.topic(), delay_s = delay, "Will observed");
     }
 
     fn expire(&mut self, now: Instant) {
@@ -223,8 +270,7 @@ impl Monitor {
         self.wills = waiting;
         for w in missing {
             w.route.stats.wills_missing.fetch_add(1, Relaxed);
-            info!(conn = w.conn_id, topic = %w.topic, "expected Will not seen");
-            self.registry.unwatch_topic(&w.topic);
+            info!(conn = w.conn_id, topic = %w.topic(), "expected Will not seen");
         }
         self.takeovers.retain(|old, t| {
             let open = now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;

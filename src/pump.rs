@@ -60,6 +60,8 @@ pub(crate) struct Ctx {
     pub rules: RulesRx,
     /// Asks both pumps to stop at the next packet boundary (a connection action is due).
     pub stop: CancellationToken,
+    /// This connection's place under `--max-connections`, given back when the session ends.
+    pub _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Ctx {
@@ -114,8 +116,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut pump = Pump {
-        inspector: Inspector { ctx, dir, first: true, raw: false },
-        splitter: Splitter::new(ctx.settings.max_buffered_packet),
+        inspector: Inspector { ctx, dir, first: true, raw: false, connected: false },
+        splitter: Splitter::with_limits(ctx.settings.max_buffered_packet, ctx.settings.max_connect_packet),
         buf: Vec::new(),
         start: 0,
         needed: 0,
@@ -126,6 +128,7 @@ where
         discarding: false,
         shut: false,
         blocked: false,
+        frozen: false,
     };
     let end = pump.run(reader, writer).await;
     let conn = &ctx.conn;
@@ -175,6 +178,8 @@ struct Pump<'a> {
     shut: bool,
     /// A packet too large to queue waits for the delay queue to drain before it may stream.
     blocked: bool,
+    /// Bytes read just as a freeze began wait in the buffer until it ends.
+    frozen: bool,
 }
 
 impl Pump<'_> {
@@ -208,16 +213,25 @@ impl Pump<'_> {
             };
             let can_read = mode != Mode::Freeze && !self.blocked && self.delayed_bytes < DELAY_QUEUE_LIMIT;
             let spare = if can_read { self.prepare_buffer() } else { 0 };
+            if self.frozen && mode != Mode::Freeze {
+                // A freeze ended: what was read before it began goes out now.
+                self.frozen = false;
+                if let Err(end) = self.forward(writer).await {
+                    return end;
+                }
+            }
+            // Reading comes before the rule channel: however fast rules change, a pump keeps
+            // reading (each batch picks up the newest rules anyway, in `decide`).
             let read = tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => return PumpEnd::Stopped,
+                r = reader.read_buf(&mut self.buf), if can_read => r,
                 r = rules.changed(), if rules_open => {
                     rules_open = r.is_ok();
                     continue;
                 }
                 _ = ctx.conn.wake.notified() => continue,
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => continue,
-                r = reader.read_buf(&mut self.buf), if can_read => r,
             };
             let n = match read {
                 Ok(n) => n,
@@ -301,10 +315,15 @@ impl Pump<'_> {
         let dir = self.inspector.dir;
         let mut faults = ctx.faults();
         faults.refresh();
+        let mode = self.inspector.mode(&mut faults, now);
+        if mode == Mode::Freeze {
+            self.frozen = true;
+            return (self.start, Ok(()));
+        }
         let discarding_mode = |inspector: &Inspector<'_>, faults: &mut ConnFaults| {
             matches!(inspector.mode(faults, now), Mode::Blackhole | Mode::Shut)
         };
-        let mut discard_all = self.shut || discarding_mode(&self.inspector, &mut faults);
+        let mut discard_all = self.shut || matches!(mode, Mode::Blackhole | Mode::Shut);
         let mut cursor = self.start;
         self.needed = 0;
         let outcome = loop {
@@ -467,6 +486,8 @@ struct Inspector<'a> {
     first: bool,
     /// The direction is relayed raw (its bytes stopped being MQTT).
     raw: bool,
+    /// A CONNECT was decoded (client_to_broker): another one is a protocol violation.
+    connected: bool,
 }
 
 impl Inspector<'_> {
@@ -505,7 +526,19 @@ impl Inspector<'_> {
         let protocol = conn.protocol().unwrap_or(Protocol::V311);
         match (self.dir, h.packet_type) {
             (Direction::ClientToBroker, PacketType::Connect) => {
+                if self.connected {
+                    // The broker must close the connection (MQTT 3.1.1 §3.1.0-2, MQTT 5 §3.1-2); the
+                    // record and every index keep what the first CONNECT said.
+                    return Err("a second CONNECT on the connection (a protocol violation: MQTT 3.1.1 \
+                                §3.1.0-2, MQTT 5 §3.1-2)"
+                        .into());
+                }
                 let connect = Connect::decode(frame, h).map_err(|e| e.to_string())?;
+                self.connected = true;
+                #[cfg(test)]
+                if connect.client_id == crate::server::tests::PANIC_CLIENT_ID {
+                    panic!("injected by a test: a bug in the pump");
+                }
                 let level = connect.protocol.level();
                 faults.on_connect(
                     &conn.route.name,
@@ -528,11 +561,9 @@ impl Inspector<'_> {
                     );
                     self.applied(&applied, Some(PacketType::Connect));
                 }
-                conn.on_connect(&connect, forwarded);
-                if let Some(will) = &connect.will {
-                    // Released by the monitor once the connection's Will is settled.
-                    self.ctx.registry.watch_topic(&will.topic);
-                }
+                // Watched while the record lives, and while the monitor awaits the Will.
+                let will_watch = connect.will.as_ref().map(|w| self.ctx.registry.watch_topic(&w.topic));
+                conn.on_connect(&connect, forwarded, will_watch);
                 debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));

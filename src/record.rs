@@ -131,6 +131,15 @@ pub struct CloseInfo {
     pub keep_alive_enforced: Option<u16>,
 }
 
+/// Why the proxy itself ended a connection, after or instead of a side's close: the first close
+/// ([`CloseInfo`]) says who noticed first; this says why the proxy then closed what was left.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProxyEnd {
+    /// `half_close_timeout`, `internal_error`, `shutdown` or `admin`.
+    pub cause: &'static str,
+    pub detail: String,
+}
+
 /// Keep Alive as each party sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct KeepAlive {
@@ -194,7 +203,7 @@ impl Batch {
 }
 
 /// Fields that change a few times per connection.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     broker_addr: Option<SocketAddr>,
     /// When the upstream TCP connection was established.
@@ -211,6 +220,9 @@ struct State {
     /// Faults applied to this connection, by rule name.
     faults: BTreeMap<String, u64>,
     close: Option<CloseInfo>,
+    proxy_end: Option<ProxyEnd>,
+    /// Keeps the Will topic watched while the record lives.
+    will_watch: Option<Arc<TopicWatch>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -331,10 +343,48 @@ impl Connection {
         added
     }
 
+    /// Removes this connection's rule called `name`; whether there was one.
+    pub fn remove_local_rule(&self, name: &str) -> bool {
+        let removed = self.local_rules.send_if_modified(|rules| {
+            let before = rules.len();
+            rules.retain(|r| r.name() != name);
+            rules.len() != before
+        });
+        self.wake.notify_waiters();
+        removed
+    }
+
+    /// Removes every rule of this connection's own; how many there were.
+    pub fn clear_local_rules(&self) -> usize {
+        let mut cleared = 0;
+        self.local_rules.send_if_modified(|rules| {
+            cleared = rules.len();
+            rules.clear();
+            cleared > 0
+        });
+        self.wake.notify_waiters();
+        cleared
+    }
+
     /// Ends the connection from outside (admin API): the proxy closes both sides with `how`.
     pub fn kill(&self, how: CloseHow, reason: &str) {
-        self.note_close(Side::Proxy, how, None, Some(reason.to_string()), Instant::now());
+        self.end_by_proxy("admin", reason.to_string(), how);
         self.cancel.cancel();
+    }
+
+    /// Records that the proxy ends the connection itself, and why (the first close stays as it
+    /// was if a side closed before; otherwise this is the first close too). The first call wins.
+    pub(crate) fn end_by_proxy(&self, cause: &'static str, detail: String, how: CloseHow) {
+        self.note_close(Side::Proxy, how, None, Some(detail.clone()), Instant::now());
+        let mut s = self.state();
+        if s.proxy_end.is_none() {
+            s.proxy_end = Some(ProxyEnd { cause, detail });
+        }
+    }
+
+    /// Why the proxy ended the connection itself, if it did.
+    pub fn proxy_end(&self) -> Option<ProxyEnd> {
+        self.state().proxy_end.clone()
     }
 
     pub(crate) fn set_broker(&self, addr: SocketAddr, at: Instant) {
@@ -343,8 +393,19 @@ impl Connection {
         s.broker_connected = Some(at);
     }
 
-    /// Records a CONNECT the client sent; `forwarded_keep_alive` is what went to the broker.
-    pub(crate) fn on_connect(&self, c: &Connect, forwarded_keep_alive: u16) {
+    /// The watch on this connection's Will topic, if it has a Will.
+    pub fn will_watch(&self) -> Option<Arc<TopicWatch>> {
+        self.state().will_watch.clone()
+    }
+
+    /// Records a CONNECT the client sent; `forwarded_keep_alive` is what went to the broker;
+    /// `will_watch` keeps its Will topic watched.
+    pub(crate) fn on_connect(
+        &self,
+        c: &Connect,
+        forwarded_keep_alive: u16,
+        will_watch: Option<Arc<TopicWatch>>,
+    ) {
         self.protocol.store(c.protocol.level(), Relaxed);
         let mut s = self.state();
         s.client_id = Some(c.client_id.clone());
@@ -354,6 +415,7 @@ impl Connection {
         s.will = c.will.clone();
         s.keep_alive.requested = Some(c.keep_alive);
         s.keep_alive.forwarded = Some(forwarded_keep_alive);
+        s.will_watch = will_watch;
     }
 
     /// Records a CONNACK the broker sent; `to_client` is the Server Keep Alive the client got.
@@ -538,6 +600,7 @@ impl Connection {
                 .collect(),
             faults: s.faults.clone(),
             close: s.close.clone(),
+            proxy_end: s.proxy_end.clone(),
         }
     }
 }
@@ -565,6 +628,8 @@ pub struct Snapshot {
     /// Faults applied, by rule name.
     pub faults: BTreeMap<String, u64>,
     pub close: Option<CloseInfo>,
+    /// Why the proxy ended the connection itself (absent when the sides closed it).
+    pub proxy_end: Option<ProxyEnd>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -598,6 +663,39 @@ pub enum Event {
     WillTopicPublish { route: String, topic: String, at: Instant },
 }
 
+/// A watched Will topic; dropping the last clone stops the watch.
+pub struct TopicWatch {
+    registry: Arc<Registry>,
+    topic: String,
+}
+
+impl TopicWatch {
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+impl Drop for TopicWatch {
+    fn drop(&mut self) {
+        self.registry.unwatch_topic(&self.topic);
+    }
+}
+
+/// Sizes of the monitor's indexes keyed by what clients send (client ids, Will topics),
+/// published for `/metrics`: they return to 0 when no connection is open and no Will is
+/// awaited, whatever the clients did.
+#[derive(Debug, Default)]
+pub struct Tracked {
+    /// Live connections by (route, client id).
+    pub client_ids: AtomicU64,
+    /// Takeover victims awaiting their close.
+    pub takeovers: AtomicU64,
+    /// Wills awaited.
+    pub wills: AtomicU64,
+    /// Will-topic PUBLISHes remembered to match a close seen after them.
+    pub will_publishes: AtomicU64,
+}
+
 /// How many events a slow subscriber may fall behind before it misses some.
 const EVENT_BACKLOG: usize = 4096;
 
@@ -610,6 +708,8 @@ pub struct Registry {
     will_topics: Mutex<HashMap<String, usize>>,
     /// Number of entries in `will_topics`, so the pumps can skip PUBLISH decoding when zero.
     watching: AtomicU64,
+    /// The monitor's index sizes.
+    pub tracked: Tracked,
 }
 
 impl Default for Registry {
@@ -620,6 +720,7 @@ impl Default for Registry {
             events: broadcast::channel(EVENT_BACKLOG).0,
             will_topics: Mutex::default(),
             watching: AtomicU64::new(0),
+            tracked: Tracked::default(),
         }
     }
 }
@@ -648,15 +749,17 @@ impl Registry {
         self.will_topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reports PUBLISHes on `topic` flowing to clients as [`Event::Publish`] (counted: each
-    /// `watch_topic` needs its `unwatch_topic`).
-    pub fn watch_topic(&self, topic: &str) {
+    /// Reports PUBLISHes on `topic` flowing to clients as [`Event::Publish`] for as long as the
+    /// returned handle (or a clone of it) lives: the connection whose Will it is holds one, and
+    /// the monitor another while it awaits the Will, so no path can leave a topic watched.
+    pub fn watch_topic(self: &Arc<Self>, topic: &str) -> Arc<TopicWatch> {
         let mut topics = self.will_topics();
         *topics.entry(topic.to_string()).or_default() += 1;
         self.watching.store(topics.len() as u64, Relaxed);
+        Arc::new(TopicWatch { registry: self.clone(), topic: topic.to_string() })
     }
 
-    pub fn unwatch_topic(&self, topic: &str) {
+    fn unwatch_topic(&self, topic: &str) {
         let mut topics = self.will_topics();
         if let Some(n) = topics.get_mut(topic) {
             *n -= 1;
@@ -674,6 +777,18 @@ impl Registry {
 
     pub(crate) fn is_watched(&self, topic: &str) -> bool {
         self.will_topics().contains_key(topic)
+    }
+
+    /// The size of every index keyed by what clients send, by name (see [`Tracked`]).
+    pub fn tracked_entries(&self) -> [(&'static str, u64); 5] {
+        let t = &self.tracked;
+        [
+            ("client_ids", t.client_ids.load(Relaxed)),
+            ("takeovers", t.takeovers.load(Relaxed)),
+            ("wills", t.wills.load(Relaxed)),
+            ("will_publishes", t.will_publishes.load(Relaxed)),
+            ("will_topics", self.watching.load(Relaxed)),
+        ]
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<Connection>> {

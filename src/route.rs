@@ -39,6 +39,10 @@ pub struct RouteStats {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
+    /// Sessions that panicked (a bug): each closed alone, counted here.
+    pub internal_errors: AtomicU64,
+    /// Failed accepts (typically out of file descriptors).
+    pub accept_errors: AtomicU64,
     /// Clients closed at once because `--max-connections` was reached.
     pub connections_rejected: AtomicU64,
     /// Directions switched to raw relay or closed because their bytes were not MQTT,
@@ -79,6 +83,8 @@ impl Default for RouteStats {
             connections_total: AtomicU64::default(),
             connections_active: AtomicU64::default(),
             upstream_connect_failures: AtomicU64::default(),
+            internal_errors: AtomicU64::default(),
+            accept_errors: AtomicU64::default(),
             connections_rejected: AtomicU64::default(),
             malformed: Default::default(),
             packets: Default::default(),
@@ -114,7 +120,19 @@ impl RouteStats {
     /// Every route metric, family by family.
     pub(crate) fn render_all(routes: &[Arc<Route>], e: &mut Exposition) {
         type Counter = fn(&RouteStats) -> u64;
-        let simple: [(&str, &str, &str, Counter); 9] = [
+        let simple: [(&str, &str, &str, Counter); 11] = [
+            (
+                "mqtt_chaos_internal_errors_total",
+                "counter",
+                "Connections closed because their session hit an internal error (a bug; see the log).",
+                |s| s.internal_errors.load(Relaxed),
+            ),
+            (
+                "mqtt_chaos_accept_errors_total",
+                "counter",
+                "Failed accepts on the route's listener (typically out of file descriptors).",
+                |s| s.accept_errors.load(Relaxed),
+            ),
             (
                 "mqtt_chaos_connections_rejected_total",
                 "counter",

@@ -10,9 +10,9 @@
 //! when every session has finished.
 
 use crate::config::{RouteConfig, Settings};
-use crate::fault::{ConnFaults, RuleSet, RulesTx};
+use crate::fault::{ConnFaults, RuleBook, RuleSet};
 use crate::pump::Ctx;
-use crate::record::{CloseHow, Registry, Side};
+use crate::record::{CloseHow, Registry};
 use crate::route::{Route, RouteStats};
 use crate::session;
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ pub struct Proxy {
     listeners: Vec<(Arc<Route>, TcpListener)>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
-    rules: Arc<RulesTx>,
+    rules: Arc<RuleBook>,
 }
 
 impl Proxy {
@@ -61,13 +61,13 @@ impl Proxy {
             };
             listeners.push((Arc::new(route), listener));
         }
-        let rules = Arc::new(watch::channel(Arc::new(RuleSet::new(None, None, Vec::new()))).0);
+        let rules = Arc::new(RuleBook::default());
         Ok(Proxy { listeners, registry: Arc::default(), settings: Arc::new(settings), rules })
     }
 
     /// Makes `rules` the rules in force (before or after start).
     pub fn set_rules(&self, rules: RuleSet) {
-        self.rules.send_replace(Arc::new(rules));
+        self.rules.replace(rules);
     }
 
     pub fn routes(&self) -> Vec<Arc<Route>> {
@@ -96,6 +96,8 @@ impl Proxy {
         let connections = CancellationToken::new();
         let tracker = TaskTracker::new();
         let routes = self.routes();
+        let limit = self.settings.max_connections;
+        let permits = (limit > 0).then(|| Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))));
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
             info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
@@ -107,6 +109,7 @@ impl Proxy {
                 connections: connections.clone(),
                 tracker: tracker.clone(),
                 rules: self.rules.clone(),
+                permits: permits.clone(),
             };
             accept_loops.push(tokio::spawn(acceptor.run(accept_stop.clone())));
         }
@@ -131,22 +134,41 @@ struct Acceptor {
     settings: Arc<Settings>,
     connections: CancellationToken,
     tracker: TaskTracker,
-    rules: Arc<RulesTx>,
+    rules: Arc<RuleBook>,
+    /// `--max-connections`, shared by every route's accept loop (none: no limit).
+    permits: Option<Arc<Semaphore>>,
 }
+
+/// The longest pause of an accept loop after consecutive failed accepts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl Acceptor {
     async fn run(self, stop: CancellationToken) {
+        let mut errors = Throttle::new(Duration::from_secs(10));
+        let mut backoff = Duration::from_millis(10);
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = self.listener.accept() => r,
             };
             match accepted {
-                Ok((socket, peer)) => self.spawn_session(socket, peer),
+                Ok((socket, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    self.spawn_session(socket, peer)
+                }
                 Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    warn!(route = %self.route.name, error = %e, "accept failed; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Typically out of file descriptors: back off (10 ms, doubling up to 1 s)
+                    // instead of spinning, and log one line per interval, not one per failure.
+                    self.route.stats.accept_errors.fetch_add(1, Relaxed);
+                    if let Some(suppressed) = errors.hit(Instant::now()) {
+                        warn!(route = %self.route.name, error = %e, more_since_last_line = suppressed,
+                            "accept failed (repeats are counted in mqtt_chaos_accept_errors_total and logged every 10 s)");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             }
         }
@@ -155,7 +177,11 @@ impl Acceptor {
     fn spawn_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr) {
         let stats = &self.route.stats;
         let limit = self.settings.max_connections;
-        if limit > 0 && self.registry.len() >= limit {
+        let permit = match &self.permits {
+            None => None,
+            Some(permits) => permits.clone().try_acquire_owned().ok(),
+        };
+        if self.permits.is_some() && permit.is_none() {
             let rejected = stats.connections_rejected.fetch_add(1, Relaxed) + 1;
             // The first refusal and every 1000th are warnings; the rest would flood the log.
             if rejected == 1 || rejected % 1000 == 0 {
@@ -178,6 +204,7 @@ impl Acceptor {
             faults: Mutex::new(faults),
             rules: self.rules.subscribe(),
             stop: CancellationToken::new(),
+            _permit: permit,
         };
         // No tracing span per connection: every log line carries `conn` itself, and a span would
         // keep a slot (with its formatted fields) in the subscriber's slab for every connection
@@ -192,7 +219,7 @@ pub struct RunningProxy {
     routes: Vec<Arc<Route>>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
-    rules: Arc<RulesTx>,
+    rules: Arc<RuleBook>,
     accept_stop: CancellationToken,
     connections: CancellationToken,
     tracker: TaskTracker,
@@ -229,23 +256,24 @@ impl RunningProxy {
             rules: self.rules.clone(),
             profiles_dir,
             token,
+            stopping: self.accept_stop.clone(),
         }
     }
 
     /// The metrics in the Prometheus text format.
     pub fn metrics(&self) -> String {
-        crate::metrics::render(&self.routes, &self.rules(), env!("CARGO_PKG_VERSION"))
+        crate::metrics::render(&self.routes, &self.rules(), &self.registry, env!("CARGO_PKG_VERSION"))
     }
 
     /// The rules in force.
     pub fn rules(&self) -> Arc<RuleSet> {
-        self.rules.borrow().clone()
+        self.rules.current()
     }
 
     /// Makes `rules` the rules in force, for new and existing connections. Existing connections
     /// pick them up at their next packet boundary.
     pub fn set_rules(&self, rules: RuleSet) {
-        self.rules.send_replace(Arc::new(rules));
+        self.rules.replace(rules);
     }
 
     /// Stops accepting, lets open connections finish within the grace period, then closes
@@ -266,9 +294,8 @@ impl RunningProxy {
             let live = self.registry.list();
             report.closed_after_grace = live.len();
             warn!(count = live.len(), "shutdown grace period over; closing the remaining connections");
-            let now = Instant::now();
             for conn in live {
-                conn.note_close(Side::Proxy, CloseHow::Fin, None, Some("proxy shutting down".into()), now);
+                conn.end_by_proxy("shutdown", "proxy shutting down".into(), CloseHow::Fin);
             }
             self.connections.cancel();
             self.tracker.wait().await;
@@ -280,3 +307,35 @@ impl RunningProxy {
         report
     }
 }
+
+/// Lets a repeated warning through once per interval and counts the ones held back.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    interval: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(interval: Duration) -> Throttle {
+        Throttle { interval, last: None, held_back: 0 }
+    }
+
+    /// One more occurrence at `now`: `Some(n)` when it should be logged, with the `n`
+    /// occurrences held back since the last line; `None` when it is held back.
+    pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -12,14 +12,49 @@ use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
 use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
-use crate::record::{CloseHow, Direction, Side};
+use crate::record::{CloseHow, Connection, Direction, Registry, Side};
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
+/// Runs one connection to its end. However the session ends — it returns, its task is dropped,
+/// or code in it panics — the connection's record is closed, logged and removed from the
+/// registry, its permit given back, and nothing else is touched: a panic is caught here, logged
+/// and counted as an internal error of this connection alone.
 pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
+    let _finish = Finish { conn: ctx.conn.clone(), registry: ctx.registry.clone() };
+    let conn = ctx.conn.clone();
+    let session = std::panic::AssertUnwindSafe(serve(ctx, client));
+    if let Err(panic) = futures_util::FutureExt::catch_unwind(session).await {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        conn.route.stats.internal_errors.fetch_add(1, Relaxed);
+        tracing::error!(conn = conn.id, route = %conn.route.name, error = %what,
+            "internal error in this connection's session; closing it (other connections are not affected)");
+        conn.end_by_proxy("internal_error", format!("internal error: {what}"), CloseHow::Error);
+        // The sockets were dropped with the session future: both sides see the connection close.
+    }
+}
+
+/// Closes the record when the session is gone, whichever way it went.
+struct Finish {
+    conn: Arc<Connection>,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        finish(&self.conn, &self.registry);
+    }
+}
+
+async fn serve(ctx: Ctx, client: TcpStream) {
     let conn = &ctx.conn;
     let route = &conn.route;
     if let Err(e) = client.set_nodelay(true) {
@@ -34,7 +69,7 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
     };
     let broker = match dial {
         Some(Ok(Ok(broker))) => broker,
-        None => return finish(&ctx),
+        None => return,
         Some(Ok(Err(e))) => return upstream_failed(&ctx, client, e.to_string()),
         Some(Err(_)) => {
             let why =
@@ -49,7 +84,6 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
         conn.set_broker(addr, Instant::now());
     }
     relay(&ctx, client, broker).await;
-    finish(&ctx);
 }
 
 /// Runs both directions until both ended — or until a connection action is due, which is then
@@ -111,15 +145,22 @@ async fn both_directions(
             end = &mut up, if up_end.is_none() => up_end = Some(end),
             end = &mut down, if down_end.is_none() => down_end = Some(end),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                info!(conn = ctx.conn.id, timeout = %humantime::format_duration(timeout),
+                let open = if up_end.is_none() { "client" } else { "broker" };
+                let detail = format!(
+                    "half-closed for longer than --half-close-timeout ({}): the {open} never closed its side",
+                    humantime::format_duration(timeout)
+                );
+                info!(conn = ctx.conn.id, timeout = %humantime::format_duration(timeout), still_open = open,
                     "half-closed for longer than --half-close-timeout; closing both sides");
                 deadline = None;
+                ctx.conn.end_by_proxy("half_close_timeout", detail, CloseHow::Fin);
                 ctx.conn.cancel.cancel();
             }
         }
         let one_fin = matches!(up_end, Some(PumpEnd::Eof)) || matches!(down_end, Some(PumpEnd::Eof));
         if one_fin && deadline.is_none() && !timeout.is_zero() && !ctx.conn.cancel.is_cancelled() {
-            deadline = Some(Instant::now() + timeout);
+            // Bounded to a year by the settings; a deadline past what the clock holds is never.
+            deadline = Instant::now().checked_add(timeout);
         }
     }
 }
@@ -264,12 +305,10 @@ fn upstream_failed(ctx: &Ctx, client: TcpStream, why: String) {
         Instant::now(),
     );
     drop(client);
-    finish(ctx);
 }
 
 /// Removes the record from the registry, logs the closed-connection line and emits the event.
-fn finish(ctx: &Ctx) {
-    let conn = &ctx.conn;
+fn finish(conn: &Arc<Connection>, registry: &Registry) {
     if conn.close_info().is_none() {
         conn.note_close(
             Side::Proxy,
@@ -282,6 +321,7 @@ fn finish(ctx: &Ctx) {
     conn.route.stats.connections_active.fetch_sub(1, Relaxed);
     let s = conn.snapshot();
     let close = s.close.as_ref().expect("close recorded above");
+    let end = s.proxy_end.as_ref();
     info!(
         conn = s.id,
         route = %s.route,
@@ -297,7 +337,8 @@ fn finish(ctx: &Ctx) {
         duration_s = close.at_s,
         bytes_client_to_broker = s.client_to_broker.bytes,
         bytes_broker_to_client = s.broker_to_client.bytes,
+        ended_by_proxy = end.map_or("-", |e| e.cause),
         "connection closed"
     );
-    ctx.registry.close(conn);
+    registry.close(conn);
 }

@@ -257,7 +257,11 @@ fn reframe(chunks: &[&[u8]], max_buffered: usize) -> Vec<Vec<u8>> {
                 }
                 Step::NeedMore { needed } => {
                     assert!(needed > buf.len() - pos, "asked for {needed} with {} buffered", buf.len() - pos);
-                    assert!(needed <= max_buffered.max(5), "would buffer {needed} > {max_buffered}");
+                    let limit = match buf.get(pos).and_then(|b| PacketType::from_nibble(b >> 4)) {
+                        Some(t) => splitter.limit_for(t),
+                        None => max_buffered.max(5),
+                    };
+                    assert!(needed <= limit, "would buffer {needed} > {limit}");
                     break;
                 }
                 Step::Malformed(e) => panic!("valid stream reported malformed: {e}"),

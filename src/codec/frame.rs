@@ -19,7 +19,15 @@ pub enum FrameError {
     ReservedType(u8),
     #[error("remaining length is longer than 4 bytes")]
     RemainingLengthTooLong,
+    /// A CONNECT or CONNACK over the limit for packets that are always decoded whole.
+    #[error(
+        "{packet_type} of {len} bytes is over the {limit}-byte limit for CONNECT and CONNACK (--max-connect-packet)"
+    )]
+    HandshakeTooLarge { packet_type: PacketType, len: usize, limit: usize },
 }
+
+/// Default limit for a CONNECT or CONNACK, which are always buffered and decoded whole.
+pub const DEFAULT_MAX_HANDSHAKE: usize = 1024 * 1024;
 
 /// The fixed header of one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +96,9 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Splitter {
     max_buffered: usize,
+    /// CONNECT and CONNACK are never streamed: the proxy must decode them (client id, Keep
+    /// Alive, Will) to match rules and measure. Larger ones than this are malformed.
+    max_handshake: usize,
     /// Body bytes still to come of the packet being streamed (0 when not streaming).
     streaming: u32,
 }
@@ -96,7 +107,21 @@ impl Splitter {
     /// Packets up to `max_buffered` bytes (header included) are yielded whole; larger ones are
     /// streamed. `max_buffered` is at least 5 so any fixed header fits.
     pub fn new(max_buffered: usize) -> Self {
-        Splitter { max_buffered: max_buffered.max(5), streaming: 0 }
+        Splitter::with_limits(max_buffered, DEFAULT_MAX_HANDSHAKE.max(max_buffered))
+    }
+
+    /// Like [`Splitter::new`], with CONNECT and CONNACK buffered whole up to `max_handshake`
+    /// bytes whatever `max_buffered` is, and malformed beyond.
+    pub fn with_limits(max_buffered: usize, max_handshake: usize) -> Self {
+        Splitter { max_buffered: max_buffered.max(5), max_handshake: max_handshake.max(5), streaming: 0 }
+    }
+
+    /// The largest packet of type `t` that is yielded whole.
+    pub fn limit_for(&self, t: PacketType) -> usize {
+        match t {
+            PacketType::Connect | PacketType::Connack => self.max_handshake,
+            _ => self.max_buffered,
+        }
     }
 
     /// Whether a streamed packet's body is in progress.
@@ -124,7 +149,16 @@ impl Splitter {
         match FrameHeader::parse(buf) {
             Err(e) => Step::Malformed(e),
             Ok(None) => Step::NeedMore { needed: needed_for_header(buf) },
-            Ok(Some(h)) if h.frame_len() > self.max_buffered => Step::StreamHead(h),
+            Ok(Some(h)) if h.frame_len() > self.limit_for(h.packet_type) => match h.packet_type {
+                t @ (PacketType::Connect | PacketType::Connack) => {
+                    Step::Malformed(FrameError::HandshakeTooLarge {
+                        packet_type: t,
+                        len: h.frame_len(),
+                        limit: self.max_handshake,
+                    })
+                }
+                _ => Step::StreamHead(h),
+            },
             Ok(Some(h)) if buf.len() >= h.frame_len() => Step::Frame(h),
             Ok(Some(h)) => Step::NeedMore { needed: h.frame_len() },
         }
@@ -214,6 +248,28 @@ mod tests {
         assert_eq!(s.step(&rest), Step::StreamBody(7));
         assert!(!s.is_streaming());
         assert!(matches!(s.step(&rest[7..]), Step::Frame(h) if h.packet_type == PacketType::Pingresp));
+    }
+
+    #[test]
+    fn connect_and_connack_are_buffered_whole_up_to_their_own_limit() {
+        let mut s = Splitter::with_limits(8, 64);
+        // A 20-byte CONNECT with an 8-byte limit for other packets: still one whole frame.
+        let mut connect = vec![0x10, 18];
+        connect.extend([0u8; 18]);
+        assert_eq!(s.peek(&connect[..10]), Step::NeedMore { needed: 20 });
+        assert!(matches!(s.step(&connect), Step::Frame(h) if h.frame_len() == 20));
+        // Over its own limit, a CONNECT is not streamed undecoded: it is malformed.
+        let big = [0x10, 100];
+        assert_eq!(
+            s.step(&big),
+            Step::Malformed(FrameError::HandshakeTooLarge {
+                packet_type: PacketType::Connect,
+                len: 102,
+                limit: 64
+            })
+        );
+        assert!(matches!(s.step(&[0x20, 100]), Step::Malformed(FrameError::HandshakeTooLarge { .. })));
+        assert!(matches!(s.step(&[0x30, 100]), Step::StreamHead(_)), "other packets stream");
     }
 
     #[test]

@@ -1,8 +1,16 @@
 //! Deciding what the active rules do to one connection: pure code, driven by the pumps.
 //!
-//! A [`RuleSet`] is immutable; activating a profile or adding a rule publishes a new one through
-//! a `watch` channel, and each connection's [`ConnFaults`] picks it up at its next packet
-//! boundary (state of rules that survive the swap — counts, random streams — is kept).
+//! A [`RuleSet`] is immutable. The one [`RuleBook`] owns the rule set in force: every change
+//! (add, remove, replace) is made atomically inside `watch::Sender::send_if_modified`, so two
+//! concurrent changes never lose one another, and publishes a new set with the next version.
+//!
+//! Each connection's [`ConnFaults`] keeps state only for the rules that *apply* to it (match its
+//! route, client id, username and protocol, and won the per-connection probability roll), so
+//! rules for other devices cost it nothing: no memory, no time per packet. When a new set is
+//! published, a connection catches up from the set's short history of changes (an added or a
+//! removed rule is one step, whatever the number of rules); only a replaced set (a profile, a
+//! reset) or a connection that fell too far behind matches every rule again, through an index
+//! of exact client ids.
 //!
 //! Time windows: a rule acts on a connection from `max(CONNECT seen, rule activated) + after`
 //! for `duration` (or until the connection ends). Nothing acts before the CONNECT is seen,
@@ -13,11 +21,22 @@
 use super::rule::{Action, ActionKind, CloseMode, ConnFacts, Rule, SideSpec};
 use crate::codec::PacketType;
 use crate::record::Direction;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// How many recent changes a rule set remembers for connections to catch up with.
+const HISTORY: usize = 64;
+
+/// One change from the previous version of the rule set.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Added(Arc<Rule>),
+    Removed(Arc<Rule>),
+}
 
 /// The rules in force, as one immutable value.
 #[derive(Debug, Default)]
@@ -27,12 +46,26 @@ pub struct RuleSet {
     /// Seed of every random decision; random when the profile gave none.
     pub seed: u64,
     pub rules: Vec<Arc<Rule>>,
+    /// Increases by one with every change the [`RuleBook`] publishes.
+    pub version: u64,
+    /// The changes that led to this version, oldest first, each with the version it made
+    /// (consecutive, ending at `version`); empty after a replacement.
+    changes: Arc<Vec<(u64, Change)>>,
+    /// Built the first time a connection needs to match every rule.
+    index: OnceLock<ClientIdIndex>,
+}
+
+/// Rules by the client id they match: exact ids in a map, patterns and "any" in a list.
+#[derive(Debug, Default)]
+struct ClientIdIndex {
+    exact: HashMap<String, Vec<usize>>,
+    others: Vec<usize>,
 }
 
 impl RuleSet {
     pub fn new(profile: Option<String>, seed: Option<u64>, rules: Vec<Arc<Rule>>) -> RuleSet {
         let seed = seed.unwrap_or_else(|| RandomState::new().hash_one(Instant::now()));
-        RuleSet { profile, seed, rules }
+        RuleSet { profile, seed, rules, ..RuleSet::default() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -42,11 +75,121 @@ impl RuleSet {
     pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
         self.rules.iter().find(|r| r.name() == name)
     }
+
+    /// The rules that may match a connection with this client id, in rule-set order.
+    fn candidates(&self, client_id: &str) -> Vec<usize> {
+        let index = self.index.get_or_init(|| {
+            let mut index = ClientIdIndex::default();
+            for (i, r) in self.rules.iter().enumerate() {
+                match &r.matcher.client_id {
+                    Some(id) if !id.contains(['*', '?']) => {
+                        index.exact.entry(id.clone()).or_default().push(i)
+                    }
+                    _ => index.others.push(i),
+                }
+            }
+            index
+        });
+        let mut all = index.others.clone();
+        if let Some(exact) = index.exact.get(client_id) {
+            all.extend(exact);
+            all.sort_unstable();
+        }
+        all
+    }
+
+    /// The changes from `version` to this set, if it still remembers all of them.
+    fn changes_since(&self, version: u64) -> Option<&[(u64, Change)]> {
+        if version == self.version {
+            return Some(&[]);
+        }
+        let first = self.changes.iter().position(|(v, _)| *v == version + 1)?;
+        Some(&self.changes[first..])
+    }
+
+    /// The next version: `rules` changed by `change`.
+    fn with_change(&self, rules: Vec<Arc<Rule>>, change: Change) -> RuleSet {
+        let version = self.version + 1;
+        let skip = self.changes.len().saturating_sub(HISTORY - 1);
+        let mut changes: Vec<_> = self.changes[skip..].to_vec();
+        changes.push((version, change));
+        RuleSet {
+            profile: self.profile.clone(),
+            seed: self.seed,
+            rules,
+            version,
+            changes: Arc::new(changes),
+            index: OnceLock::new(),
+        }
+    }
 }
 
 /// Where the active rule set is published.
-pub type RulesTx = watch::Sender<Arc<RuleSet>>;
 pub type RulesRx = watch::Receiver<Arc<RuleSet>>;
+
+/// The one owner of the rule set in force: every change is atomic (concurrent admin requests
+/// are applied in some serial order, none lost) and published to every connection.
+#[derive(Debug)]
+pub struct RuleBook(watch::Sender<Arc<RuleSet>>);
+
+impl Default for RuleBook {
+    fn default() -> Self {
+        RuleBook(watch::channel(Arc::new(RuleSet::new(None, None, Vec::new()))).0)
+    }
+}
+
+impl RuleBook {
+    /// The rule set in force.
+    pub fn current(&self) -> Arc<RuleSet> {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> RulesRx {
+        self.0.subscribe()
+    }
+
+    /// Adds a rule after the others; fails with the rule back if one of that name is in force.
+    pub fn add(&self, rule: Arc<Rule>) -> Result<Arc<RuleSet>, Arc<Rule>> {
+        let mut outcome = Err(rule.clone());
+        self.0.send_if_modified(|set| {
+            if set.get(rule.name()).is_some() {
+                return false;
+            }
+            let mut rules = Vec::with_capacity(set.rules.len() + 1);
+            rules.extend(set.rules.iter().cloned());
+            rules.push(rule.clone());
+            *set = Arc::new(set.with_change(rules, Change::Added(rule.clone())));
+            outcome = Ok(set.clone());
+            true
+        });
+        outcome
+    }
+
+    /// Removes the rule called `name`; `None` if there is none.
+    pub fn remove(&self, name: &str) -> Option<Arc<Rule>> {
+        let mut removed = None;
+        self.0.send_if_modified(|set| {
+            let Some(i) = set.rules.iter().position(|r| r.name() == name) else { return false };
+            let mut rules = set.rules.clone();
+            let rule = rules.remove(i);
+            *set = Arc::new(set.with_change(rules, Change::Removed(rule.clone())));
+            removed = Some(rule);
+            true
+        });
+        removed
+    }
+
+    /// Makes `set` the rules in force (a profile, or none); returns the set it replaced.
+    pub fn replace(&self, mut set: RuleSet) -> Arc<RuleSet> {
+        let mut old = None;
+        self.0.send_modify(|current| {
+            set.version = current.version + 1;
+            set.changes = Arc::default();
+            old = Some(std::mem::replace(current, Arc::new(std::mem::take(&mut set))));
+        });
+        old.expect("send_modify ran the closure")
+    }
+}
 
 /// What happens to one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +206,7 @@ pub enum Mode {
     Normal,
     /// Read and discard, at packet boundaries.
     Blackhole,
-    /// Stop reading from the sender.
+    /// Stop reading from the sender (what was read already waits, unforwarded).
     Freeze,
     /// The write half towards the receiver was shut down (`close` with `how = "half"`):
     /// what the sender sends is discarded.
@@ -79,11 +222,9 @@ pub enum ConnAction {
     Disconnect { reason: u8, to: SideSpec },
 }
 
-/// One rule's state on one connection.
+/// The state of one rule that applies to one connection.
 struct RuleState {
     rule: Arc<Rule>,
-    /// The connection matches the rule (and, for per-connection actions, won the probability roll).
-    applies: bool,
     /// Packets affected so far (for `count`).
     count: u64,
     rng: SplitMix64,
@@ -100,6 +241,26 @@ struct Facts {
     connect_at: Instant,
 }
 
+impl Facts {
+    /// Whether `rule` applies to this connection: its match, its protocol, and for actions on
+    /// the whole connection the probability roll (from the rule's own seeded stream).
+    fn state_for(&self, rule: &Arc<Rule>, seed: u64) -> Option<RuleState> {
+        let mut rng = SplitMix64::new(seed, rule.name(), &self.client_id);
+        let c = ConnFacts {
+            route: &self.route,
+            client_id: &self.client_id,
+            username: self.username.as_deref(),
+            protocol: self.protocol,
+        };
+        let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
+        let per_connection = !matches!(rule.kind(), ActionKind::Drop | ActionKind::Delay);
+        let applies = rule.matcher.matches(&c)
+            && (!mqtt5_only || self.protocol == 5)
+            && (!per_connection || rng.chance(rule.probability));
+        applies.then(|| RuleState { rule: rule.clone(), count: 0, rng, fired: [false; 2] })
+    }
+}
+
 /// The fault state of one connection, shared by its two pumps and its session.
 pub struct ConnFaults {
     rx: RulesRx,
@@ -108,9 +269,12 @@ pub struct ConnFaults {
     local_rx: Option<watch::Receiver<Vec<Arc<Rule>>>>,
     local: Vec<Arc<Rule>>,
     facts: Option<Facts>,
+    /// The applicable rules: global ones in rule-set order, then local ones.
     rules: Vec<RuleState>,
+    /// How many of `rules` are global.
+    globals: usize,
     /// Per direction, the packet types an applicable drop/delay rule may act on: a packet
-    /// outside it is forwarded after one bit test, however many rules are loaded.
+    /// outside it is forwarded after one bit test.
     packet_masks: [u16; 2],
 }
 
@@ -131,6 +295,7 @@ impl ConnFaults {
             local: Vec::new(),
             facts: None,
             rules: Vec::new(),
+            globals: 0,
             packet_masks: [0; 2],
         }
     }
@@ -142,9 +307,14 @@ impl ConnFaults {
         self
     }
 
-    /// No rule is in force: the pumps can skip every fault check.
+    /// No rule applies: the pumps can skip every fault check.
     pub fn is_idle(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// How many rules apply to this connection (its fault state grows only with these).
+    pub fn applicable(&self) -> usize {
+        self.rules.len()
     }
 
     /// Picks up a newly published rule set, keeping the state of rules that remain.
@@ -154,11 +324,20 @@ impl ConnFaults {
         if !global && !local {
             return;
         }
-        self.set = self.rx.borrow_and_update().clone();
-        if let Some(rx) = &mut self.local_rx {
-            self.local = rx.borrow_and_update().clone();
+        if global {
+            let set = self.rx.borrow_and_update().clone();
+            let old = std::mem::replace(&mut self.set, set);
+            if old.version == self.set.version && !Arc::ptr_eq(&old, &self.set) {
+                self.rebuild_globals(); // published around the book (tests): no history to follow
+            } else {
+                self.catch_up(old.version);
+            }
         }
-        self.rebuild();
+        if local && let Some(rx) = &mut self.local_rx {
+            self.local = rx.borrow_and_update().clone();
+            self.rebuild_local();
+        }
+        self.update_masks();
     }
 
     /// Learns who the connection is (at CONNECT) and starts the rule clock.
@@ -177,38 +356,75 @@ impl ConnFaults {
             protocol,
             connect_at: at,
         });
-        self.refresh();
-        self.rebuild();
+        if let Ok(true) = self.rx.has_changed() {
+            self.set = self.rx.borrow_and_update().clone();
+        }
+        if let Some(rx) = &mut self.local_rx {
+            self.local = rx.borrow_and_update().clone();
+        }
+        self.rebuild_globals();
+        self.rebuild_local();
+        self.update_masks();
     }
 
-    fn rebuild(&mut self) {
+    /// Brings the global rules from version `seen` to the current set: change by change when
+    /// the set remembers them, else by matching every rule again.
+    fn catch_up(&mut self, seen: u64) {
         let Some(facts) = &self.facts else { return };
-        let mut old = std::mem::take(&mut self.rules);
-        for rule in self.set.rules.iter().chain(&self.local) {
-            if let Some(i) = old.iter().position(|s| Arc::ptr_eq(&s.rule, rule)) {
-                self.rules.push(old.swap_remove(i));
-                continue;
+        let Some(changes) = self.set.changes_since(seen) else { return self.rebuild_globals() };
+        for (_, change) in changes {
+            match change {
+                Change::Added(rule) => {
+                    if let Some(state) = facts.state_for(rule, self.set.seed) {
+                        self.rules.insert(self.globals, state);
+                        self.globals += 1;
+                    }
+                }
+                Change::Removed(rule) => {
+                    if let Some(i) =
+                        self.rules[..self.globals].iter().position(|s| Arc::ptr_eq(&s.rule, rule))
+                    {
+                        self.rules.remove(i);
+                        self.globals -= 1;
+                    }
+                }
             }
-            let mut rng = SplitMix64::new(self.set.seed, rule.name(), &facts.client_id);
-            let c = ConnFacts {
-                route: &facts.route,
-                client_id: &facts.client_id,
-                username: facts.username.as_deref(),
-                protocol: facts.protocol,
-            };
-            let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
-            let per_connection = !matches!(rule.kind(), ActionKind::Drop | ActionKind::Delay);
-            let applies = rule.matcher.matches(&c)
-                && (!mqtt5_only || facts.protocol == 5)
-                && (!per_connection || rng.chance(rule.probability));
-            self.rules.push(RuleState { rule: rule.clone(), applies, count: 0, rng, fired: [false; 2] });
         }
+    }
+
+    /// Matches every rule of the set again, keeping the state of those that still apply.
+    fn rebuild_globals(&mut self) {
+        let Some(facts) = &self.facts else { return };
+        let locals = self.rules.split_off(self.globals);
+        let mut old: HashMap<*const Rule, RuleState> =
+            self.rules.drain(..).map(|s| (Arc::as_ptr(&s.rule), s)).collect();
+        for i in self.set.candidates(&facts.client_id) {
+            let rule = &self.set.rules[i];
+            if let Some(state) =
+                old.remove(&Arc::as_ptr(rule)).or_else(|| facts.state_for(rule, self.set.seed))
+            {
+                self.rules.push(state);
+            }
+        }
+        self.globals = self.rules.len();
+        self.rules.extend(locals);
+    }
+
+    /// Matches the connection's own rules again, keeping the state of those that remain.
+    fn rebuild_local(&mut self) {
+        let Some(facts) = &self.facts else { return };
+        let mut old = self.rules.split_off(self.globals);
+        for rule in &self.local {
+            match old.iter().position(|s| Arc::ptr_eq(&s.rule, rule)) {
+                Some(i) => self.rules.push(old.swap_remove(i)),
+                None => self.rules.extend(facts.state_for(rule, self.set.seed)),
+            }
+        }
+    }
+
+    fn update_masks(&mut self) {
         self.packet_masks = [0; 2];
-        for s in self
-            .rules
-            .iter()
-            .filter(|s| s.applies && matches!(s.rule.action, Action::Drop | Action::Delay { .. }))
-        {
+        for s in self.rules.iter().filter(|s| matches!(s.rule.action, Action::Drop | Action::Delay { .. })) {
             for dir in Direction::BOTH {
                 if s.rule.applies_to(dir) {
                     self.packet_masks[dir as usize] |= s.rule.packets;
@@ -217,16 +433,16 @@ impl ConnFaults {
         }
     }
 
-    /// The window in which `rule` acts on this connection.
-    fn window(facts: &Facts, rule: &Rule) -> (Instant, Option<Instant>) {
-        let start = facts.connect_at.max(rule.activated) + rule.after;
-        (start, rule.duration.map(|d| start + d))
+    /// The window in which `rule` acts on this connection; a start beyond what an `Instant`
+    /// can hold is never.
+    fn window(facts: &Facts, rule: &Rule) -> Option<(Instant, Option<Instant>)> {
+        let start = facts.connect_at.max(rule.activated).checked_add(rule.after)?;
+        Some((start, rule.duration.and_then(|d| start.checked_add(d))))
     }
 
     fn active(&self, rule: &Rule, now: Instant) -> bool {
         let Some(facts) = &self.facts else { return false };
-        let (start, end) = Self::window(facts, rule);
-        start <= now && end.is_none_or(|e| now < e)
+        Self::window(facts, rule).is_some_and(|(start, end)| start <= now && end.is_none_or(|e| now < e))
     }
 
     /// The verdict for one packet; the rule that decided it, if one did.
@@ -237,8 +453,7 @@ impl ConnFaults {
         for i in 0..self.rules.len() {
             let s = &self.rules[i];
             let r = &s.rule;
-            if !s.applies
-                || !matches!(r.action, Action::Drop | Action::Delay { .. })
+            if !matches!(r.action, Action::Drop | Action::Delay { .. })
                 || !r.applies_to(dir)
                 || !r.applies_to_packet(t)
                 || r.count.is_some_and(|c| s.count >= c)
@@ -252,7 +467,11 @@ impl ConnFaults {
             }
             s.count += 1;
             let verdict = match s.rule.action {
-                Action::Delay { latency, jitter } => Verdict::Delay(now + s.rng.jittered(latency, jitter)),
+                Action::Delay { latency, jitter } => {
+                    let held = s.rng.jittered(latency, jitter);
+                    // Bounded by validation (a year at most); saturate all the same.
+                    Verdict::Delay(now.checked_add(held).unwrap_or(now + super::rule::MAX_DURATION))
+                }
                 _ => Verdict::Drop,
             };
             return (verdict, Some(Applied { rule: s.rule.clone(), direction: Some(dir) }));
@@ -271,7 +490,7 @@ impl ConnFaults {
                 Action::Close { side, how: CloseMode::Half } if towards(side, dir) => Mode::Shut,
                 _ => continue,
             };
-            if !s.applies || !self.active(&s.rule, now) {
+            if !self.active(&s.rule, now) {
                 continue;
             }
             let s = &mut self.rules[i];
@@ -290,7 +509,7 @@ impl ConnFaults {
                 Action::Disconnect { reason, to } => ConnAction::Disconnect { reason, to },
                 _ => continue,
             };
-            if !s.applies || s.fired[0] || !self.active(&s.rule, now) {
+            if s.fired[0] || !self.active(&s.rule, now) {
                 continue;
             }
             let s = &mut self.rules[i];
@@ -314,10 +533,7 @@ impl ConnFaults {
     }
 
     fn first_active(&self, now: Instant, pick: impl Fn(&Action) -> bool) -> Option<Arc<Rule>> {
-        self.rules
-            .iter()
-            .find(|s| s.applies && pick(&s.rule.action) && self.active(&s.rule, now))
-            .map(|s| s.rule.clone())
+        self.rules.iter().find(|s| pick(&s.rule.action) && self.active(&s.rule, now)).map(|s| s.rule.clone())
     }
 
     /// The next moment a window opens or closes, so time-driven behaviour (modes, connection
@@ -326,11 +542,9 @@ impl ConnFaults {
         let facts = self.facts.as_ref()?;
         self.rules
             .iter()
-            .filter(|s| s.applies && !matches!(s.rule.action, Action::Drop | Action::Delay { .. }))
-            .flat_map(|s| {
-                let (start, end) = Self::window(facts, &s.rule);
-                [Some(start), end]
-            })
+            .filter(|s| !matches!(s.rule.action, Action::Drop | Action::Delay { .. }))
+            .filter_map(|s| Self::window(facts, &s.rule))
+            .flat_map(|(start, end)| [Some(start), end])
             .flatten()
             .filter(|&t| t > now)
             .min()
@@ -397,9 +611,11 @@ mod tests {
         Arc::new(toml::from_str::<RuleSpec>(toml_text).unwrap().compile("r").unwrap())
     }
 
-    fn faults(rules: Vec<Arc<Rule>>, seed: u64) -> (RulesTx, ConnFaults) {
-        let (tx, rx) = watch::channel(Arc::new(RuleSet::new(None, Some(seed), rules)));
-        (tx, ConnFaults::new(rx))
+    fn faults(rules: Vec<Arc<Rule>>, seed: u64) -> (RuleBook, ConnFaults) {
+        let book = RuleBook::default();
+        book.replace(RuleSet::new(None, Some(seed), rules));
+        let f = ConnFaults::new(book.subscribe());
+        (book, f)
     }
 
     fn connect(f: &mut ConnFaults, client_id: &str, protocol: u8) {
@@ -537,11 +753,11 @@ mod tests {
         assert!(f.is_idle());
         tokio::time::advance(Duration::from_secs(100)).await;
         // A 3 s partition activated now affects this 100 s old connection now, for 3 s.
-        tx.send_replace(Arc::new(RuleSet::new(
+        tx.replace(RuleSet::new(
             None,
             Some(1),
             vec![rule("name = \"p\"\naction = \"blackhole\"\nduration = \"3s\"\n")],
-        )));
+        ));
         f.refresh();
         let now = Instant::now();
         assert_eq!(f.mode(C2B, now).0, Mode::Blackhole);
@@ -579,5 +795,84 @@ mod tests {
         connect(&mut g, "c", 5);
         assert!(g.rewrite_keepalive(60, Instant::now()).is_none(), "match excludes 5");
         assert_eq!(g.server_keepalive(Instant::now()).map(|a| a.0), Some(7));
+    }
+
+    fn for_client(name: &str, client_id: &str) -> Arc<Rule> {
+        rule(&format!("name = \"{name}\"\naction = \"drop\"\nmatch = {{ client_id = \"{client_id}\" }}\n"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_keeps_state_only_for_the_rules_that_apply_to_it() {
+        let mut rules: Vec<_> =
+            (0..10_000).map(|i| for_client(&format!("r{i}"), &format!("device-{i}"))).collect();
+        rules.push(for_client("pattern", "sensor-*"));
+        let (_book, mut f) = faults(rules, 1);
+        connect(&mut f, "device-77", 4);
+        assert_eq!(f.applicable(), 1, "only r77 matches device-77");
+        assert_eq!(f.decide(C2B, PacketType::Publish, Instant::now()).1.unwrap().rule.name(), "r77");
+        let (_book, mut g) = faults(vec![for_client("nobody", "nobody"); 1], 1);
+        connect(&mut g, "device-1", 4);
+        assert!(g.is_idle(), "no rule applies: the fast path");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn added_and_removed_rules_reach_a_live_connection_step_by_step_in_order() {
+        let (book, mut f) = faults(vec![], 1);
+        connect(&mut f, "device", 4);
+        let first = rule("name = \"a\"\naction = \"drop\"\ncount = 1\n");
+        book.add(first.clone()).unwrap();
+        book.add(for_client("other", "someone-else")).unwrap();
+        book.add(rule("name = \"b\"\naction = \"delay\"\nlatency = \"1s\"\n")).unwrap();
+        f.refresh();
+        assert_eq!(f.applicable(), 2, "a and b apply, `other` does not");
+        let now = Instant::now();
+        assert_eq!(f.decide(C2B, PacketType::Publish, now).0, Verdict::Drop, "a comes first");
+        assert!(matches!(f.decide(C2B, PacketType::Publish, now).0, Verdict::Delay(_)), "a's count is spent");
+        assert!(book.add(for_client("a", "x")).is_err(), "names are unique");
+        book.remove("b").unwrap();
+        book.add(rule("name = \"b\"\naction = \"drop\"\n")).unwrap();
+        f.refresh();
+        assert_eq!(f.decide(C2B, PacketType::Publish, now).0, Verdict::Drop, "the new b, a drop");
+        assert_eq!(f.rules[0].count, 1, "a kept its count through the changes");
+        assert!(book.remove("nothing").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_fell_behind_the_history_matches_every_rule_again_keeping_state() {
+        let (book, mut f) = faults(vec![rule("name = \"keep\"\naction = \"drop\"\ncount = 3\n")], 1);
+        connect(&mut f, "device", 4);
+        assert_eq!(f.decide(C2B, PacketType::Publish, Instant::now()).0, Verdict::Drop);
+        for i in 0..(HISTORY + 10) {
+            book.add(for_client(&format!("n{i}"), "nobody")).unwrap();
+        }
+        book.add(for_client("mine", "device")).unwrap();
+        assert!(book.current().changes_since(1).is_none(), "beyond the remembered history");
+        f.refresh();
+        assert_eq!(f.applicable(), 2);
+        assert_eq!(f.rules[0].count, 1, "`keep` kept its count through the full match");
+    }
+
+    #[test]
+    fn concurrent_changes_to_the_book_are_never_lost() {
+        let book = Arc::new(RuleBook::default());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let book = book.clone();
+                std::thread::spawn(move || {
+                    let mut created = 0;
+                    for i in 0..150 {
+                        created += usize::from(book.add(for_client(&format!("t{t}-{i}"), "x")).is_ok());
+                        // Every thread also races for the same names: exactly one may win each.
+                        created += usize::from(book.add(for_client(&format!("shared-{i}"), "x")).is_ok());
+                    }
+                    created
+                })
+            })
+            .collect();
+        let created: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let set = book.current();
+        assert_eq!(created, 8 * 150 + 150);
+        assert_eq!(set.rules.len(), created, "every 201 is a rule in force");
+        assert_eq!(set.version, created as u64, "one version per change");
     }
 }

@@ -14,6 +14,6 @@ pub mod engine;
 pub mod profile;
 pub mod rule;
 
-pub use engine::{Applied, ConnAction, ConnFaults, Mode, RuleSet, RulesRx, RulesTx, Verdict};
+pub use engine::{Applied, Change, ConnAction, ConnFaults, Mode, RuleBook, RuleSet, RulesRx, Verdict};
 pub use profile::{Profile, ProfileSpec, compile_rules, load_profile, parse_profile};
 pub use rule::{Action, ActionKind, Rule, RuleError, RuleSpec};

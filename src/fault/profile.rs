@@ -51,6 +51,8 @@ impl Profile {
 impl ProfileSpec {
     /// Validates every rule (errors name the field, e.g. `rules[1].packets[0]`).
     pub fn compile(self) -> Result<Profile, RuleError> {
+        crate::names::check("profile name", &self.name)
+            .map_err(|message| RuleError { path: "name".into(), message })?;
         compile_rules(&self.rules, "rules").map(|rules| Profile { spec: self, rules })
     }
 }
@@ -58,9 +60,10 @@ impl ProfileSpec {
 /// Validates a list of rules whose names must be unique; `prefix` starts each error path.
 pub fn compile_rules(specs: &[RuleSpec], prefix: &str) -> Result<Vec<Arc<Rule>>, RuleError> {
     let mut rules: Vec<Arc<Rule>> = Vec::with_capacity(specs.len());
+    let mut names = std::collections::HashSet::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let path = format!("{prefix}[{i}]");
-        if rules.iter().any(|r| r.name() == spec.name) {
+        if !names.insert(spec.name.as_str()) {
             return Err(RuleError {
                 path: format!("{path}.name"),
                 message: format!("duplicate rule name {:?}", spec.name),
@@ -187,6 +190,31 @@ latency = "1s"
         let bad = GOOD.replace("latency = \"1s\"\n", "");
         let e = parse_profile("p.toml", &bad).unwrap_err();
         assert_eq!(e.line, 11, "{e}");
+    }
+
+    #[test]
+    fn a_profile_name_that_could_forge_log_lines_or_labels_is_refused_at_its_place() {
+        let bad = GOOD.replace("name = \"demo\"", "name = \"demo\\r\\nINFO forged\"");
+        let e = parse_profile("p.toml", &bad).unwrap_err();
+        assert_eq!((e.line, e.col), (2, 8), "{e}");
+        assert!(e.message.contains("control character"), "{e}");
+        let bad = GOOD.replace("name = \"demo\"", &format!("name = \"{}\"", "p".repeat(900_000)));
+        let e = parse_profile("p.toml", &bad).unwrap_err();
+        assert!(e.message.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn thirty_thousand_rules_load_without_a_quadratic_name_check() {
+        let text: String = (0..30_000)
+            .map(|i| {
+                format!("[[rules]]\nname = \"r{i}\"\naction = \"drop\"\nmatch = {{ client_id = \"d{i}\" }}\n")
+            })
+            .collect();
+        let p = parse_profile("big.toml", &format!("name = \"big\"\n{text}")).unwrap();
+        assert_eq!(p.rules.len(), 30_000);
+        let dup = format!("name = \"big\"\n{text}[[rules]]\nname = \"r29999\"\naction = \"drop\"\n");
+        let e = parse_profile("big.toml", &dup).unwrap_err();
+        assert!(e.to_string().contains("duplicate rule name \"r29999\""), "{e}");
     }
 
     #[test]

@@ -287,6 +287,11 @@ impl Rule {
     }
 }
 
+/// The largest `after`, `duration`, `latency` or `jitter` a rule may give: one year as the
+/// duration syntax counts it (`"1year"`, 365.25 days). Longer values are errors, so a rule's
+/// windows and delays always fit in an `Instant`.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
 /// Every packet type.
 const ALL_PACKETS: u16 = (1 << 15) - 1;
 
@@ -299,8 +304,27 @@ impl RuleSpec {
         };
         let kind = self.action;
         let a = kind.as_str();
-        if self.name.is_empty() || self.name.len() > 64 || self.name.chars().any(|c| c.is_control()) {
-            return err("name", "a rule needs a name of 1 to 64 printable characters".into());
+        if let Err(message) = crate::names::check("rule name", &self.name) {
+            return err("name", message);
+        }
+        // Every time value is bounded, so no arithmetic on it can overflow an `Instant`.
+        for (field, value) in [
+            ("after", self.after),
+            ("duration", self.duration),
+            ("latency", self.latency),
+            ("jitter", self.jitter),
+        ] {
+            if let Some(d) = value
+                && d > MAX_DURATION
+            {
+                return err(
+                    field,
+                    format!(
+                        "`{field}` of {} is over the maximum of 1 year (\"1year\", 365.25 days)",
+                        humantime::format_duration(d)
+                    ),
+                );
+            }
         }
         // Fields that belong to other actions are mistakes, not options to ignore.
         let foreign: [(&str, bool, &[ActionKind]); 11] = [
@@ -484,17 +508,26 @@ fn reason_code(name: &str) -> Option<u8> {
 }
 
 /// Matches `text` against a glob where `*` is any run of characters and `?` any one character.
+/// ASCII (nearly every client id) is matched byte by byte without allocating: a new connection
+/// may be matched against thousands of rules.
 pub fn glob(pattern: &str, text: &str) -> bool {
+    if pattern.is_ascii() && text.is_ascii() {
+        return glob_units(pattern.as_bytes(), text.as_bytes(), b'*', b'?');
+    }
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    glob_units(&p, &t, '*', '?')
+}
+
+fn glob_units<T: Copy + PartialEq>(p: &[T], t: &[T], star: T, any: T) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut backtrack: Option<(usize, usize)> = None; // (pattern index after '*', text index)
     while ti < t.len() {
         match p.get(pi) {
-            Some('*') => {
+            Some(&c) if c == star => {
                 backtrack = Some((pi + 1, ti));
                 pi += 1;
             }
-            Some(&c) if c == '?' || c == t[ti] => {
+            Some(&c) if c == any || c == t[ti] => {
                 pi += 1;
                 ti += 1;
             }
@@ -508,7 +541,7 @@ pub fn glob(pattern: &str, text: &str) -> bool {
             },
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    p[pi..].iter().all(|&c| c == star)
 }
 
 #[cfg(test)]
@@ -533,6 +566,8 @@ mod tests {
         assert!(!glob("a?c", "ac"));
         assert!(glob("*a*b*", "xxaxxbxx"));
         assert!(!glob("*a*b", "xxaxxbxxc"));
+        assert!(glob("gerät-?", "gerät-ä"), "? is one character, not one byte");
+        assert!(!glob("gerät-?", "gerät-äb"));
     }
 
     #[test]
@@ -571,6 +606,34 @@ mod tests {
         assert_eq!(e.path, "rules[0].latency");
         let e = compile_err("name = \"x\"\naction = \"disconnect\"\nreason = \"bogus\"\n");
         assert_eq!(e.path, "rules[0].reason");
+    }
+
+    #[test]
+    fn time_values_are_bounded_by_a_year() {
+        for field in ["after", "duration", "latency", "jitter"] {
+            let extra = if field == "latency" { "" } else { "latency = \"1s\"\n" };
+            let e = compile_err(&format!(
+                "name = \"x\"\naction = \"delay\"\n{extra}{field} = \"500000000000years\"\n"
+            ));
+            assert_eq!(e.path, format!("rules[0].{field}"));
+            assert!(e.message.contains("over the maximum of 1 year"), "{}", e.message);
+        }
+        let edge = spec(
+            "name = \"x\"\naction = \"delay\"\nlatency = \"1year\"\njitter = \"1year\"\n\
+             after = \"1year\"\nduration = \"1year\"\n",
+        );
+        assert!(edge.compile("r").is_ok(), "the maximum itself is allowed");
+        let e = compile_err("name = \"x\"\naction = \"drop\"\nafter = \"1year 1s\"\n");
+        assert_eq!(e.path, "rules[0].after");
+    }
+
+    #[test]
+    fn rule_names_are_checked_by_the_one_name_rule() {
+        let e = compile_err("name = \"a\\nforged log line\"\naction = \"drop\"\n");
+        assert_eq!(e.path, "rules[0].name");
+        assert!(e.message.contains("control character"), "{}", e.message);
+        let e = compile_err(&format!("name = \"{}\"\naction = \"drop\"\n", "n".repeat(65)));
+        assert_eq!(e.path, "rules[0].name");
     }
 
     #[test]

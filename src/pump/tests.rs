@@ -35,6 +35,7 @@ fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
         faults: Mutex::new(ConnFaults::new(rx.clone())),
         rules: rx,
         stop: CancellationToken::new(),
+        _permit: None,
     }
 }
 
@@ -370,4 +371,70 @@ async fn server_keepalive_re_encodes_the_mqtt5_connack() {
     assert_eq!((ka.broker_enforced(), ka.client_enforced()), (Some(20), Some(7)));
     up.task.abort();
     down.task.abort();
+}
+
+/// A CONNECT with the given client id (MQTT 3.1.1, Keep Alive 30).
+fn connect_id(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    let mut p = vec![0x10];
+    crate::codec::encode_varint(body.len(), &mut p);
+    p.extend(body);
+    p
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_connect_is_malformed_and_changes_nothing_the_first_said() {
+    let ctx = ctx(Settings { on_malformed: crate::config::OnMalformed::Close, ..Settings::default() });
+    let first = connect_id("first");
+    let input = [first.clone(), connect_id("second")].concat();
+    let mut reader = Chunks { data: input, pos: 0, chunk: 1 << 20, largest_offer: 0 };
+    let mut out = Recorder::default();
+    let end = pump(&ctx, Direction::ClientToBroker, &mut reader, &mut out).await;
+    assert!(matches!(end, PumpEnd::Malformed), "{end:?}");
+    assert_eq!(out.data, first, "only the first CONNECT went out");
+    assert_eq!(ctx.conn.client_id().as_deref(), Some("first"));
+    let s = ctx.conn.snapshot();
+    assert!(s.malformed["client_to_broker"].contains("second CONNECT"), "{:?}", s.malformed);
+    assert_eq!(ctx.conn.route.stats.malformed[0].load(Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_relay_a_second_connect_goes_to_the_broker_raw_and_the_record_keeps_the_first() {
+    let ctx = ctx(Settings::default());
+    let input = [connect_id("first"), connect_id(&"x".repeat(60_000)), PINGREQ.to_vec()].concat();
+    let mut reader = Chunks { data: input.clone(), pos: 0, chunk: 7_000, largest_offer: 0 };
+    let mut out = Recorder::default();
+    let end = pump(&ctx, Direction::ClientToBroker, &mut reader, &mut out).await;
+    assert!(matches!(end, PumpEnd::Eof), "{end:?}");
+    assert_eq!(out.data, input, "the broker sees exactly what the client sent, and closes");
+    assert_eq!(ctx.conn.client_id().as_deref(), Some("first"));
+    assert_eq!(ctx.conn.packets(Direction::ClientToBroker, PacketType::Connect), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_over_its_own_limit_is_malformed_not_streamed_undecoded() {
+    let settings = Settings {
+        max_buffered_packet: 1024,
+        max_connect_packet: 4096,
+        on_malformed: crate::config::OnMalformed::Close,
+        ..Settings::default()
+    };
+    // 3 KiB: over --max-buffered-packet, under --max-connect-packet: decoded whole.
+    let ctx = ctx(settings.clone());
+    let mid = connect_id(&"m".repeat(3000));
+    let mut reader = Chunks { data: mid.clone(), pos: 0, chunk: 500, largest_offer: 0 };
+    let mut out = Recorder::default();
+    pump(&ctx, Direction::ClientToBroker, &mut reader, &mut out).await;
+    assert_eq!(out.data, mid);
+    assert_eq!(ctx.conn.client_id().map(|id| id.len()), Some(3000), "decoded: rules can match it");
+    // 5 KiB: over its limit: malformed, nothing forwarded.
+    let ctx = self::ctx(settings);
+    let mut reader = Chunks { data: connect_id(&"b".repeat(5000)), pos: 0, chunk: 500, largest_offer: 0 };
+    let mut out = Recorder::default();
+    let end = pump(&ctx, Direction::ClientToBroker, &mut reader, &mut out).await;
+    assert!(matches!(end, PumpEnd::Malformed), "{end:?}");
+    assert!(out.data.is_empty());
+    assert!(ctx.conn.snapshot().malformed["client_to_broker"].contains("--max-connect-packet"));
 }
