@@ -154,16 +154,26 @@ pub fn app(control: Control) -> Router {
 pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let connections = TaskTracker::new();
+    let mut errors = crate::server::AcceptErrors::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    errors.succeeded();
+                    accepted
+                }
                 Err(e) => {
-                    // Out of file descriptors, typically: wait instead of spinning.
-                    tracing::warn!(error = %e, "admin API: accept failed; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    // Out of file descriptors, typically: pause instead of spinning, log rarely.
+                    let (pause, log) = errors.failed(tokio::time::Instant::now());
+                    if let Some(held_back) = log {
+                        tracing::warn!(error = %e, more_since_last_line = held_back,
+                            "admin API: accept failed (logged every 10 s while it lasts)");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
         };
@@ -332,7 +342,7 @@ async fn add_rule(State(c): State<Control>, body: Result<Bytes, BytesRejection>)
 }
 
 async fn remove_rule(State(c): State<Control>, Path(name): Path<String>) -> ApiResult {
-    let Some(rule) = c.rules.remove(&name) else {
+    let Some((rule, _)) = c.rules.remove(&name) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule named {name:?} is in force")));
     };
     tracing::info!(rule = rule.name(), scope = "global", "rule removed through the admin API");

@@ -198,8 +198,19 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         tokio::spawn(mqtt_chaos::admin::serve(listener, app, admin_stop.clone()))
     });
     let signal = shutdown_signal().await;
-    tracing::info!(signal, "shutting down");
-    let report = running.shutdown().await;
+    let open = running.registry().len();
+    if open > 0 {
+        tracing::info!(signal, open, grace = %humantime::format_duration(args.shutdown_grace),
+            "shutting down: press Ctrl-C again (or send a second SIGTERM) to close the {open} open connections now");
+    } else {
+        tracing::info!(signal, "shutting down");
+    }
+    let report = running
+        .shutdown_or(async {
+            let signal = shutdown_signal().await;
+            tracing::info!(signal, "second signal: closing the open connections now");
+        })
+        .await;
     admin_stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;

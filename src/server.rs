@@ -139,13 +139,9 @@ struct Acceptor {
     permits: Option<Arc<Semaphore>>,
 }
 
-/// The longest pause of an accept loop after consecutive failed accepts.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 impl Acceptor {
     async fn run(self, stop: CancellationToken) {
-        let mut errors = Throttle::new(Duration::from_secs(10));
-        let mut backoff = Duration::from_millis(10);
+        let mut errors = AcceptErrors::default();
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -153,22 +149,20 @@ impl Acceptor {
             };
             match accepted {
                 Ok((socket, peer)) => {
-                    backoff = Duration::from_millis(10);
+                    errors.succeeded();
                     self.spawn_session(socket, peer)
                 }
                 Err(e) => {
-                    // Typically out of file descriptors: back off (10 ms, doubling up to 1 s)
-                    // instead of spinning, and log one line per interval, not one per failure.
                     self.route.stats.accept_errors.fetch_add(1, Relaxed);
-                    if let Some(suppressed) = errors.hit(Instant::now()) {
-                        warn!(route = %self.route.name, error = %e, more_since_last_line = suppressed,
+                    let (pause, log) = errors.failed(Instant::now());
+                    if let Some(held_back) = log {
+                        warn!(route = %self.route.name, error = %e, more_since_last_line = held_back,
                             "accept failed (repeats are counted in mqtt_chaos_accept_errors_total and logged every 10 s)");
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                     }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             }
         }
@@ -279,6 +273,12 @@ impl RunningProxy {
     /// Stops accepting, lets open connections finish within the grace period, then closes
     /// whatever is left.
     pub async fn shutdown(self) -> ShutdownReport {
+        self.shutdown_or(std::future::pending()).await
+    }
+
+    /// [`RunningProxy::shutdown`], but closes what is left as soon as `now` completes (a second
+    /// signal) instead of waiting for the end of the grace period.
+    pub async fn shutdown_or(self, now: impl Future<Output = ()>) -> ShutdownReport {
         self.accept_stop.cancel();
         for task in self.accept_loops {
             let _ = task.await;
@@ -290,10 +290,17 @@ impl RunningProxy {
                 "stopped accepting; waiting for open connections to finish");
         }
         let mut report = ShutdownReport { closed_after_grace: 0 };
-        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait()).await.is_err() {
+        let cut_short = tokio::select! {
+            done = tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait()) => match done {
+                Ok(()) => None,
+                Err(_) => Some("shutdown grace period over; closing the remaining connections"),
+            },
+            () = now => Some("closing the remaining connections now"),
+        };
+        if let Some(why) = cut_short {
             let live = self.registry.list();
             report.closed_after_grace = live.len();
-            warn!(count = live.len(), "shutdown grace period over; closing the remaining connections");
+            warn!(count = live.len(), "{why}");
             for conn in live {
                 conn.end_by_proxy("shutdown", "proxy shutting down".into(), CloseHow::Fin);
             }
@@ -305,6 +312,37 @@ impl RunningProxy {
         self.monitor.1.cancel();
         let _ = self.monitor.0.await;
         report
+    }
+}
+
+/// What an accept loop does about failed accepts (typically out of file descriptors): pause
+/// 10 ms, doubling up to 1 s while they go on, instead of spinning; log one line per 10 s with
+/// the number held back, instead of one per failure.
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    log: Throttle,
+    pause: Duration,
+}
+
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors { log: Throttle::new(Duration::from_secs(10)), pause: FIRST_PAUSE }
+    }
+}
+
+impl AcceptErrors {
+    pub(crate) fn succeeded(&mut self) {
+        self.pause = FIRST_PAUSE;
+    }
+
+    /// One failed accept: how long to pause, and whether to log it (with how many were held back).
+    pub(crate) fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+        (pause, self.log.hit(now))
     }
 }
 

@@ -165,15 +165,16 @@ impl RuleBook {
         outcome
     }
 
-    /// Removes the rule called `name`; `None` if there is none.
-    pub fn remove(&self, name: &str) -> Option<Arc<Rule>> {
+    /// Removes the rule called `name`; `None` if there is none. Returns the rule and the
+    /// version without it.
+    pub fn remove(&self, name: &str) -> Option<(Arc<Rule>, u64)> {
         let mut removed = None;
         self.0.send_if_modified(|set| {
             let Some(i) = set.rules.iter().position(|r| r.name() == name) else { return false };
             let mut rules = set.rules.clone();
             let rule = rules.remove(i);
             *set = Arc::new(set.with_change(rules, Change::Removed(rule.clone())));
-            removed = Some(rule);
+            removed = Some((rule, set.version));
             true
         });
         removed
@@ -874,5 +875,66 @@ mod tests {
         assert_eq!(created, 8 * 150 + 150);
         assert_eq!(set.rules.len(), created, "every 201 is a rule in force");
         assert_eq!(set.version, created as u64, "one version per change");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8),
+        Remove(u8),
+        Reset,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![6 => (0u8..6).prop_map(Op::Add), 3 => (0u8..6).prop_map(Op::Remove), 1 => Just(Op::Reset)]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Whatever mix of adds, removes and resets four threads make at once, the book ends as
+        /// some serial order of the changes that succeeded would leave it: each success made
+        /// exactly one version, and replaying them in version order is valid at every step.
+        #[test]
+        fn concurrent_changes_equal_some_serial_order(
+            threads in proptest::collection::vec(proptest::collection::vec(op(), 1..40), 4)
+        ) {
+            let book = Arc::new(RuleBook::default());
+            let handles: Vec<_> = threads.into_iter().map(|ops| {
+                let book = book.clone();
+                std::thread::spawn(move || {
+                    ops.into_iter().filter_map(|op| {
+                        let version = match &op {
+                            Op::Add(n) => book.add(for_client(&format!("n{n}"), "x")).ok().map(|s| s.version),
+                            Op::Remove(n) => book.remove(&format!("n{n}")).map(|(_, v)| v),
+                            Op::Reset => Some(book.replace(RuleSet::new(None, Some(1), vec![])).version + 1),
+                        };
+                        version.map(|v| (v, op))
+                    }).collect::<Vec<_>>()
+                })
+            }).collect();
+            let mut done: Vec<(u64, Op)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            done.sort_by_key(|(v, _)| *v);
+            let versions: Vec<u64> = done.iter().map(|(v, _)| *v).collect();
+            proptest::prop_assert_eq!(versions, (1..=done.len() as u64).collect::<Vec<_>>());
+            let mut model: Vec<String> = Vec::new();
+            for (v, op) in &done {
+                match op {
+                    Op::Add(n) => {
+                        let name = format!("n{n}");
+                        proptest::prop_assert!(!model.contains(&name), "version {v}: added {name} twice");
+                        model.push(name);
+                    }
+                    Op::Remove(n) => {
+                        let name = format!("n{n}");
+                        proptest::prop_assert!(model.contains(&name), "version {v}: removed absent {name}");
+                        model.retain(|m| *m != name);
+                    }
+                    Op::Reset => model.clear(),
+                }
+            }
+            let names: Vec<String> = book.current().rules.iter().map(|r| r.name().to_string()).collect();
+            proptest::prop_assert_eq!(names, model);
+        }
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Serves the admin API of `proxy` on a free loopback port.
-async fn serve_admin(proxy: &TestProxy, token: Option<&str>) -> SocketAddr {
+pub(crate) async fn serve_admin(proxy: &TestProxy, token: Option<&str>) -> SocketAddr {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
     let app = mqtt_chaos::admin::app(proxy.running().control(dir, token.map(str::to_string)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -20,13 +20,13 @@ async fn serve_admin(proxy: &TestProxy, token: Option<&str>) -> SocketAddr {
     addr
 }
 
-async fn call(admin: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Reply {
+pub(crate) async fn call(admin: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Reply {
     let client = Client::new(&format!("http://{admin}"), None).unwrap();
     let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
     client.request(method, path, Some("application/json"), &body).await.unwrap()
 }
 
-fn assert_error(r: &Reply, status: u16, contains: &str) {
+pub(crate) fn assert_error(r: &Reply, status: u16, contains: &str) {
     assert_eq!(r.status, status, "{}", r.body);
     let v = r.json().unwrap();
     assert_eq!(v["status"], status, "{}", r.body);
@@ -93,6 +93,40 @@ async fn every_route_answers_and_every_error_is_json() {
     expect_packet(&mut other, WAIT, "CONNACK").await;
     other.write_all(&PINGREQ).await.unwrap();
     assert_eq!(expect_packet(&mut other, WAIT, "PINGRESP").await, PINGRESP);
+
+    // The connection's own rule can be removed again: its PINGREQs flow once more.
+    assert_error(
+        &call(admin, "DELETE", &format!("/connections/{id}/rules/nothing"), None).await,
+        404,
+        "has no rule named \"nothing\"",
+    );
+    let removed = call(admin, "DELETE", &format!("/connections/{id}/rules/mute"), None).await;
+    assert_eq!(removed.json().unwrap(), json!({"connection": id, "removed": "mute"}));
+    device.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(expect_packet(&mut device, WAIT, "PINGRESP").await, PINGRESP);
+    // A reset removes global rules and every connection's own, and says how many of each.
+    let again =
+        json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
+    assert_eq!(call(admin, "POST", &format!("/connections/{id}/rules"), Some(again)).await.status, 201);
+    assert_eq!(
+        call(
+            admin,
+            "POST",
+            "/rules",
+            Some(json!({"name": "g", "action": "delay", "latency": "1s", "packets": ["PUBLISH"]}))
+        )
+        .await
+        .status,
+        201
+    );
+    let reset = call(admin, "POST", "/reset", None).await.json().unwrap();
+    assert_eq!(reset["removed"], json!({"global": 1, "local": 1}));
+    assert_eq!(
+        call(admin, "GET", &format!("/connections/{id}"), None).await.json().unwrap()["local_rules"],
+        json!([])
+    );
+    device.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(expect_packet(&mut device, WAIT, "PINGRESP").await, PINGRESP, "the reset removed `mute`");
 
     // Profiles.
     let profiles = call(admin, "GET", "/profiles", None).await.json().unwrap();

@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod dashboard;
 mod faults;
+mod hardening;
 mod harness;
 mod keepalive;
 mod large;

@@ -1,0 +1,419 @@
+//! Nothing a user or a device sends takes the proxy down: values at the edge of the schema,
+//! names that could forge logs, repeated CONNECTs, rule churn, concurrent API calls, signals,
+//! running out of file descriptors.
+
+use crate::admin::{assert_error, call, serve_admin};
+use crate::harness::*;
+use mqtt_chaos::config::Settings;
+use mqtt_chaos::ctl::Client;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(5);
+const HUGE: &str = "500000000000years";
+
+/// Polls `/metrics` until the `mqtt_chaos_tracked_entries` gauges are all 0.
+async fn assert_indexes_empty(proxy: &TestProxy, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = proxy.running().metrics();
+        let entries: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("mqtt_chaos_tracked_entries{") && !l.ends_with(" 0"))
+            .collect();
+        if entries.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "indexes keyed by client input kept entries: {entries:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until no connection is open, and checks the gauge agrees.
+async fn assert_all_closed(proxy: &TestProxy) {
+    let deadline = Instant::now() + WAIT;
+    while !proxy.running().registry().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(proxy.running().registry().is_empty(), "{} still open", proxy.running().registry().len());
+    assert_eq!(proxy.running().routes()[0].stats.connections_active.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_duration_of_500_billion_years_is_refused_where_it_is_given_and_the_maximum_works() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+    let mut device = proxy.connect().await;
+    device.write_all(&connect_v4("long-lived", 30, None)).await.unwrap();
+    expect_packet(&mut device, WAIT, "CONNACK").await;
+
+    for (field, rule) in [
+        ("after", json!({"name": "x", "action": "drop", "after": HUGE})),
+        ("duration", json!({"name": "x", "action": "blackhole", "duration": HUGE})),
+        ("latency", json!({"name": "x", "action": "delay", "latency": HUGE})),
+        ("jitter", json!({"name": "x", "action": "delay", "latency": "1s", "jitter": HUGE})),
+    ] {
+        let r = call(admin, "POST", "/rules", Some(rule)).await;
+        assert_error(&r, 400, "over the maximum of 1 year");
+        assert_eq!(r.json().unwrap()["field"], format!("rule.{field}"));
+    }
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let profile =
+        format!("name = \"p\"\n[[rules]]\nname = \"late\"\naction = \"drop\"\nafter = \"{HUGE}\"\n");
+    let r = client.request("PUT", "/profile", Some("application/toml"), profile.as_bytes()).await.unwrap();
+    assert_error(&r, 400, "request body:5:9: `after` of");
+
+    // The largest admitted values are accepted and nothing overflows: the connection works on.
+    for rule in [
+        json!({"name": "far", "action": "drop", "after": "1year", "duration": "1year"}),
+        json!({"name": "slow", "action": "delay", "latency": "1year", "jitter": "1year", "packets": ["PUBLISH"]}),
+        json!({"name": "cut", "action": "close", "after": "1year"}),
+    ] {
+        assert_eq!(call(admin, "POST", "/rules", Some(rule)).await.status, 201);
+    }
+    device.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(expect_packet(&mut device, WAIT, "PINGRESP").await, PINGRESP);
+    drop(device);
+    assert_all_closed(&proxy).await;
+}
+
+#[test]
+fn a_duration_flag_or_profile_at_500_billion_years_stops_the_start_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("forever.toml");
+    std::fs::write(
+        &bad,
+        format!("name = \"forever\"\n[[rules]]\nname = \"z\"\naction = \"freeze\"\nduration = \"{HUGE}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--profile", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("forever.toml:5:12: `duration` of"), "{err}");
+    for flag in ["--half-close-timeout", "--shutdown-grace", "--connect-timeout", "--will-timeout"] {
+        let out = Command::new(binary())
+            .args(["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", flag, HUGE])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{flag}: ")) && err.contains("over the maximum of 1 year"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn names_that_could_forge_log_lines_or_labels_are_refused() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    for name in ["evil\r\n2026-11-30T00:00:00Z INFO forged line", "nul\0byte", "esc\u{1b}[31m"] {
+        let profile = format!("name = {}\n", serde_json::to_string(name).unwrap());
+        let r =
+            client.request("PUT", "/profile", Some("application/toml"), profile.as_bytes()).await.unwrap();
+        assert_error(&r, 400, "control character");
+        let r = call(admin, "POST", "/rules", Some(json!({"name": name, "action": "drop"}))).await;
+        assert_error(&r, 400, "control character");
+    }
+    let long = format!("name = \"{}\"\n", "n".repeat(900_000));
+    let r = client.request("PUT", "/profile", Some("application/toml"), long.as_bytes()).await.unwrap();
+    assert_error(&r, 400, "at most 64 are allowed");
+    let m = call(admin, "GET", "/metrics", None).await.body;
+    assert!(m.contains("mqtt_chaos_build_info{version=\"0.1.0\",profile=\"\"} 1"), "nothing was activated");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_connect_twice_leaves_nothing_behind_and_takes_nobody_over() {
+    let broker = Mosquitto::start();
+    let settings = Settings { will_timeout: Duration::from_millis(500), ..Settings::default() };
+    let mut proxy = TestProxy::start_with(&broker.addr(), settings).await;
+    let big_id = "i".repeat(60_000);
+    for i in 0..100 {
+        let mut c = proxy.connect().await;
+        let first = connect_v4(&format!("twice-{i}"), 30, Some((&format!("will/twice-{i}"), "gone")));
+        let second = connect_v4(&big_id, 30, Some((&format!("will/other-{i}"), "gone")));
+        // Both in one write: the second arrives in the same read as the first.
+        c.write_all(&[first, second].concat()).await.unwrap();
+        // mosquitto accepted the first, then closes on the protocol violation.
+        let (got, ending) = read_to_end(&mut c, WAIT).await;
+        assert_ne!(ending, Ending::Open, "the broker closes a client that sends CONNECT twice");
+        assert!(got.starts_with(&[0x20, 0x02]), "the first CONNECT was answered: {got:02x?}");
+    }
+    assert_all_closed(&proxy).await;
+    // The harness's own event receiver is not read in this test: it would keep the records.
+    proxy.events = proxy.running().registry().subscribe();
+    let stats = &proxy.running().routes()[0].stats;
+    assert_eq!(stats.malformed[0].load(Relaxed), 100, "each second CONNECT counted as malformed");
+    assert_indexes_empty(&proxy, Duration::from_secs(5)).await;
+
+    // A later client with the first id is no takeover of a connection that is long gone.
+    let mut again = proxy.connect().await;
+    again.write_all(&connect_v4("twice-0", 30, None)).await.unwrap();
+    expect_packet(&mut again, WAIT, "CONNACK").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = proxy.running().metrics();
+    for outcome in ["closed", "disconnect_0x8e", "not_enforced"] {
+        let line = format!("mqtt_chaos_takeovers_total{{route=\"default\",outcome=\"{outcome}\"}} 0");
+        assert!(m.contains(&line), "{line} missing in:\n{m}");
+    }
+    let live = proxy.running().registry().list();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].client_id().as_deref(), Some("twice-0"));
+    drop(again);
+    assert_all_closed(&proxy).await;
+    assert_indexes_empty(&proxy, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_rule_changes_through_the_api_are_never_lost() {
+    let proxy = TestProxy::start("127.0.0.1:1").await;
+    let admin = serve_admin(&proxy, None).await;
+    // 8 clients × 150 different rules at once: every 201 is a rule in force.
+    let adders: Vec<_> = (0..8)
+        .map(|t| {
+            tokio::spawn(async move {
+                let mut created = 0;
+                for i in 0..150 {
+                    let rule = json!({"name": format!("t{t}-{i}"), "action": "drop", "match": {"client_id": "nobody"}});
+                    created += usize::from(call(admin, "POST", "/rules", Some(rule)).await.status == 201);
+                }
+                created
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for a in adders {
+        created += a.await.unwrap();
+    }
+    assert_eq!(created, 1200);
+    let rules = call(admin, "GET", "/rules", None).await.json().unwrap();
+    assert_eq!(rules["rules"].as_array().unwrap().len(), 1200, "a 201 whose rule is not in force");
+
+    // Two requests for the same name at once: exactly one wins, every time.
+    for round in 0..30 {
+        let rule = json!({"name": format!("same-{round}"), "action": "drop"});
+        let (a, b) = tokio::join!(
+            call(admin, "POST", "/rules", Some(rule.clone())),
+            call(admin, "POST", "/rules", Some(rule))
+        );
+        let mut statuses = [a.status, b.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409], "round {round}");
+    }
+    // Removals racing with a reset: the answers add up to what was in force.
+    let removers: Vec<_> = (0..600)
+        .map(|i| {
+            tokio::spawn(
+                async move { call(admin, "DELETE", &format!("/rules/t{}-{}", i % 8, i / 8), None).await },
+            )
+        })
+        .collect();
+    let reset = call(admin, "POST", "/reset", None).await.json().unwrap();
+    let mut removed = 0;
+    for r in removers {
+        let r = r.await.unwrap();
+        assert!(r.status == 200 || r.status == 404, "{}", r.body);
+        removed += u64::from(r.status == 200);
+    }
+    assert_eq!(removed + reset["removed"]["global"].as_u64().unwrap(), 1230);
+    assert_eq!(call(admin, "GET", "/rules", None).await.json().unwrap()["rules"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_added_as_fast_as_the_api_allows_never_hold_back_a_connections_pingresps() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+    let stop = Instant::now() + Duration::from_secs(4);
+    let churn: Vec<_> = (0..4)
+        .map(|t| {
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while Instant::now() < stop {
+                    let rule = json!({"name": format!("c{t}-{n}"), "action": "drop", "match": {"client_id": format!("d{n}")}});
+                    assert_eq!(call(admin, "POST", "/rules", Some(rule)).await.status, 201);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let pinged = pinging_client(
+        proxy.addr,
+        "steady",
+        30,
+        None,
+        Some(Duration::from_millis(200)),
+        Duration::from_secs(4),
+    )
+    .await;
+    let mut added = 0;
+    for c in churn {
+        added += c.await.unwrap();
+    }
+    assert_eq!(pinged.ending, Ending::Open);
+    assert!(pinged.pingresps.len() >= 17, "{} PINGRESPs for 19 PINGREQs", pinged.pingresps.len());
+    let worst = pinged.pingresps.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        worst < Duration::from_secs(1),
+        "a gap of {worst:?} between PINGRESPs while {added} rules were added"
+    );
+    assert!(added > 500, "only {added} rules were added: the churn was too slow to prove anything");
+}
+
+/// One raw HTTP/1.1 request (for headers `ctl` never sends); the status and body.
+async fn raw_http(admin: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request =
+        format!("{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answer)).await.unwrap().unwrap();
+    let status = answer[9..12].parse().unwrap();
+    (status, answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_and_media_types_are_case_insensitive() {
+    let proxy = TestProxy::start("127.0.0.1:1").await;
+    let admin = serve_admin(&proxy, Some("s3cret")).await;
+    for auth in ["Bearer s3cret", "bearer s3cret", "BEARER   s3cret"] {
+        let (status, body) =
+            raw_http(admin, &format!("GET /rules HTTP/1.1\r\nAuthorization: {auth}"), "").await;
+        assert_eq!(status, 200, "{auth}: {body}");
+    }
+    let (status, _) = raw_http(admin, "GET /rules HTTP/1.1\r\nAuthorization: Basic s3cret", "").await;
+    assert_eq!(status, 401);
+    let (status, body) = raw_http(
+        admin,
+        "PUT /profile HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nContent-Type: APPLICATION/JSON; Charset=UTF-8",
+        "{\"name\": \"drop-pingreq\"}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"profile\":\"drop-pingreq\""), "{body}");
+}
+
+#[test]
+fn healthz_says_shutting_down_during_the_grace_and_a_second_signal_closes_everything_now() {
+    let broker = Mosquitto::start();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(binary())
+        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
+        .args(["--shutdown-grace", "60s"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let health = |rt: &tokio::runtime::Runtime| {
+        let client = Client::new(&format!("http://{admin}"), None).unwrap();
+        rt.block_on(async { client.request("GET", "/healthz", None, b"").await })
+    };
+    let up = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        health(&rt).is_ok_and(|r| r.status == 200)
+    });
+    assert!(up, "the proxy did not come up");
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(&mut device, &connect_v4("lingering", 60, None)).unwrap();
+    device.set_read_timeout(Some(WAIT)).unwrap();
+    let mut connack = [0u8; 4];
+    std::io::Read::read_exact(&mut device, &mut connack).unwrap();
+
+    let term = || {
+        assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success())
+    };
+    term();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = health(&rt).expect("the admin API serves during the grace period");
+    assert_eq!((r.status, r.json().unwrap()), (503, json!({"status": "shutting_down"})));
+    let second = Instant::now();
+    term();
+    let mut child = child;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(second.elapsed() < Duration::from_secs(5), "a second SIGTERM did not end the grace period");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("press Ctrl-C again") && log.contains("1 open connections"), "{log}");
+    assert!(log.contains("closing the remaining connections now"), "{log}");
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut device, &mut rest); // closed by the proxy
+}
+
+#[test]
+fn out_of_file_descriptors_the_proxy_counts_accept_errors_logs_them_once_per_interval_and_recovers() {
+    let broker = Mosquitto::start();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    // A shell lowers the open-files limit for the proxy alone (lowering needs no privilege).
+    let cmd = format!(
+        "ulimit -n 40 && exec {} proxy --listen {listen} --upstream {} --admin {admin}",
+        binary().display(),
+        broker.addr()
+    );
+    let child = Command::new("sh")
+        .args(["-c", &cmd])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let up = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        std::net::TcpStream::connect(&admin).is_ok()
+    });
+    assert!(up, "the proxy did not come up");
+    // Each proxied connection takes two descriptors: 40 clients exhaust the 40 allowed.
+    let clients: Vec<_> = (0..40)
+        .map(|i| {
+            let mut c = std::net::TcpStream::connect(&listen).unwrap();
+            let _ = std::io::Write::write_all(&mut c, &connect_v4(&format!("fd-{i}"), 60, None));
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(1500)); // descriptors come back; accepting resumes
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let metrics = rt.block_on(client.request("GET", "/metrics", None, b"")).unwrap().body;
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mqtt_chaos_accept_errors_total{route=\"default\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(errors >= 1.0, "no accept error counted:\n{metrics}");
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(&mut device, &connect_v4("after-the-storm", 60, None)).unwrap();
+    device.set_read_timeout(Some(WAIT)).unwrap();
+    let mut connack = [0u8; 4];
+    std::io::Read::read_exact(&mut device, &mut connack).expect("accepting works again");
+    drop(device);
+    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
+    let _ = child.0.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let lines = log.lines().filter(|l| l.contains("accept failed")).count();
+    // One line per listener (the route's, the admin API's) and 10 s at most: not one per failure.
+    assert!((1..=4).contains(&lines), "{lines} accept-error lines for {errors} errors in 4.5 s:\n{log}");
+}
