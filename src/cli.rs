@@ -78,8 +78,13 @@ pub enum CtlCommand {
         #[arg(long, value_name = "ID")]
         conn: Option<u64>,
     },
-    /// Remove a global rule by name.
-    Remove { name: String },
+    /// Remove a global rule by name, or with --conn one of a live connection's own rules.
+    Remove {
+        name: String,
+        /// The id of the live connection whose own rule to remove.
+        #[arg(long, value_name = "ID")]
+        conn: Option<u64>,
+    },
     /// Activate a profile: a name in the proxy's --profiles-dir, or a local TOML file.
     Profile { profile: String },
     /// Remove every rule (passthrough).

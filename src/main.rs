@@ -51,7 +51,10 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
             ctl::rule_body(rule).map(|b| ("POST", path, json, b))
         }
-        CtlCommand::Remove { name } => Ok(("DELETE", format!("/rules/{name}"), None, Vec::new())),
+        CtlCommand::Remove { name, conn } => {
+            let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
+            Ok(("DELETE", path, None, Vec::new()))
+        }
         CtlCommand::Profile { profile } => {
             if std::path::Path::new(profile).is_file() {
                 std::fs::read(profile)
@@ -95,8 +98,13 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Add { conn: Some(id), .. } => {
             println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or(""))
         }
-        CtlCommand::Remove { name } => println!("removed rule {name}"),
-        CtlCommand::Reset => println!("all rules removed"),
+        CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
+        CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
+        CtlCommand::Reset => println!(
+            "all rules removed ({} global, {} of single connections)",
+            value["removed"]["global"].as_u64().unwrap_or(0),
+            value["removed"]["local"].as_u64().unwrap_or(0)
+        ),
     }
     ExitCode::SUCCESS
 }

@@ -29,7 +29,7 @@ use crate::codec::{
     connack_with_server_keep_alive,
 };
 use crate::config::{OnMalformed, Settings};
-use crate::fault::{Applied, ConnFaults, Mode, RulesRx, Verdict};
+use crate::fault::{Applied, ConnFaults, Mode, Verdict};
 use crate::record::{Batch, CloseHow, Connection, Direction, Event, Registry, Side};
 use std::collections::VecDeque;
 use std::io;
@@ -56,8 +56,6 @@ pub(crate) struct Ctx {
     /// The connection's fault state (both pumps and the session; never contended for long:
     /// both pumps run in the same task).
     pub faults: Mutex<ConnFaults>,
-    /// A clone source for the receivers that wake the pumps when the rule set changes.
-    pub rules: RulesRx,
     /// Asks both pumps to stop at the next packet boundary (a connection action is due).
     pub stop: CancellationToken,
     /// This connection's place under `--max-connections`, given back when the session ends.
@@ -189,8 +187,7 @@ impl Pump<'_> {
         W: AsyncWrite + Unpin,
     {
         let ctx = self.inspector.ctx;
-        let mut rules = ctx.rules.clone();
-        let mut rules_open = true;
+        let mut woken = ctx.conn.woken();
         loop {
             let now = Instant::now();
             if let Err(e) = self.release_delayed(writer, now).await {
@@ -220,17 +217,14 @@ impl Pump<'_> {
                     return end;
                 }
             }
-            // Reading comes before the rule channel: however fast rules change, a pump keeps
-            // reading (each batch picks up the newest rules anyway, in `decide`).
+            // Reading comes before wakes: however fast rules change, a pump keeps reading (each
+            // batch picks up the newest rules anyway, in `decide`). Only changes that may start
+            // or end a mode here wake it (see `RuleBook`).
             let read = tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => return PumpEnd::Stopped,
                 r = reader.read_buf(&mut self.buf), if can_read => r,
-                r = rules.changed(), if rules_open => {
-                    rules_open = r.is_ok();
-                    continue;
-                }
-                _ = ctx.conn.wake.notified() => continue,
+                Ok(()) = woken.changed() => continue,
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => continue,
             };
             let n = match read {
@@ -567,7 +561,7 @@ impl Inspector<'_> {
                 debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));
-                self.ctx.conn.wake.notify_waiters();
+                self.ctx.conn.wake();
             }
             (Direction::BrokerToClient, PacketType::Connack) => match Connack::decode(frame, h, protocol) {
                 Ok(connack) => {

@@ -244,8 +244,9 @@ pub struct Connection {
     pub(crate) cancel: CancellationToken,
     /// Rules for this connection only (admin API); its fault engine follows them.
     pub(crate) local_rules: tokio::sync::watch::Sender<Vec<Arc<crate::fault::Rule>>>,
-    /// Wakes the connection's pumps and session when its rules or its identity changed.
-    pub(crate) wake: tokio::sync::Notify,
+    /// Wakes the connection's pumps and session when its rules or its identity changed (a
+    /// watch: a wake sent while they are busy is seen when they next wait, never lost).
+    wake: tokio::sync::watch::Sender<()>,
     dirs: [DirStats; 2],
     /// Protocol level from the CONNECT (0 until seen), read by the broker_to_client pump to
     /// decode what the broker sends.
@@ -267,7 +268,7 @@ impl Connection {
             started_wall: SystemTime::now(),
             cancel,
             local_rules: tokio::sync::watch::channel(Vec::new()).0,
-            wake: tokio::sync::Notify::new(),
+            wake: tokio::sync::watch::channel(()).0,
             dirs: Default::default(),
             protocol: AtomicU8::new(0),
             ping_pending: AtomicU64::new(0),
@@ -339,8 +340,19 @@ impl Connection {
             added = Ok(());
             true
         });
-        self.wake.notify_waiters();
+        self.wake();
         added
+    }
+
+    /// Wakes the pumps and the session: something that may change their mode or bring a
+    /// connection action due has happened.
+    pub(crate) fn wake(&self) {
+        self.wake.send_modify(|()| {});
+    }
+
+    /// A receiver of the wakes sent from now on.
+    pub(crate) fn woken(&self) -> tokio::sync::watch::Receiver<()> {
+        self.wake.subscribe()
     }
 
     /// Removes this connection's rule called `name`; whether there was one.
@@ -350,7 +362,7 @@ impl Connection {
             rules.retain(|r| r.name() != name);
             rules.len() != before
         });
-        self.wake.notify_waiters();
+        self.wake();
         removed
     }
 
@@ -362,7 +374,7 @@ impl Connection {
             rules.clear();
             cleared > 0
         });
-        self.wake.notify_waiters();
+        self.wake();
         cleared
     }
 
@@ -793,6 +805,23 @@ impl Registry {
 
     pub fn get(&self, id: u64) -> Option<Arc<Connection>> {
         self.live().get(&id).cloned()
+    }
+
+    /// Wakes the live connections a rule change may affect at once (see
+    /// [`crate::fault::Affected`]); the others pick the change up at their next packet.
+    pub fn wake(&self, affected: crate::fault::Affected<'_>) {
+        use crate::fault::Affected;
+        for conn in self.list() {
+            let woken = match affected {
+                Affected::All => true,
+                Affected::MatchedBy(rule) => conn.client_id().is_some_and(|id| {
+                    rule.matcher.may_match(&conn.route.name, &id, conn.protocol.load(Relaxed))
+                }),
+            };
+            if woken {
+                conn.wake();
+            }
+        }
     }
 
     /// Live connections, oldest first.

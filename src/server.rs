@@ -61,8 +61,10 @@ impl Proxy {
             };
             listeners.push((Arc::new(route), listener));
         }
-        let rules = Arc::new(RuleBook::default());
-        Ok(Proxy { listeners, registry: Arc::default(), settings: Arc::new(settings), rules })
+        let registry = Arc::new(Registry::default());
+        let waking = registry.clone();
+        let rules = Arc::new(RuleBook::with_waker(Box::new(move |affected| waking.wake(affected))));
+        Ok(Proxy { listeners, registry, settings: Arc::new(settings), rules })
     }
 
     /// Makes `rules` the rules in force (before or after start).
@@ -196,7 +198,6 @@ impl Acceptor {
             registry: self.registry.clone(),
             settings: self.settings.clone(),
             faults: Mutex::new(faults),
-            rules: self.rules.subscribe(),
             stop: CancellationToken::new(),
             _permit: permit,
         };

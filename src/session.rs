@@ -173,8 +173,7 @@ fn arm_rst(ctx: &Ctx, stream: &TcpStream, arm: bool) {
 
 /// Waits until a connection action (close, disconnect) is due.
 async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
-    let mut rules = ctx.rules.clone();
-    let mut rules_open = true;
+    let mut woken = ctx.conn.woken();
     loop {
         let now = Instant::now();
         let (due, wake) = {
@@ -186,8 +185,7 @@ async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
             return due;
         }
         tokio::select! {
-            r = rules.changed(), if rules_open => rules_open = r.is_ok(),
-            _ = ctx.conn.wake.notified() => {}
+            Ok(()) = woken.changed() => {}
             _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
         }
     }

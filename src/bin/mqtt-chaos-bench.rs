@@ -2,11 +2,18 @@
 //!
 //! The upstream is a sink that answers CONNECT with CONNACK and PINGREQ with PINGRESP and
 //! discards PUBLISH. In front of it, in turn: nothing (direct), haproxy (`mode tcp`), socat, and
-//! mqtt-chaos with no rule, with the `drop-pingreq` profile, and with 20 rules that match no
-//! connection. For each: one connection streaming QoS 0 PUBLISH (16 B, 1 KiB, 64 KiB payloads),
-//! 100 connections streaming 1 KiB, and 10,000 sequential PINGREQ→PINGRESP round trips; for
-//! haproxy and mqtt-chaos also N idle connections (Keep Alive 30 s, pinging): RSS per connection
-//! and CPU. Every run is bounded in time and traffic. The result is a markdown table.
+//! mqtt-chaos with no rule, with the `drop-pingreq` profile, with 20 rules that match no
+//! connection, and with 10,000 such rules. For each: one connection streaming QoS 0 PUBLISH
+//! (16 B, 1 KiB, 64 KiB payloads), 100 connections streaming 1 KiB, and 10,000 sequential
+//! PINGREQ→PINGRESP round trips; for haproxy, mqtt-chaos and mqtt-chaos with 10,000 rules also N
+//! idle connections (Keep Alive 30 s, pinging): RSS per connection and CPU.
+//!
+//! Then rule churn: mqtt-chaos with 10,000 rules and 1,000 open connections gets 1,000 more
+//! rules through its admin API, one request after the other, while one more connection pings
+//! without pause: the latency of each `POST /rules`, and the ping round trips during the churn
+//! against the same connection's round trips before it.
+//!
+//! Every run is bounded in time and traffic. The result is markdown tables.
 
 use clap::Parser;
 use mqtt_chaos::codec::{PacketType, Splitter, Step, encode_varint};
@@ -43,6 +50,21 @@ struct Args {
     /// Where to write the markdown table (also printed).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Rules added one by one in the churn measurement (0: skip it).
+    #[arg(long, default_value_t = 1_000)]
+    churn: usize,
+}
+
+/// A profile of `n` rules that match no connection (client-id patterns, the costlier kind to
+/// match: they cannot be looked up, every CONNECT checks each).
+fn inert_rules(n: usize) -> String {
+    let mut text = format!("name = \"{n}-inert-rules\"\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[rules]]\nname = \"inert-{i}\"\naction = \"drop\"\npackets = [\"PUBLISH\"]\nmatch = {{ client_id = \"nobody-{i}-*\" }}\n"
+        ));
+    }
+    text
 }
 
 /// What the sink received.
@@ -209,10 +231,20 @@ fn socat(sink: &str) -> Relay {
 }
 
 fn chaos(name: &str, proxy: &std::path::Path, sink: &str, profile: Option<&str>) -> Relay {
+    chaos_with_admin(name, proxy, sink, profile, "none")
+}
+
+fn chaos_with_admin(
+    name: &str,
+    proxy: &std::path::Path,
+    sink: &str,
+    profile: Option<&str>,
+    admin: &str,
+) -> Relay {
     let addr = format!("127.0.0.1:{}", free_port());
     let dir = ScratchDir::new();
     let mut args = vec!["proxy".into(), "--listen".into(), addr.clone(), "--upstream".into(), sink.into()];
-    args.extend(["--admin".into(), "none".into()]);
+    args.extend(["--admin".into(), admin.into()]);
     if let Some(text) = profile {
         let file = dir.path().join("profile.toml");
         std::fs::write(&file, text).unwrap();
@@ -373,12 +405,8 @@ async fn main() {
     let (sink_addr, sink_stats) = sink().await;
     let drop_pingreq =
         std::fs::read_to_string("profiles/drop-pingreq.toml").expect("run from the repository root");
-    let mut twenty = String::from("name = \"twenty-inert-rules\"\n");
-    for i in 0..20 {
-        twenty.push_str(&format!(
-            "[[rules]]\nname = \"inert-{i}\"\naction = \"drop\"\npackets = [\"PUBLISH\"]\nmatch = {{ client_id = \"nobody-{i}-*\" }}\n"
-        ));
-    }
+    let twenty = inert_rules(20);
+    let ten_thousand = inert_rules(10_000);
     let relays: Vec<Box<dyn Fn() -> Relay>> = vec![
         Box::new(|| Relay { name: "direct".into(), addr: sink_addr.clone(), child: None, _dir: None }),
         Box::new(|| haproxy(&sink_addr, args.idle)),
@@ -386,6 +414,7 @@ async fn main() {
         Box::new(|| chaos("mqtt-chaos", &args.proxy, &sink_addr, None)),
         Box::new(|| chaos("mqtt-chaos drop-pingreq", &args.proxy, &sink_addr, Some(&drop_pingreq))),
         Box::new(|| chaos("mqtt-chaos 20 inert rules", &args.proxy, &sink_addr, Some(&twenty))),
+        Box::new(|| chaos("mqtt-chaos 10,000 inert rules", &args.proxy, &sink_addr, Some(&ten_thousand))),
     ];
     let payloads = [16, 1024, 64 * 1024];
     let mut rows = Vec::new();
@@ -403,14 +432,20 @@ async fn main() {
         } else {
             ping_rtt(&relay.addr, args.pings).await
         };
-        if args.idle > 0 && (relay.name == "haproxy" || relay.name == "mqtt-chaos") {
+        if args.idle > 0
+            && ["haproxy", "mqtt-chaos", "mqtt-chaos 10,000 inert rules"].contains(&relay.name.as_str())
+        {
             row.idle = Some(idle(&relay, args.idle, args.ping_every).await);
         }
         rows.push(row);
         drop(relay);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let table = render(&rows, &args);
+    let mut table = render(&rows, &args);
+    if args.churn > 0 {
+        eprintln!("measuring rule churn");
+        table.push_str(&churn(&args, &sink_addr, &ten_thousand).await);
+    }
     println!("{table}");
     if let Some(out) = &args.out {
         std::fs::write(out, &table).unwrap();
@@ -453,4 +488,66 @@ fn render(rows: &[Row], args: &Args) -> String {
         args.seconds, args.pings, args.idle, args.ping_every
     ));
     t
+}
+
+fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (q(0.5), q(0.99), v[v.len() - 1])
+}
+
+/// Rule churn under load: see the module documentation. A markdown section.
+async fn churn(args: &Args, sink: &str, preload: &str) -> String {
+    const CONNS: usize = 1_000;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let relay = chaos_with_admin("mqtt-chaos churn", &args.proxy, sink, Some(preload), &admin);
+    wait_listening(&admin);
+    let mut open = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        open.push(connected(&relay.addr).await);
+    }
+    let mut pinger = connected(&relay.addr).await;
+    let ping = async |s: &mut TcpStream| {
+        let t = Instant::now();
+        s.write_all(&[0xc0, 0x00]).await.unwrap();
+        let mut resp = [0u8; 2];
+        s.read_exact(&mut resp).await.unwrap();
+        t.elapsed().as_secs_f64() * 1e6
+    };
+    let mut before = Vec::new();
+    for _ in 0..2_000 {
+        before.push(ping(&mut pinger).await);
+    }
+    let client = mqtt_chaos::ctl::Client::new(&format!("http://{admin}"), None).unwrap();
+    let n = args.churn;
+    let adding = tokio::spawn(async move {
+        let mut took = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = format!(
+                "{{\"name\": \"churn-{i}\", \"action\": \"drop\", \"packets\": [\"PUBLISH\"], \"match\": {{\"client_id\": \"churn-{i}-*\"}}}}"
+            );
+            let t = Instant::now();
+            let r =
+                client.request("POST", "/rules", Some("application/json"), body.as_bytes()).await.unwrap();
+            took.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(r.status, 201, "{}", r.body);
+        }
+        took
+    });
+    let mut during = Vec::new();
+    while !adding.is_finished() {
+        during.push(ping(&mut pinger).await);
+    }
+    let took = adding.await.unwrap();
+    drop(open);
+    let (a50, a99, amax) = quantiles(took);
+    let (b50, b99, bmax) = quantiles(before);
+    let pings = during.len();
+    let (d50, d99, dmax) = quantiles(during);
+    format!(
+        "\n| rule churn: {n} rules added one by one to 10,000, {CONNS} connections open | p50 | p99 | max |\n|---|---|---|---|\n\
+         | `POST /rules` latency, ms | {a50:.2} | {a99:.2} | {amax:.2} |\n\
+         | PINGREQ round trip before the churn, µs | {b50:.0} | {b99:.0} | {bmax:.0} |\n\
+         | PINGREQ round trip during the churn ({pings} pings), µs | {d50:.0} | {d99:.0} | {dmax:.0} |\n"
+    )
 }

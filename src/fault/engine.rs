@@ -28,8 +28,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// How many recent changes a rule set remembers for connections to catch up with.
-const HISTORY: usize = 64;
+/// How many recent changes a rule set remembers for connections to catch up with (copied with
+/// each change: 256 entries cost a few microseconds).
+const HISTORY: usize = 256;
 
 /// One change from the previous version of the rule set.
 #[derive(Debug, Clone)]
@@ -77,7 +78,7 @@ impl RuleSet {
     }
 
     /// The rules that may match a connection with this client id, in rule-set order.
-    fn candidates(&self, client_id: &str) -> Vec<usize> {
+    fn candidates(&self, client_id: &str) -> impl Iterator<Item = usize> + '_ {
         let index = self.index.get_or_init(|| {
             let mut index = ClientIdIndex::default();
             for (i, r) in self.rules.iter().enumerate() {
@@ -90,12 +91,8 @@ impl RuleSet {
             }
             index
         });
-        let mut all = index.others.clone();
-        if let Some(exact) = index.exact.get(client_id) {
-            all.extend(exact);
-            all.sort_unstable();
-        }
-        all
+        let exact = index.exact.get(client_id).map_or(&[][..], Vec::as_slice);
+        merge_sorted(&index.others, exact)
     }
 
     /// The changes from `version` to this set, if it still remembers all of them.
@@ -124,34 +121,80 @@ impl RuleSet {
     }
 }
 
+/// The union of two ascending lists, ascending (each index is in one list only).
+fn merge_sorted<'a>(mut a: &'a [usize], mut b: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+    std::iter::from_fn(move || {
+        let (next, rest) = match (a.first(), b.first()) {
+            (Some(x), Some(y)) if y < x => (*y, &mut b),
+            (Some(x), _) => (*x, &mut a),
+            (None, Some(y)) => (*y, &mut b),
+            (None, None) => return None,
+        };
+        *rest = &rest[1..];
+        Some(next)
+    })
+}
+
 /// Where the active rule set is published.
 pub type RulesRx = watch::Receiver<Arc<RuleSet>>;
 
+/// Which live connections a rule change may affect *now*, without a packet: those in a mode
+/// (black hole, freeze, half-close) or with a connection action (close, disconnect) that the
+/// change starts or ends. Per-packet rules act at the next packet, so they wake nobody.
+#[derive(Debug, Clone, Copy)]
+pub enum Affected<'a> {
+    /// A replaced set (a profile, a reset).
+    All,
+    /// Connections this added or removed rule may match.
+    MatchedBy(&'a Rule),
+}
+
+/// Called after each change, to wake the connections it affects.
+pub type Waker = Box<dyn Fn(Affected<'_>) + Send + Sync>;
+
 /// The one owner of the rule set in force: every change is atomic (concurrent admin requests
-/// are applied in some serial order, none lost) and published to every connection.
-#[derive(Debug)]
-pub struct RuleBook(watch::Sender<Arc<RuleSet>>);
+/// are applied in some serial order, none lost) and published to every connection. Connections
+/// pick a change up at their next packet boundary; the `waker` wakes the ones it affects at once.
+pub struct RuleBook {
+    tx: watch::Sender<Arc<RuleSet>>,
+    waker: Option<Waker>,
+}
 
 impl Default for RuleBook {
     fn default() -> Self {
-        RuleBook(watch::channel(Arc::new(RuleSet::new(None, None, Vec::new()))).0)
+        RuleBook { tx: watch::channel(Arc::new(RuleSet::new(None, None, Vec::new()))).0, waker: None }
     }
 }
 
 impl RuleBook {
+    /// A book that calls `waker` after every change.
+    pub fn with_waker(waker: Waker) -> RuleBook {
+        RuleBook { waker: Some(waker), ..RuleBook::default() }
+    }
+
+    fn wake(&self, affected: Affected<'_>) {
+        let time_driven = match affected {
+            Affected::All => true,
+            Affected::MatchedBy(rule) => rule.kind().is_time_driven(),
+        };
+        if let (Some(waker), true) = (&self.waker, time_driven) {
+            waker(affected);
+        }
+    }
+
     /// The rule set in force.
     pub fn current(&self) -> Arc<RuleSet> {
-        self.0.borrow().clone()
+        self.tx.borrow().clone()
     }
 
     pub fn subscribe(&self) -> RulesRx {
-        self.0.subscribe()
+        self.tx.subscribe()
     }
 
     /// Adds a rule after the others; fails with the rule back if one of that name is in force.
     pub fn add(&self, rule: Arc<Rule>) -> Result<Arc<RuleSet>, Arc<Rule>> {
         let mut outcome = Err(rule.clone());
-        self.0.send_if_modified(|set| {
+        self.tx.send_if_modified(|set| {
             if set.get(rule.name()).is_some() {
                 return false;
             }
@@ -162,6 +205,9 @@ impl RuleBook {
             outcome = Ok(set.clone());
             true
         });
+        if outcome.is_ok() {
+            self.wake(Affected::MatchedBy(&rule));
+        }
         outcome
     }
 
@@ -169,7 +215,7 @@ impl RuleBook {
     /// version without it.
     pub fn remove(&self, name: &str) -> Option<(Arc<Rule>, u64)> {
         let mut removed = None;
-        self.0.send_if_modified(|set| {
+        self.tx.send_if_modified(|set| {
             let Some(i) = set.rules.iter().position(|r| r.name() == name) else { return false };
             let mut rules = set.rules.clone();
             let rule = rules.remove(i);
@@ -177,17 +223,21 @@ impl RuleBook {
             removed = Some((rule, set.version));
             true
         });
+        if let Some((rule, _)) = &removed {
+            self.wake(Affected::MatchedBy(rule));
+        }
         removed
     }
 
     /// Makes `set` the rules in force (a profile, or none); returns the set it replaced.
     pub fn replace(&self, mut set: RuleSet) -> Arc<RuleSet> {
         let mut old = None;
-        self.0.send_modify(|current| {
+        self.tx.send_modify(|current| {
             set.version = current.version + 1;
             set.changes = Arc::default();
             old = Some(std::mem::replace(current, Arc::new(std::mem::take(&mut set))));
         });
+        self.wake(Affected::All);
         old.expect("send_modify ran the closure")
     }
 }
@@ -399,11 +449,10 @@ impl ConnFaults {
         let locals = self.rules.split_off(self.globals);
         let mut old: HashMap<*const Rule, RuleState> =
             self.rules.drain(..).map(|s| (Arc::as_ptr(&s.rule), s)).collect();
-        for i in self.set.candidates(&facts.client_id) {
-            let rule = &self.set.rules[i];
-            if let Some(state) =
-                old.remove(&Arc::as_ptr(rule)).or_else(|| facts.state_for(rule, self.set.seed))
-            {
+        let set = &self.set;
+        for i in set.candidates(&facts.client_id) {
+            let rule = &set.rules[i];
+            if let Some(state) = old.remove(&Arc::as_ptr(rule)).or_else(|| facts.state_for(rule, set.seed)) {
                 self.rules.push(state);
             }
         }
@@ -800,6 +849,36 @@ mod tests {
 
     fn for_client(name: &str, client_id: &str) -> Arc<Rule> {
         rule(&format!("name = \"{name}\"\naction = \"drop\"\nmatch = {{ client_id = \"{client_id}\" }}\n"))
+    }
+
+    #[test]
+    fn the_book_wakes_connections_only_for_changes_that_act_without_a_packet() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let book = RuleBook::with_waker(Box::new(move |a| {
+            seen.lock().unwrap().push(match a {
+                Affected::All => "all".to_string(),
+                Affected::MatchedBy(r) => r.name().to_string(),
+            })
+        }));
+        book.add(rule("name = \"d\"\naction = \"drop\"\n")).unwrap();
+        book.add(rule("name = \"l\"\naction = \"delay\"\nlatency = \"1s\"\n")).unwrap();
+        book.add(rule("name = \"k\"\naction = \"rewrite_keepalive\"\nset = 5\n")).unwrap();
+        assert!(calls.lock().unwrap().is_empty(), "per-packet rules act at the next packet");
+        book.add(rule("name = \"b\"\naction = \"blackhole\"\n")).unwrap();
+        book.add(rule("name = \"c\"\naction = \"close\"\nafter = \"5s\"\n")).unwrap();
+        book.remove("b").unwrap();
+        book.remove("d").unwrap();
+        book.replace(RuleSet::new(None, None, vec![]));
+        assert_eq!(*calls.lock().unwrap(), ["b", "c", "b", "all"]);
+    }
+
+    #[test]
+    fn merged_candidates_keep_rule_set_order() {
+        let merged: Vec<_> = merge_sorted(&[0, 3, 4, 9], &[1, 5, 10]).collect();
+        assert_eq!(merged, [0, 1, 3, 4, 5, 9, 10]);
+        assert_eq!(merge_sorted(&[], &[2]).collect::<Vec<_>>(), [2]);
+        assert_eq!(merge_sorted(&[2], &[]).collect::<Vec<_>>(), [2]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,8 @@ pub mod engine;
 pub mod profile;
 pub mod rule;
 
-pub use engine::{Applied, Change, ConnAction, ConnFaults, Mode, RuleBook, RuleSet, RulesRx, Verdict};
+pub use engine::{
+    Affected, Applied, Change, ConnAction, ConnFaults, Mode, RuleBook, RuleSet, RulesRx, Verdict, Waker,
+};
 pub use profile::{Profile, ProfileSpec, compile_rules, load_profile, parse_profile};
 pub use rule::{Action, ActionKind, Rule, RuleError, RuleSpec};

@@ -39,6 +39,19 @@ impl ActionKind {
         }
     }
 
+    /// Whether the action acts on a connection by the clock, without a packet: a mode (black
+    /// hole, freeze, half-close) or a connection action (close, disconnect). A change to such a
+    /// rule wakes the connections it matches.
+    pub fn is_time_driven(self) -> bool {
+        match self {
+            ActionKind::Blackhole | ActionKind::Freeze | ActionKind::Close | ActionKind::Disconnect => true,
+            ActionKind::Drop
+            | ActionKind::Delay
+            | ActionKind::RewriteKeepalive
+            | ActionKind::ServerKeepalive => false,
+        }
+    }
+
     /// Packet actions decide per packet (their probability is per packet and `count` limits
     /// them); the others decide once per connection.
     fn is_packet_action(self) -> bool {
@@ -243,6 +256,14 @@ pub struct ConnFacts<'a> {
 }
 
 impl Matcher {
+    /// Whether the matcher may match a connection of which the username is not known: true
+    /// when it would match with some username.
+    pub fn may_match(&self, route: &str, client_id: &str, protocol: u8) -> bool {
+        self.route.as_ref().is_none_or(|r| r.iter().any(|r| r == route))
+            && self.protocol.as_ref().is_none_or(|p| p.contains(&protocol))
+            && self.client_id.as_ref().is_none_or(|g| glob(g, client_id))
+    }
+
     pub fn matches(&self, c: &ConnFacts<'_>) -> bool {
         self.route.as_ref().is_none_or(|r| r.iter().any(|r| r == c.route))
             && self.protocol.as_ref().is_none_or(|p| p.contains(&c.protocol))

@@ -32,8 +32,7 @@ fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
         conn,
         registry,
         settings: Arc::new(settings),
-        faults: Mutex::new(ConnFaults::new(rx.clone())),
-        rules: rx,
+        faults: Mutex::new(ConnFaults::new(rx)),
         stop: CancellationToken::new(),
         _permit: None,
     }

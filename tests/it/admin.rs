@@ -246,7 +246,8 @@ fn ctl_drives_a_running_proxy() {
     let rules: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rules["rules"].as_array().unwrap().len(), 2);
     assert_eq!(ctl(&["remove", "extra"]).0, Some(0));
-    assert_eq!(ctl(&["reset"]).0, Some(0));
+    let (code, out, _) = ctl(&["reset"]);
+    assert_eq!((code, out.trim()), (Some(0), "all rules removed (1 global, 0 of single connections)"));
     let (code, out, _) = ctl(&["--json", "connections"]);
     assert_eq!(code, Some(0));
     let id = serde_json::from_str::<Value>(&out).unwrap()[0]["id"].as_u64().unwrap();
@@ -267,6 +268,12 @@ fn ctl_drives_a_running_proxy() {
     let (code, _, err) = ctl(&["add", "--conn", "999999", rule]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no live connection 999999 (404)"), "{err}");
+    let (code, out, _) = ctl(&["remove", "--conn", &id.to_string(), "mute-me"]);
+    assert_eq!((code, out.trim()), (Some(0), format!("removed rule mute-me from connection {id}").as_str()));
+    std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
+    let mut pingresp = [0u8; 2];
+    std::io::Read::read_exact(&mut device, &mut pingresp).unwrap();
+    assert_eq!(pingresp, PINGRESP, "the connection's rule is gone");
 
     assert_eq!(ctl(&["kill", &id.to_string()]).0, Some(0));
     let mut rest = Vec::new();

@@ -269,6 +269,36 @@ async fn rules_added_as_fast_as_the_api_allows_never_hold_back_a_connections_pin
     assert!(added > 500, "only {added} rules were added: the churn was too slow to prove anything");
 }
 
+#[tokio::test]
+async fn rules_that_act_without_a_packet_reach_an_idle_connection_at_once_when_added_or_removed() {
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start(&broker.addr()).await;
+    let admin = serve_admin(&proxy, None).await;
+    let mut quiet = proxy.connect().await;
+    quiet.write_all(&connect_v4("quiet", 60, None)).await.unwrap();
+    expect_packet(&mut quiet, WAIT, "CONNACK").await;
+    let mut other = proxy.connect().await;
+    other.write_all(&connect_v4("other", 60, None)).await.unwrap();
+    expect_packet(&mut other, WAIT, "CONNACK").await;
+
+    // A freeze added while the client is silent: what it sends next waits…
+    let freeze = json!({"name": "ice", "action": "freeze", "direction": "client_to_broker", "match": {"client_id": "quiet"}});
+    assert_eq!(call(admin, "POST", "/rules", Some(freeze)).await.status, 201);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    quiet.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(read_to_end(&mut quiet, Duration::from_millis(500)).await, (vec![], Ending::Open));
+    // …until the rule is removed: the PINGREQ goes out with no further packet to prompt it.
+    assert_eq!(call(admin, "DELETE", "/rules/ice", None).await.status, 200);
+    assert_eq!(expect_packet(&mut quiet, Duration::from_secs(1), "PINGRESP").await, PINGRESP);
+
+    // A close added for an idle connection closes it now, and only it.
+    let cut = json!({"name": "cut", "action": "close", "how": "rst", "match": {"client_id": "quiet"}});
+    assert_eq!(call(admin, "POST", "/rules", Some(cut)).await.status, 201);
+    assert_eq!(read_to_end(&mut quiet, Duration::from_secs(1)).await.1, Ending::Reset);
+    other.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(expect_packet(&mut other, WAIT, "PINGRESP").await, PINGRESP);
+}
+
 /// One raw HTTP/1.1 request (for headers `ctl` never sends); the status and body.
 async fn raw_http(admin: SocketAddr, head: &str, body: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
