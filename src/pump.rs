@@ -187,8 +187,8 @@ impl Pump<'_> {
         W: AsyncWrite + Unpin,
     {
         let ctx = self.inspector.ctx;
-        let mut woken = ctx.conn.woken();
         loop {
+            let seen = ctx.conn.wake.seen();
             let now = Instant::now();
             if let Err(e) = self.release_delayed(writer, now).await {
                 return PumpEnd::WriteError(e);
@@ -224,7 +224,7 @@ impl Pump<'_> {
                 biased;
                 _ = ctx.stop.cancelled() => return PumpEnd::Stopped,
                 r = reader.read_buf(&mut self.buf), if can_read => r,
-                Ok(()) = woken.changed() => continue,
+                () = ctx.conn.wake.after(seen) => continue,
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => continue,
             };
             let n = match read {

@@ -14,7 +14,7 @@ use crate::route::Route;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
@@ -202,6 +202,40 @@ impl Batch {
     }
 }
 
+/// Wakes the tasks of one connection. Cheap (a counter and a `Notify`: idle connections keep
+/// one each), and never lost: a waiter notes [`Wake::seen`] *before* it looks at the state a wake
+/// may change, and [`Wake::after`] returns at once if a wake came since.
+#[derive(Default)]
+pub(crate) struct Wake {
+    sent: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Wake {
+    pub(crate) fn send(&self) {
+        self.sent.fetch_add(1, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// How many wakes were sent so far.
+    pub(crate) fn seen(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Returns once a wake was sent after `seen` was taken.
+    pub(crate) async fn after(&self, seen: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable(); // registered before the check: no wake slips between
+            if self.sent.load(Ordering::Acquire) != seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Fields that change a few times per connection.
 #[derive(Default)]
 struct State {
@@ -244,9 +278,8 @@ pub struct Connection {
     pub(crate) cancel: CancellationToken,
     /// Rules for this connection only (admin API); its fault engine follows them.
     pub(crate) local_rules: tokio::sync::watch::Sender<Vec<Arc<crate::fault::Rule>>>,
-    /// Wakes the connection's pumps and session when its rules or its identity changed (a
-    /// watch: a wake sent while they are busy is seen when they next wait, never lost).
-    wake: tokio::sync::watch::Sender<()>,
+    /// Wakes the connection's pumps and session when its rules or its identity changed.
+    pub(crate) wake: Wake,
     dirs: [DirStats; 2],
     /// Protocol level from the CONNECT (0 until seen), read by the broker_to_client pump to
     /// decode what the broker sends.
@@ -268,7 +301,7 @@ impl Connection {
             started_wall: SystemTime::now(),
             cancel,
             local_rules: tokio::sync::watch::channel(Vec::new()).0,
-            wake: tokio::sync::watch::channel(()).0,
+            wake: Wake::default(),
             dirs: Default::default(),
             protocol: AtomicU8::new(0),
             ping_pending: AtomicU64::new(0),
@@ -347,12 +380,7 @@ impl Connection {
     /// Wakes the pumps and the session: something that may change their mode or bring a
     /// connection action due has happened.
     pub(crate) fn wake(&self) {
-        self.wake.send_modify(|()| {});
-    }
-
-    /// A receiver of the wakes sent from now on.
-    pub(crate) fn woken(&self) -> tokio::sync::watch::Receiver<()> {
-        self.wake.subscribe()
+        self.wake.send();
     }
 
     /// Removes this connection's rule called `name`; whether there was one.

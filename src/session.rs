@@ -173,8 +173,8 @@ fn arm_rst(ctx: &Ctx, stream: &TcpStream, arm: bool) {
 
 /// Waits until a connection action (close, disconnect) is due.
 async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
-    let mut woken = ctx.conn.woken();
     loop {
+        let seen = ctx.conn.wake.seen();
         let now = Instant::now();
         let (due, wake) = {
             let mut faults = ctx.faults();
@@ -185,7 +185,7 @@ async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
             return due;
         }
         tokio::select! {
-            Ok(()) = woken.changed() => {}
+            () = ctx.conn.wake.after(seen) => {}
             _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
         }
     }

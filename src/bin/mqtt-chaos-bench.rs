@@ -53,6 +53,10 @@ struct Args {
     /// Rules added one by one in the churn measurement (0: skip it).
     #[arg(long, default_value_t = 1_000)]
     churn: usize,
+    /// Measure only the relays with these names (repeatable, e.g. `--only haproxy --only
+    /// mqtt-chaos`); ratios need `haproxy` among them.
+    #[arg(long, value_name = "RELAY")]
+    only: Vec<String>,
 }
 
 /// A profile of `n` rules that match no connection (client-id patterns, the costlier kind to
@@ -208,7 +212,7 @@ fn start(name: &str, program: &str, args: &[String], addr: String, dir: Option<S
 
 fn haproxy(sink: &str, idle: usize) -> Relay {
     // haproxy asks for 2 × maxconn + 17 descriptors at start and refuses to run without them.
-    let maxconn = idle + 50;
+    let maxconn = idle.max(200) + 50; // the throughput runs open 100 connections
     let dir = ScratchDir::new();
     let addr = format!("127.0.0.1:{}", free_port());
     let cfg = dir.path().join("haproxy.cfg");
@@ -418,8 +422,21 @@ async fn main() {
     ];
     let payloads = [16, 1024, 64 * 1024];
     let mut rows = Vec::new();
-    for make in &relays {
+    let names = [
+        "direct",
+        "haproxy",
+        "socat",
+        "mqtt-chaos",
+        "mqtt-chaos drop-pingreq",
+        "mqtt-chaos 20 inert rules",
+        "mqtt-chaos 10,000 inert rules",
+    ];
+    for (make, name) in relays.iter().zip(names) {
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
+            continue;
+        }
         let relay = make();
+        assert_eq!(relay.name, name);
         eprintln!("measuring {}", relay.name);
         let mut row = Row { name: relay.name.clone(), ..Row::default() };
         for &p in &payloads {
