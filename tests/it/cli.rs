@@ -27,6 +27,9 @@ fn help_names_every_flag_and_its_environment_variable() {
         ("--shutdown-grace", "MQTT_CHAOS_SHUTDOWN_GRACE"),
         ("--on-malformed", "MQTT_CHAOS_ON_MALFORMED"),
         ("--max-buffered-packet", "MQTT_CHAOS_MAX_BUFFERED_PACKET"),
+        ("--max-connect-packet", "MQTT_CHAOS_MAX_CONNECT_PACKET"),
+        ("--max-connections", "MQTT_CHAOS_MAX_CONNECTIONS"),
+        ("--half-close-timeout", "MQTT_CHAOS_HALF_CLOSE_TIMEOUT"),
         ("--log-format", "MQTT_CHAOS_LOG_FORMAT"),
     ] {
         assert!(help.contains(flag) && help.contains(env), "{flag} / {env} missing from:\n{help}");
