@@ -703,7 +703,9 @@ pub enum Event {
     WillTopicPublish { route: String, topic: String, at: Instant },
 }
 
-/// A watched Will topic; dropping the last clone stops the watch.
+/// A watched Will topic; dropping the last clone stops the watch. The record's handle lives as
+/// long as the record: until it is closed and every event subscriber has read its last event
+/// about it (the monitor does at once; the broadcast ring holds at most 4,096 events).
 pub struct TopicWatch {
     registry: Arc<Registry>,
     topic: String,

@@ -48,9 +48,7 @@ async fn a_duration_of_500_billion_years_is_refused_where_it_is_given_and_the_ma
     let broker = Mosquitto::start();
     let proxy = TestProxy::start(&broker.addr()).await;
     let admin = serve_admin(&proxy, None).await;
-    let mut device = proxy.connect().await;
-    device.write_all(&connect_v4("long-lived", 30, None)).await.unwrap();
-    expect_packet(&mut device, WAIT, "CONNACK").await;
+    let mut device = proxy.connected("long-lived", 30).await;
 
     for (field, rule) in [
         ("after", json!({"name": "x", "action": "drop", "after": HUGE})),
@@ -155,9 +153,7 @@ async fn a_client_that_sends_connect_twice_leaves_nothing_behind_and_takes_nobod
     assert_indexes_empty(&proxy, Duration::from_secs(5)).await;
 
     // A later client with the first id is no takeover of a connection that is long gone.
-    let mut again = proxy.connect().await;
-    again.write_all(&connect_v4("twice-0", 30, None)).await.unwrap();
-    expect_packet(&mut again, WAIT, "CONNACK").await;
+    let again = proxy.connected("twice-0", 30).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let m = proxy.running().metrics();
     for outcome in ["closed", "disconnect_0x8e", "not_enforced"] {
@@ -274,12 +270,8 @@ async fn rules_that_act_without_a_packet_reach_an_idle_connection_at_once_when_a
     let broker = Mosquitto::start();
     let proxy = TestProxy::start(&broker.addr()).await;
     let admin = serve_admin(&proxy, None).await;
-    let mut quiet = proxy.connect().await;
-    quiet.write_all(&connect_v4("quiet", 60, None)).await.unwrap();
-    expect_packet(&mut quiet, WAIT, "CONNACK").await;
-    let mut other = proxy.connect().await;
-    other.write_all(&connect_v4("other", 60, None)).await.unwrap();
-    expect_packet(&mut other, WAIT, "CONNACK").await;
+    let mut quiet = proxy.connected("quiet", 60).await;
+    let mut other = proxy.connected("other", 60).await;
 
     // A freeze added while the client is silent: what it sends next waits…
     let freeze = json!({"name": "ice", "action": "freeze", "direction": "client_to_broker", "match": {"client_id": "quiet"}});

@@ -258,6 +258,14 @@ impl TestProxy {
         self.running.as_ref().unwrap()
     }
 
+    /// A raw MQTT 3.1.1 client through the proxy, connected (its CONNACK read).
+    pub async fn connected(&self, client_id: &str, keep_alive: u16) -> TcpStream {
+        let mut s = self.connect().await;
+        s.write_all(&connect_v4(client_id, keep_alive, None)).await.unwrap();
+        expect_packet(&mut s, Duration::from_secs(5), "CONNACK").await;
+        s
+    }
+
     pub async fn connect(&self) -> TcpStream {
         let s = TcpStream::connect(self.addr).await.unwrap();
         s.set_nodelay(true).unwrap();
