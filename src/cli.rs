@@ -41,12 +41,18 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The proxy's admin API.
-    #[arg(long, env = "MQTT_CHAOS_ADMIN_URL", default_value = "http://127.0.0.1:9184", value_name = "URL")]
+    /// The proxy's admin API (before or after the subcommand).
+    #[arg(
+        long,
+        global = true,
+        env = "MQTT_CHAOS_ADMIN_URL",
+        default_value = "http://127.0.0.1:9184",
+        value_name = "URL"
+    )]
     pub admin: String,
 
-    /// Bearer token, if the proxy runs with --admin-token.
-    #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    /// Bearer token, if the proxy runs with --admin-token (before or after the subcommand).
+    #[arg(long, global = true, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
     /// Print the API's JSON instead of a table.
@@ -70,8 +76,8 @@ pub enum CtlCommand {
     },
     /// Show the rules in force.
     Rules,
-    /// Add a rule: JSON text, or a .json/.toml file with one rule. Global, or with --conn for
-    /// one live connection only.
+    /// Add rules: JSON text (a rule or an array), or a .json/.toml file with one rule, an array,
+    /// or `[[rules]]` tables (a profile). Global, or with --conn for one live connection only.
     Add {
         rule: String,
         /// The id of the live connection the rule is for (see `ctl connections`).

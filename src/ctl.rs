@@ -119,23 +119,59 @@ fn parse_response(raw: &[u8]) -> Result<Reply, String> {
     Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
-/// A rule for `ctl add`: JSON text, or a `.json`/`.toml` file holding one rule.
-pub fn rule_body(arg: &str) -> Result<Vec<u8>, String> {
+/// A rules file as `ctl add` takes it: a profile, or just `[[rules]]` tables.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    #[allow(dead_code)] // a profile's own fields are accepted and not used
+    name: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    seed: Option<u64>,
+    rules: Vec<RuleSpec>,
+}
+
+/// The rules for `ctl add`, each as a JSON request body: JSON text (one rule or an array), or a
+/// `.json`/`.toml` file holding one rule, an array of rules, or `[[rules]]` tables (a profile or
+/// the README's snippets). TOML errors carry `file:line:col`.
+pub fn rule_bodies(arg: &str) -> Result<Vec<Vec<u8>>, String> {
     let path = std::path::Path::new(arg);
-    let spec: RuleSpec = if path.is_file() {
+    let specs: Vec<RuleSpec> = if path.is_file() {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{arg}: {e}"))?;
         if arg.ends_with(".toml") {
-            toml::from_str(&text).map_err(|e| {
+            let at = |e: toml::de::Error| {
                 let (line, col) = crate::config::line_col(&text, e.span().map_or(0, |s| s.start));
                 format!("{arg}:{line}:{col}: {}", e.message().trim_end())
-            })?
+            };
+            let has_rules = text.parse::<toml::Table>().is_ok_and(|t| t.contains_key("rules"));
+            if has_rules {
+                toml::from_str::<RulesFile>(&text).map_err(at)?.rules
+            } else {
+                vec![toml::from_str::<RuleSpec>(&text).map_err(at)?]
+            }
         } else {
-            serde_json::from_str(&text).map_err(|e| format!("{arg}: {e}"))?
+            json_rules(&text).map_err(|e| format!("{arg}: {e}"))?
         }
     } else {
-        serde_json::from_str(arg).map_err(|e| format!("the rule is neither a file nor valid JSON: {e}"))?
+        json_rules(arg).map_err(|e| format!("the rule is neither a file nor valid JSON: {e}"))?
     };
-    serde_json::to_vec(&spec).map_err(|e| e.to_string())
+    if specs.is_empty() {
+        return Err(format!("{arg}: no rule in it"));
+    }
+    specs.iter().map(|s| serde_json::to_vec(s).map_err(|e| e.to_string())).collect()
+}
+
+/// One JSON rule, or an array of them.
+fn json_rules(text: &str) -> Result<Vec<RuleSpec>, serde_json::Error> {
+    if text.trim_start().starts_with('[') {
+        serde_json::from_str(text)
+    } else {
+        serde_json::from_str(text).map(|one| vec![one])
+    }
 }
 
 /// Live connections as a table.

@@ -47,10 +47,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             Ok(("DELETE", format!("/connections/{id}?how={how}"), None, Vec::new()))
         }
         CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
-        CtlCommand::Add { rule, conn } => {
-            let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
-            ctl::rule_body(rule).map(|b| ("POST", path, json, b))
-        }
+        CtlCommand::Add { rule, conn } => return ctl_add(&client, rule, *conn, args.json).await,
         CtlCommand::Remove { name, conn } => {
             let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
             Ok(("DELETE", path, None, Vec::new()))
@@ -94,10 +91,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Connections => print!("{}", ctl::connections_table(&value)),
         CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
         CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
-        CtlCommand::Add { conn: None, .. } => println!("added rule {}", value["name"].as_str().unwrap_or("")),
-        CtlCommand::Add { conn: Some(id), .. } => {
-            println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or(""))
-        }
+        CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
         CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
         CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
         CtlCommand::Reset => println!(
@@ -105,6 +99,40 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             value["removed"]["global"].as_u64().unwrap_or(0),
             value["removed"]["local"].as_u64().unwrap_or(0)
         ),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `ctl add`: one request per rule, in order; stops at the first refusal (exit 1, saying how
+/// many were added before it).
+async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>, json: bool) -> ExitCode {
+    let bodies = match mqtt_chaos::ctl::rule_bodies(rule) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("mqtt-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
+    for (added, body) in bodies.iter().enumerate() {
+        let reply = match client.request("POST", &path, Some("application/json"), body).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("mqtt-chaos: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if !(200..300).contains(&reply.status) {
+            let before = if added > 0 { format!(" (after adding {added})") } else { String::new() };
+            eprintln!("mqtt-chaos: {} ({}){before}", reply.error(), reply.status);
+            return ExitCode::from(1);
+        }
+        let value = reply.json().unwrap_or_default();
+        match conn {
+            _ if json => println!("{}", reply.body),
+            None => println!("added rule {}", value["name"].as_str().unwrap_or("")),
+            Some(id) => println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or("")),
+        }
     }
     ExitCode::SUCCESS
 }

@@ -246,8 +246,37 @@ fn ctl_drives_a_running_proxy() {
     let rules: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rules["rules"].as_array().unwrap().len(), 2);
     assert_eq!(ctl(&["remove", "extra"]).0, Some(0));
+
+    // Global flags after the subcommand; a file of `[[rules]]` tables (the README's snippets).
+    let snippets = tempfile::tempdir().unwrap();
+    let file = snippets.path().join("rules.toml");
+    std::fs::write(
+        &file,
+        "[[rules]]\nname = \"no-pingresp\"\naction = \"drop\"\ndirection = \"broker_to_client\"\n\
+         packets = [\"PINGRESP\"]\nprobability = 0.3\n\n[[rules]]\nname = \"slow\"\naction = \"delay\"\n\
+         latency = \"2s\"\npackets = [\"PUBLISH\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["ctl", "add", file.to_str().unwrap(), "--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "added rule no-pingresp\nadded rule slow\n");
+    let out = Command::new(binary())
+        .args(["ctl", "rules", "--json", "--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    let rules: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = rules["rules"].as_array().unwrap().iter().map(|r| r["name"].clone()).collect();
+    assert_eq!(names, [json!("swallow-pingresp"), json!("no-pingresp"), json!("slow")]);
+    std::fs::write(&file, "[[rules]]\nname = \"bad\"\naction = \"drop\"\nspeed = 3\n").unwrap();
+    let (code, _, err) = ctl(&["add", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("rules.toml:4:1: unknown field `speed`"), "{err}");
+
     let (code, out, _) = ctl(&["reset"]);
-    assert_eq!((code, out.trim()), (Some(0), "all rules removed (1 global, 0 of single connections)"));
+    assert_eq!((code, out.trim()), (Some(0), "all rules removed (3 global, 0 of single connections)"));
     let (code, out, _) = ctl(&["--json", "connections"]);
     assert_eq!(code, Some(0));
     let id = serde_json::from_str::<Value>(&out).unwrap()[0]["id"].as_u64().unwrap();
