@@ -206,7 +206,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     };
     if let Some(p) = profile {
         let names: Vec<_> = p.rules.iter().map(|r| r.name().to_string()).collect();
-        tracing::info!(profile = %p.spec.name, rules = ?names, "profile active");
+        tracing::info!(profile = %p.spec.name, rules = names.len(), names = %names.join(", "), "profile active");
         proxy.set_rules(p.rule_set());
     }
     let admin = match args.admin.as_str() {

@@ -206,8 +206,8 @@ async fn carry_out(
     match action {
         ConnAction::Disconnect { reason, to } => {
             let why =
-                format!("rule {rule:?} sent DISCONNECT {} ({reason:#04x}) to {to:?}", reason_name(reason));
-            info!(conn = conn.id, rule, reason = reason_name(reason), to = ?to, "sending DISCONNECT, then closing");
+                format!("rule {rule:?} sent DISCONNECT {} ({reason:#04x}) to {}", reason_name(reason), to.words());
+            info!(conn = conn.id, rule, reason = reason_name(reason), to = to.as_str(), "sending DISCONNECT, then closing");
             conn.note_close(Side::Proxy, CloseHow::Disconnect, Some(reason), Some(why), now);
             // A DISCONNECT with a reason code and no properties (MQTT 5, 3.14).
             let packet = [0xe0, 0x01, reason];
@@ -220,8 +220,8 @@ async fn carry_out(
         }
         ConnAction::Close { side, how } => {
             let rst = how == CloseMode::Rst;
-            let why = format!("rule {rule:?} closed {side:?} with {how:?}");
-            info!(conn = conn.id, rule, side = ?side, how = ?how, "closing by rule");
+            let why = format!("rule {rule:?} closed {} with {}", side.words(), how.as_str().to_uppercase());
+            info!(conn = conn.id, rule, side = side.as_str(), how = how.as_str(), "closing by rule");
             conn.note_close(
                 Side::Proxy,
                 if rst { CloseHow::Rst } else { CloseHow::Fin },
@@ -265,7 +265,7 @@ async fn hold_half_open(ctx: &Ctx, mut stream: TcpStream, side: Side) {
     info!(
         conn = ctx.conn.id,
         side = side.as_str(),
-        after_s = started.elapsed().as_secs_f64(),
+        after_s = round3(started.elapsed().as_secs_f64()),
         ended,
         "the side left half-open is gone"
     );
@@ -329,14 +329,19 @@ fn finish(conn: &Arc<Connection>, registry: &Registry) {
         closed_by = %close.closed_by.as_str(),
         how = %close.how.as_str(),
         reason = %close.reason.as_deref().unwrap_or("-"),
-        silence_s = close.silence_s,
-        silence_ratio = close.silence_ratio,
+        silence_s = close.silence_s.map(round3),
+        silence_ratio = close.silence_ratio.map(round3),
         keep_alive = close.keep_alive_enforced,
-        duration_s = close.at_s,
+        duration_s = round3(close.at_s),
         bytes_client_to_broker = s.client_to_broker.bytes,
         bytes_broker_to_client = s.broker_to_client.bytes,
         ended_by_proxy = end.map_or("-", |e| e.cause),
         "connection closed"
     );
     registry.close(conn);
+}
+
+/// A number for a log line: at most 3 decimals (milliseconds for seconds).
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }

@@ -80,6 +80,24 @@ pub enum SideSpec {
 }
 
 impl SideSpec {
+    /// As written in profiles: `client`, `broker`, `both`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SideSpec::Client => "client",
+            SideSpec::Broker => "broker",
+            SideSpec::Both => "both",
+        }
+    }
+
+    /// In a sentence: `the client`, `the broker`, `both sides`.
+    pub fn words(self) -> &'static str {
+        match self {
+            SideSpec::Client => "the client",
+            SideSpec::Broker => "the broker",
+            SideSpec::Both => "both sides",
+        }
+    }
+
     pub fn client(self) -> bool {
         matches!(self, SideSpec::Client | SideSpec::Both)
     }
@@ -95,6 +113,17 @@ pub enum CloseMode {
     Fin,
     Rst,
     Half,
+}
+
+impl CloseMode {
+    /// As written in profiles: `fin`, `rst`, `half`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseMode::Fin => "fin",
+            CloseMode::Rst => "rst",
+            CloseMode::Half => "half",
+        }
+    }
 }
 
 /// A DISCONNECT reason: a code (`0x8D`, `141`) or its name (`keep_alive_timeout`).

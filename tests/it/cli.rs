@@ -143,6 +143,9 @@ fn an_unreachable_upstream_is_logged_as_json_with_the_connection_id() {
     let closed = log.lines().find(|l| l.contains("connection closed") && l.contains("\"conn\":2")).unwrap();
     let v: serde_json::Value = serde_json::from_str(closed).unwrap();
     assert_eq!((v["closed_by"].as_str(), v["how"].as_str()), (Some("proxy"), Some("error")));
+    // Numbers are JSON numbers with at most 3 decimals.
+    let duration = v["duration_s"].as_f64().expect("duration_s is a number");
+    assert!(((duration * 1000.0).round() - duration * 1000.0).abs() < 1e-6, "{closed}");
 }
 
 #[test]
