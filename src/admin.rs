@@ -12,8 +12,8 @@
 //! | `DELETE /rules/{name}` | remove one global rule; 404 if there is none |
 //! | `POST /connections/{id}/rules` | add a rule for one live connection only |
 //! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
-//! | `GET /profiles` | the profiles in `--profiles-dir`, each with its description or its error |
-//! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`) or a TOML body |
+//! | `GET /profiles` | the profiles in `--profiles-dir` and the built-in ones (`source`), each with its description or its error |
+//! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body |
 //! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
 //!
 //! Every change to the rules is atomic: concurrent requests take effect in some serial order and
@@ -378,26 +378,9 @@ async fn remove_connection_rule(
     ok(StatusCode::OK, json!({"connection": conn.id, "removed": name}))
 }
 
+/// The profiles `PUT /profile {"name"}` can activate (see [`profile::listing`]).
 async fn profiles(State(c): State<Control>) -> ApiResult {
-    let list = profile::list(&c.profiles_dir).map_err(|e| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("cannot read the profiles directory {}: {e}", c.profiles_dir.display()),
-        )
-    })?;
-    let body: Vec<Value> = list
-        .into_iter()
-        .map(|(path, loaded)| match loaded {
-            Ok(p) => json!({
-                "name": p.spec.name,
-                "file": path.display().to_string(),
-                "description": p.spec.description,
-                "rules": p.rules.len(),
-            }),
-            Err(e) => json!({"file": path.display().to_string(), "error": e.to_string()}),
-        })
-        .collect();
-    ok(StatusCode::OK, json!(body))
+    ok(StatusCode::OK, profile::listing(&c.profiles_dir))
 }
 
 #[derive(Deserialize)]
@@ -430,14 +413,19 @@ async fn activate_profile(
                 "a profile name is letters, digits, - _ and . (no paths)",
             ));
         }
-        let path = c.profiles_dir.join(format!("{}.toml", by_name.name));
-        if !path.is_file() {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no profile {:?} in {}", by_name.name, c.profiles_dir.display()),
-            ));
+        match profile::by_name(&by_name.name, &c.profiles_dir) {
+            Ok(Some((_, p))) => p,
+            Ok(None) => {
+                let message = format!(
+                    "no profile {:?} in {} nor built in; available: {}",
+                    by_name.name,
+                    c.profiles_dir.display(),
+                    profile::available_names(&c.profiles_dir)
+                );
+                return Err(ApiError::new(StatusCode::NOT_FOUND, message));
+            }
+            Err(e) => return Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
         }
-        profile::load_profile(&path).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
     } else {
         profile::parse_profile("request body", text)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?

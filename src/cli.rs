@@ -37,6 +37,19 @@ pub enum Command {
     Check(CheckArgs),
     /// Talk to a running proxy's admin API.
     Ctl(CtlArgs),
+    /// List the profiles `--profile NAME` finds: the files in --profiles-dir and the built-in ones.
+    Profiles(ProfilesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProfilesArgs {
+    /// Where profile files are looked up (they override built-in profiles of the same name).
+    #[arg(long, env = "MQTT_CHAOS_PROFILES_DIR", default_value = "profiles", value_name = "DIR")]
+    pub profiles_dir: PathBuf,
+
+    /// Print JSON (the admin API's `GET /profiles` form) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -91,8 +104,10 @@ pub enum CtlCommand {
         #[arg(long, value_name = "ID")]
         conn: Option<u64>,
     },
-    /// Activate a profile: a name in the proxy's --profiles-dir, or a local TOML file.
+    /// Activate a profile: a name the proxy knows (its --profiles-dir, or built in), or a local TOML file.
     Profile { profile: String },
+    /// List the profiles the running proxy can activate by name.
+    Profiles,
     /// Remove every rule (passthrough).
     Reset,
 }
@@ -185,7 +200,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_OBSERVER_PASSWORD_FILE", value_name = "FILE")]
     pub observer_password_file: Option<PathBuf>,
 
-    /// Fault profile to activate at start: a name (looked up in --profiles-dir) or a file.
+    /// Fault profile to activate at start: a name (a file in --profiles-dir, else a built-in
+    /// profile; `mqtt-chaos profiles` lists them) or a file path.
     #[arg(long, env = "MQTT_CHAOS_PROFILE", value_name = "NAME|FILE")]
     pub profile: Option<String>,
 
@@ -256,8 +272,7 @@ impl ProxyArgs {
     /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).
     pub fn profile(&self) -> Result<Option<Profile>, String> {
         let Some(name) = &self.profile else { return Ok(None) };
-        let path = profile::resolve(name, &self.profiles_dir);
-        profile::load_profile(&path).map(Some).map_err(|e| e.to_string())
+        profile::find(name, &self.profiles_dir).map(|(_, p)| Some(p)).map_err(|e| e.to_string())
     }
 
     /// The routes to run, from the file or the flags. Errors are user-facing messages.

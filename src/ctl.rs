@@ -174,6 +174,27 @@ fn json_rules(text: &str) -> Result<Vec<RuleSpec>, serde_json::Error> {
     }
 }
 
+/// Profiles (`GET /profiles`) as a table.
+pub fn profiles_table(v: &Value) -> String {
+    let mut out = format!("{:<28} {:<9} {:>5}  {}\n", "NAME", "SOURCE", "RULES", "DESCRIPTION");
+    for p in v.as_array().into_iter().flatten() {
+        let rules = p["rules"].as_u64().map_or("-".to_string(), |n| n.to_string());
+        let about = p["description"].as_str().or(p["error"].as_str()).unwrap_or("");
+        let mut about: String = about.lines().next().unwrap_or("").chars().take(100).collect();
+        if about.chars().count() == 100 {
+            about.push('…');
+        }
+        out.push_str(&format!(
+            "{:<28} {:<9} {:>5}  {}\n",
+            p["name"].as_str().unwrap_or(""),
+            p["source"].as_str().unwrap_or(""),
+            rules,
+            about
+        ));
+    }
+    out
+}
+
 /// Live connections as a table.
 pub fn connections_table(v: &Value) -> String {
     let mut out = format!(

@@ -27,6 +27,15 @@ fn main() -> ExitCode {
         Command::Proxy(args) => runtime.block_on(proxy(*args)),
         Command::Check(args) => check(&args),
         Command::Ctl(args) => runtime.block_on(ctl(args)),
+        Command::Profiles(args) => {
+            let listing = mqtt_chaos::fault::profile::listing(&args.profiles_dir);
+            if args.json {
+                println!("{listing}");
+            } else {
+                print!("{}", mqtt_chaos::ctl::profiles_table(&listing));
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -63,6 +72,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             }
         }
         CtlCommand::Reset => Ok(("POST", "/reset".to_string(), None, Vec::new())),
+        CtlCommand::Profiles => Ok(("GET", "/profiles".to_string(), None, Vec::new())),
     };
     let (method, path, content_type, body) = match request {
         Ok(r) => r,
@@ -92,6 +102,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
         CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
         CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
+        CtlCommand::Profiles => print!("{}", ctl::profiles_table(&value)),
         CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
         CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
         CtlCommand::Reset => println!(
@@ -131,7 +142,9 @@ async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>
         match conn {
             _ if json => println!("{}", reply.body),
             None => println!("added rule {}", value["name"].as_str().unwrap_or("")),
-            Some(id) => println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or("")),
+            Some(id) => {
+                println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or(""))
+            }
         }
     }
     ExitCode::SUCCESS
@@ -141,16 +154,10 @@ async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>
 fn check(args: &CheckArgs) -> ExitCode {
     let mut failed = 0;
     for name in &args.files {
-        let path = profile::resolve(name, &args.profiles_dir);
-        match profile::load_profile(&path) {
-            Ok(p) => {
+        match profile::find(name, &args.profiles_dir) {
+            Ok((source, p)) => {
                 let n = p.rules.len();
-                println!(
-                    "ok: {} ({}: {n} rule{})",
-                    path.display(),
-                    p.spec.name,
-                    if n == 1 { "" } else { "s" }
-                );
+                println!("ok: {source} ({}: {n} rule{})", p.spec.name, if n == 1 { "" } else { "s" });
             }
             Err(e) => {
                 eprintln!("{e}");

@@ -205,9 +205,18 @@ async fn carry_out(
     let now = Instant::now();
     match action {
         ConnAction::Disconnect { reason, to } => {
-            let why =
-                format!("rule {rule:?} sent DISCONNECT {} ({reason:#04x}) to {}", reason_name(reason), to.words());
-            info!(conn = conn.id, rule, reason = reason_name(reason), to = to.as_str(), "sending DISCONNECT, then closing");
+            let why = format!(
+                "rule {rule:?} sent DISCONNECT {} ({reason:#04x}) to {}",
+                reason_name(reason),
+                to.words()
+            );
+            info!(
+                conn = conn.id,
+                rule,
+                reason = reason_name(reason),
+                to = to.as_str(),
+                "sending DISCONNECT, then closing"
+            );
             conn.note_close(Side::Proxy, CloseHow::Disconnect, Some(reason), Some(why), now);
             // A DISCONNECT with a reason code and no properties (MQTT 5, 3.14).
             let packet = [0xe0, 0x01, reason];

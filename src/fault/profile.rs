@@ -91,25 +91,141 @@ pub fn load_profile(path: &Path) -> Result<Profile, ConfigError> {
     parse_profile(&file, &text)
 }
 
-/// `--profile NAME|FILE`: a path if it names an existing file or looks like one (has a `/` or
-/// ends in `.toml`), else `DIR/NAME.toml`.
-pub fn resolve(name_or_file: &str, dir: &Path) -> PathBuf {
-    let as_path = Path::new(name_or_file);
-    if as_path.is_file() || name_or_file.contains('/') || name_or_file.ends_with(".toml") {
-        as_path.to_path_buf()
-    } else {
-        dir.join(format!("{name_or_file}.toml"))
+/// The shipped profiles (`profiles/*.toml`), compiled into the binary so that `--profile NAME`
+/// works wherever the binary is installed. A file of the same name in `--profiles-dir`
+/// overrides one. A test keeps this list equal to the folder.
+pub const BUILT_IN: &[(&str, &str)] = &[
+    ("drop-pingreq", include_str!("../../profiles/drop-pingreq.toml")),
+    ("drop-pingresp", include_str!("../../profiles/drop-pingresp.toml")),
+    ("flaky-pingresp", include_str!("../../profiles/flaky-pingresp.toml")),
+    ("half-open-broker", include_str!("../../profiles/half-open-broker.toml")),
+    ("half-open-client", include_str!("../../profiles/half-open-client.toml")),
+    ("keepalive-disable", include_str!("../../profiles/keepalive-disable.toml")),
+    ("keepalive-shrink", include_str!("../../profiles/keepalive-shrink.toml")),
+    ("partition", include_str!("../../profiles/partition.toml")),
+    ("passthrough", include_str!("../../profiles/passthrough.toml")),
+    ("reset-storm", include_str!("../../profiles/reset-storm.toml")),
+    ("server-keepalive-override", include_str!("../../profiles/server-keepalive-override.toml")),
+    ("slow-pingresp", include_str!("../../profiles/slow-pingresp.toml")),
+];
+
+/// Where a profile comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    BuiltIn,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::BuiltIn => f.write_str("built-in"),
+        }
     }
 }
 
-/// The profiles in a directory, sorted by name, each loaded (or the error that stops it).
-pub fn list(dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<Profile, ConfigError>)>> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+/// Whether `--profile` was given a path (an existing file, or text with a `/` or ending in
+/// `.toml`) rather than a name.
+fn is_path(name_or_file: &str) -> bool {
+    Path::new(name_or_file).is_file() || name_or_file.contains('/') || name_or_file.ends_with(".toml")
+}
+
+/// `--profile NAME|FILE`: a file path; or a name, looked up as `DIR/NAME.toml`, then among the
+/// built-in profiles. An unknown name is an error that lists the available ones.
+pub fn find(name_or_file: &str, dir: &Path) -> Result<(Source, Profile), ConfigError> {
+    if is_path(name_or_file) {
+        let path = PathBuf::from(name_or_file);
+        return load_profile(&path).map(|p| (Source::File(path), p));
+    }
+    by_name(name_or_file, dir)?.ok_or_else(|| ConfigError {
+        file: name_or_file.to_string(),
+        line: 0,
+        col: 0,
+        message: format!(
+            "no profile of that name in {} nor built in; available: {} (`mqtt-chaos profiles` describes \
+             them; --profiles-dir DIR looks elsewhere; a path to a .toml file works too)",
+            dir.display(),
+            available_names(dir)
+        ),
+    })
+}
+
+/// A profile by name only (never a path): `DIR/NAME.toml`, then the built-in one; `None` if
+/// there is neither.
+pub fn by_name(name: &str, dir: &Path) -> Result<Option<(Source, Profile)>, ConfigError> {
+    let path = dir.join(format!("{name}.toml"));
+    if path.is_file() {
+        return load_profile(&path).map(|p| Some((Source::File(path), p)));
+    }
+    match BUILT_IN.iter().find(|(n, _)| *n == name) {
+        Some((name, text)) => {
+            parse_profile(&format!("built-in profile {name}"), text).map(|p| Some((Source::BuiltIn, p)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// [`available`] as JSON (`GET /profiles`, `mqtt-chaos profiles --json`): per profile its
+/// `name`, `source` (`file` with its `file`, or `built-in`), and `description` and `rules`, or
+/// the `error` that stops it from loading.
+pub fn listing(dir: &Path) -> serde_json::Value {
+    use serde_json::json;
+    let items: Vec<serde_json::Value> = available(dir)
+        .into_iter()
+        .map(|l| {
+            let mut item = match l.loaded {
+                Ok(p) => json!({"name": l.name, "description": p.spec.description, "rules": p.rules.len()}),
+                Err(e) => json!({"name": l.name, "error": e.to_string()}),
+            };
+            match l.source {
+                Source::File(path) => {
+                    item["source"] = json!("file");
+                    item["file"] = json!(path.display().to_string());
+                }
+                Source::BuiltIn => item["source"] = json!("built-in"),
+            }
+            item
+        })
+        .collect();
+    json!(items)
+}
+
+/// The names `by_name` finds, comma-separated.
+pub fn available_names(dir: &Path) -> String {
+    available(dir).into_iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
+}
+
+/// One profile in a listing: its name (from the file name or the built-in table), where it is,
+/// and what loading it gave.
+#[derive(Debug)]
+pub struct Listed {
+    pub name: String,
+    pub source: Source,
+    pub loaded: Result<Profile, ConfigError>,
+}
+
+/// Every profile `find` can reach by name, sorted by name: the files in `dir` (a missing or
+/// unreadable folder gives none) and the built-in profiles no file overrides.
+pub fn available(dir: &Path) -> Vec<Listed> {
+    let mut all: Vec<Listed> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter_map(|path| {
+            let name = path.file_stem()?.to_str()?.to_string();
+            Some(Listed { name, loaded: load_profile(&path), source: Source::File(path) })
+        })
         .collect();
-    paths.sort();
-    Ok(paths.into_iter().map(|p| (p.clone(), load_profile(&p))).collect())
+    for (name, text) in BUILT_IN {
+        if !all.iter().any(|l| l.name == *name) {
+            let loaded = parse_profile(&format!("built-in profile {name}"), text);
+            all.push(Listed { name: name.to_string(), source: Source::BuiltIn, loaded });
+        }
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
 }
 
 /// Byte offset of the value at `path` (`rules[2].match.protocol`) in TOML `text`; for a path
@@ -218,10 +334,46 @@ latency = "1s"
     }
 
     #[test]
-    fn names_resolve_in_the_profiles_directory() {
-        let dir = Path::new("/somewhere/profiles");
-        assert_eq!(resolve("drop-pingreq", dir), dir.join("drop-pingreq.toml"));
-        assert_eq!(resolve("./my.toml", dir), PathBuf::from("./my.toml"));
-        assert_eq!(resolve("my.toml", dir), PathBuf::from("my.toml"));
+    fn the_built_in_profiles_are_the_shipped_folder_and_all_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+        let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .map(|p| {
+                (p.file_stem().unwrap().to_str().unwrap().to_string(), std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        files.sort();
+        let built_in: Vec<(String, String)> =
+            BUILT_IN.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+        assert_eq!(built_in, files, "BUILT_IN must list every file of profiles/ (and only those)");
+        for (name, text) in BUILT_IN {
+            let p = parse_profile(name, text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(p.spec.name, *name, "a profile's name is its file name");
+        }
+    }
+
+    #[test]
+    fn names_are_found_in_the_directory_first_then_built_in_and_unknown_ones_list_the_rest() {
+        let nowhere = Path::new("/nonexistent/profiles");
+        let (source, p) = find("drop-pingreq", nowhere).unwrap();
+        assert_eq!((source, p.spec.name.as_str()), (Source::BuiltIn, "drop-pingreq"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("drop-pingreq.toml"),
+            "name = \"drop-pingreq\"\ndescription = \"mine\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("extra.toml"), "name = \"extra\"\n").unwrap();
+        let (source, p) = find("drop-pingreq", dir.path()).unwrap();
+        assert_eq!(source, Source::File(dir.path().join("drop-pingreq.toml")));
+        assert_eq!(p.spec.description, "mine", "a file overrides the built-in profile");
+        let e = find("no-such", dir.path()).unwrap_err().to_string();
+        assert!(e.starts_with("no-such: no profile of that name"), "{e}");
+        assert!(e.contains("drop-pingreq, drop-pingresp, extra, flaky-pingresp"), "{e}");
+        let listed = available(dir.path());
+        assert_eq!(listed.len(), BUILT_IN.len() + 1);
+        assert!(find("./missing.toml", dir.path()).unwrap_err().to_string().contains("cannot read"));
     }
 }

@@ -233,6 +233,9 @@ fn ctl_drives_a_running_proxy() {
     let (code, out, _) = ctl(&["connections"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("ctl-device") && out.contains("45/45/45"), "{out}");
+    let (code, out, _) = ctl(&["profiles"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("NAME") && out.contains("drop-pingresp") && out.contains("file"), "{out}");
     let (code, out, _) = ctl(&["profile", "drop-pingresp"]);
     assert_eq!(code, Some(0));
     assert!(out.contains("profile: drop-pingresp") && out.contains("swallow-pingresp"), "{out}");

@@ -265,7 +265,62 @@ fn a_profile_that_fails_to_load_stops_the_start_with_its_error() {
 
     let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--profile", "no-such-profile"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("profiles/no-such-profile.toml: cannot read"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("no-such-profile: no profile of that name in profiles nor built in"), "{err}");
+    assert!(
+        err.contains("available: drop-pingreq, drop-pingresp,") && err.contains("mqtt-chaos profiles"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_binary_carries_its_profiles_and_a_file_of_the_same_name_overrides_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("partition.toml"),
+        "name = \"partition\"\ndescription = \"my own partition\"\n",
+    )
+    .unwrap();
+    let out = run(&["profiles", "--json", "--profiles-dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 12, "{list:?}");
+    let partition = list.iter().find(|p| p["name"] == "partition").unwrap();
+    assert_eq!(
+        (partition["source"].as_str(), partition["description"].as_str()),
+        (Some("file"), Some("my own partition"))
+    );
+    let drop = list.iter().find(|p| p["name"] == "drop-pingreq").unwrap();
+    assert_eq!((drop["source"].as_str(), drop["rules"].as_u64()), (Some("built-in"), Some(1)));
+    let table = String::from_utf8(run(&["profiles", "--profiles-dir", "/nonexistent"]).stdout).unwrap();
+    assert!(
+        table.starts_with("NAME") && table.contains("reset-storm") && table.contains("built-in"),
+        "{table}"
+    );
+    // `check` and `--profile` find a built-in profile by name from any directory.
+    let out = run(&["check", "drop-pingresp", "--profiles-dir", "/nonexistent"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: built-in (drop-pingresp: 1 rule)"));
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn(
+        &[
+            "proxy",
+            "--listen",
+            &listen,
+            "--upstream",
+            &broker.addr(),
+            "--profiles-dir",
+            "/nonexistent",
+            "--profile",
+            "drop-pingreq",
+        ],
+        &listen,
+    );
+    sigterm(&child);
+    let log = stderr(&child.wait_with_output().unwrap());
+    assert!(log.contains("profile active") && log.contains("drop-pingreq"), "{log}");
 }
 
 #[test]
