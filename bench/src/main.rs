@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Parser)]
 #[command(about = "Benchmarks mqtt-chaos against a direct connection, haproxy and socat on loopback")]
 struct Args {
-    /// The mqtt-chaos binary to measure (build it with `cargo build --release`).
+    /// The mqtt-chaos binary to measure (build both with `cargo build --release --workspace`).
     #[arg(long, default_value = "target/release/mqtt-chaos")]
     proxy: PathBuf,
     /// Seconds per throughput measurement.
@@ -405,10 +405,16 @@ struct Row {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    assert!(args.proxy.is_file(), "{} is missing: run `cargo build --release` first", args.proxy.display());
+    assert!(
+        args.proxy.is_file(),
+        "{} is missing: run `cargo build --release --workspace` first",
+        args.proxy.display()
+    );
     let (sink_addr, sink_stats) = sink().await;
-    let drop_pingreq =
-        std::fs::read_to_string("profiles/drop-pingreq.toml").expect("run from the repository root");
+    let drop_pingreq = mqtt_chaos::fault::profile::BUILT_IN
+        .iter()
+        .find_map(|(name, text)| (*name == "drop-pingreq").then_some(*text))
+        .expect("drop-pingreq is built in");
     let twenty = inert_rules(20);
     let ten_thousand = inert_rules(10_000);
     let relays: Vec<Box<dyn Fn() -> Relay>> = vec![
@@ -416,7 +422,7 @@ async fn main() {
         Box::new(|| haproxy(&sink_addr, args.idle)),
         Box::new(|| socat(&sink_addr)),
         Box::new(|| chaos("mqtt-chaos", &args.proxy, &sink_addr, None)),
-        Box::new(|| chaos("mqtt-chaos drop-pingreq", &args.proxy, &sink_addr, Some(&drop_pingreq))),
+        Box::new(|| chaos("mqtt-chaos drop-pingreq", &args.proxy, &sink_addr, Some(drop_pingreq))),
         Box::new(|| chaos("mqtt-chaos 20 inert rules", &args.proxy, &sink_addr, Some(&twenty))),
         Box::new(|| chaos("mqtt-chaos 10,000 inert rules", &args.proxy, &sink_addr, Some(&ten_thousand))),
     ];
