@@ -3,6 +3,7 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up, 503 `{"status":"shutting_down"}` once a shutdown began (never needs the token) |
+//! | `GET /readyz` | 200 `{"status":"ready",…}` when every route's last dial of its upstream succeeded, else 503 `not_ready`; per route `reachable` and `last_error` (never needs the token) |
 //! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
 //! | `GET /connections` | live connection records (JSON, never passwords or usernames), each with its `local_rules` |
 //! | `GET /connections/{id}` | one record, with its `local_rules`; 404 if it is not live |
@@ -138,6 +139,7 @@ pub fn app(control: Control) -> Router {
         .route("/reset", post(reset))
         .route_layer(middleware::from_fn_with_state(control.clone(), require_token))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -223,6 +225,27 @@ async fn healthz(State(c): State<Control>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
     axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// 200 when every route's last dial of its upstream succeeded, else 503; per route what the
+/// last dial gave (`reachable` is null before the first).
+async fn readyz(State(c): State<Control>) -> Response {
+    let routes: Vec<Value> = c
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "route": r.name,
+                "upstream": r.upstream,
+                "reachable": r.reach.reachable(),
+                "last_error": r.reach.last_error(),
+            })
+        })
+        .collect();
+    let ready = c.routes.iter().all(|r| r.reach.reachable() == Some(true));
+    let (status, word) =
+        if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not_ready") };
+    (status, axum::Json(json!({"status": word, "routes": routes}))).into_response()
 }
 
 async fn require_token(State(c): State<Control>, request: Request, next: Next) -> Response {

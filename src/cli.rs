@@ -266,6 +266,7 @@ impl ProxyArgs {
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,
             observe_wills,
+            probe_upstreams: true,
         })
     }
 

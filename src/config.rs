@@ -51,6 +51,9 @@ pub struct Settings {
     pub max_connections: usize,
     /// `--observe-wills`: subscribe to Will topics with an own client on each upstream.
     pub observe_wills: Option<crate::observer::ObserverConfig>,
+    /// Dial each upstream once at start and log whether it answered (the binary does; embedders
+    /// and tests whose scripted broker counts its connections may not want the extra dial).
+    pub probe_upstreams: bool,
 }
 
 impl Default for Settings {
@@ -65,6 +68,7 @@ impl Default for Settings {
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,
             observe_wills: None,
+            probe_upstreams: false,
         }
     }
 }

@@ -326,4 +326,68 @@ pub struct Route {
     /// `host:port`, resolved at every dial so DNS changes are followed.
     pub upstream: String,
     pub stats: RouteStats,
+    /// What the last dial of `upstream` gave (`/readyz`, and the log of failures).
+    pub reach: Reach,
+}
+
+/// The upstream's reachability as the last dial saw it. Failures are logged once per interval
+/// with the number held back, so clients retrying against a broker that is down do not flood the
+/// log; the first success after failures is logged too.
+#[derive(Debug)]
+pub struct Reach(Mutex<ReachState>);
+
+#[derive(Debug)]
+struct ReachState {
+    last: Option<Result<(), String>>,
+    log: crate::server::Throttle,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Reach(Mutex::new(ReachState {
+            last: None,
+            log: crate::server::Throttle::new(std::time::Duration::from_secs(10)),
+        }))
+    }
+}
+
+/// What to log about a dial.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReachLog {
+    Nothing,
+    /// A failure to log, with the failures held back since the last line.
+    Failed {
+        held_back: u64,
+    },
+    /// The first success after failures.
+    Back,
+}
+
+impl Reach {
+    fn lock(&self) -> MutexGuard<'_, ReachState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a dial's outcome and says what to log.
+    pub fn dialed(&self, result: Result<(), String>, now: tokio::time::Instant) -> ReachLog {
+        let mut s = self.lock();
+        let was_failing = matches!(s.last, Some(Err(_)));
+        let log = match &result {
+            Ok(()) if was_failing => ReachLog::Back,
+            Ok(()) => ReachLog::Nothing,
+            Err(_) => s.log.hit(now).map_or(ReachLog::Nothing, |held_back| ReachLog::Failed { held_back }),
+        };
+        s.last = Some(result);
+        log
+    }
+
+    /// Whether the last dial succeeded (`None` before the first).
+    pub fn reachable(&self) -> Option<bool> {
+        self.lock().last.as_ref().map(Result::is_ok)
+    }
+
+    /// The error of the last dial, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last.as_ref().and_then(|r| r.as_ref().err().cloned())
+    }
 }

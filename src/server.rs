@@ -58,6 +58,7 @@ impl Proxy {
                 listen,
                 upstream: r.upstream.clone(),
                 stats: RouteStats::default(),
+                reach: Default::default(),
             };
             listeners.push((Arc::new(route), listener));
         }
@@ -103,6 +104,9 @@ impl Proxy {
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
             info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
+            if self.settings.probe_upstreams {
+                tokio::spawn(probe_upstream(route.clone(), self.settings.connect_timeout));
+            }
             let acceptor = Acceptor {
                 route,
                 listener,
@@ -207,6 +211,24 @@ impl Acceptor {
         // shrinking after a burst of 1,000 connections).
         self.tracker.spawn(session::run(ctx, socket));
     }
+}
+
+/// Dials a route's upstream once at start and logs the result: brokers often start late in
+/// staging, so an unreachable one is a warning, not a failure (`/readyz` reports it).
+async fn probe_upstream(route: Arc<Route>, within: Duration) {
+    let dial = tokio::time::timeout(within, tokio::net::TcpStream::connect(route.upstream.as_str())).await;
+    let result = match dial {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}", humantime::format_duration(within))),
+    };
+    match &result {
+        Ok(()) => info!(route = %route.name, upstream = %route.upstream, "upstream reachable"),
+        Err(e) => warn!(route = %route.name, upstream = %route.upstream, error = %e,
+            "upstream not reachable at start; the proxy runs anyway and closes clients until it is up"),
+    }
+    // Logged above in its own words: what `dialed` would log is not needed.
+    let _ = route.reach.dialed(result, Instant::now());
 }
 
 /// A proxy whose accept loops are running.

@@ -83,6 +83,9 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     if let Ok(addr) = broker.peer_addr() {
         conn.set_broker(addr, Instant::now());
     }
+    if route.reach.dialed(Ok(()), Instant::now()) == crate::route::ReachLog::Back {
+        info!(conn = conn.id, route = %route.name, upstream = %route.upstream, "the upstream broker is reachable again");
+    }
     relay(&ctx, client, broker).await;
 }
 
@@ -302,8 +305,13 @@ where
 fn upstream_failed(ctx: &Ctx, client: TcpStream, why: String) {
     let conn = &ctx.conn;
     conn.route.stats.upstream_connect_failures.fetch_add(1, Relaxed);
-    warn!(conn = conn.id, route = %conn.route.name, upstream = %conn.route.upstream, error = %why,
-        "cannot reach the upstream broker; closing the client connection");
+    if let crate::route::ReachLog::Failed { held_back } =
+        conn.route.reach.dialed(Err(why.clone()), Instant::now())
+    {
+        warn!(conn = conn.id, route = %conn.route.name, upstream = %conn.route.upstream, error = %why,
+            more_since_last_line = held_back,
+            "cannot reach the upstream broker; closing the client connection (logged every 10 s while it lasts)");
+    }
     conn.note_close(
         Side::Proxy,
         CloseHow::Error,

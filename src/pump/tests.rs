@@ -25,6 +25,7 @@ fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
         listen: "127.0.0.1:1".parse().unwrap(),
         upstream: "127.0.0.1:2".into(),
         stats: RouteStats::default(),
+        reach: Default::default(),
     });
     let registry = Arc::new(Registry::default());
     let conn = registry.open(route, "127.0.0.1:3".parse().unwrap(), CancellationToken::new());

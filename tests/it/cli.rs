@@ -120,29 +120,36 @@ fn sigterm(child: &Child) {
 }
 
 #[test]
-fn an_unreachable_upstream_is_logged_as_json_with_the_connection_id() {
+fn an_unreachable_upstream_is_reported_at_start_and_its_failures_are_logged_as_json_without_flooding() {
     let listen = format!("127.0.0.1:{}", free_port());
     let dead = format!("127.0.0.1:{}", free_port());
     let child = spawn(&["proxy", "--log-format", "json", "--listen", &listen, "--upstream", &dead], &listen);
-    let mut s = std::net::TcpStream::connect(&listen).unwrap(); // the readiness probe was conn 1
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 8];
-    assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap(), 0, "client closed with EOF");
+    // The readiness probe was conn 1; five clients retry against the dead broker.
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(&listen).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(std::io::Read::read(&mut s, &mut buf).unwrap(), 0, "client closed with EOF");
+    }
     sigterm(&child);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let log = stderr(&out);
     let line = log
         .lines()
-        .find(|l| l.contains("cannot reach the upstream broker") && l.contains("\"conn\":2"))
-        .unwrap_or_else(|| panic!("no upstream failure line for conn 2 in:\n{log}"));
+        .find(|l| l.contains("upstream not reachable at start"))
+        .unwrap_or_else(|| panic!("no start-up reachability line in:\n{log}"));
     let v: serde_json::Value = serde_json::from_str(line).expect("log lines are JSON");
     assert_eq!(v["level"], "WARN");
     assert_eq!(v["upstream"], dead);
     assert!(v["error"].as_str().unwrap().contains("refused"), "{line}");
+    // Within the 10 s interval every per-client failure is held back: no line per retry.
+    let repeats = log.lines().filter(|l| l.contains("cannot reach the upstream broker")).count();
+    assert_eq!(repeats, 0, "{log}");
     let closed = log.lines().find(|l| l.contains("connection closed") && l.contains("\"conn\":2")).unwrap();
     let v: serde_json::Value = serde_json::from_str(closed).unwrap();
     assert_eq!((v["closed_by"].as_str(), v["how"].as_str()), (Some("proxy"), Some("error")));
+    assert!(v["reason"].as_str().unwrap().starts_with("upstream connect failed"), "{closed}");
     // Numbers are JSON numbers with at most 3 decimals.
     let duration = v["duration_s"].as_f64().expect("duration_s is a number");
     assert!(((duration * 1000.0).round() - duration * 1000.0).abs() < 1e-6, "{closed}");

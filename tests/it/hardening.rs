@@ -291,6 +291,32 @@ async fn rules_that_act_without_a_packet_reach_an_idle_connection_at_once_when_a
     assert_eq!(expect_packet(&mut other, WAIT, "PINGRESP").await, PINGRESP);
 }
 
+#[tokio::test]
+async fn readyz_reports_per_route_whether_the_upstream_was_reachable_at_the_last_dial() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let probing = || Settings { probe_upstreams: true, ..Settings::default() };
+    let proxy = TestProxy::start_with(&dead, probing()).await;
+    let admin = serve_admin(&proxy, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the start-up probe
+    let r = call(admin, "GET", "/readyz", None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let v = r.json().unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["routes"][0]["reachable"].as_bool()),
+        (Some("not_ready"), Some(false))
+    );
+    assert!(v["routes"][0]["last_error"].as_str().unwrap().contains("refused"), "{v}");
+    assert_eq!(call(admin, "GET", "/healthz", None).await.status, 200, "alive, though not ready");
+
+    let broker = Mosquitto::start();
+    let proxy = TestProxy::start_with(&broker.addr(), probing()).await;
+    let admin = serve_admin(&proxy, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = call(admin, "GET", "/readyz", None).await.json().unwrap();
+    assert_eq!(v["status"], "ready", "{v}");
+    assert_eq!(v["routes"][0]["reachable"], json!(true));
+}
+
 /// One raw HTTP/1.1 request (for headers `ctl` never sends); the status and body.
 async fn raw_http(admin: SocketAddr, head: &str, body: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
