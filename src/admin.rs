@@ -325,6 +325,7 @@ async fn kill(
     };
     let conn = live(&c, &id)?;
     conn.kill(how, "closed through the admin API");
+    tracing::info!(conn = conn.id, how = %how.as_str(), "connection closed through the admin API");
     ok(StatusCode::OK, json!({"closed": conn.id, "how": how.as_str()}))
 }
 
@@ -355,8 +356,8 @@ async fn add_rule(State(c): State<Control>, body: Result<Bytes, BytesRejection>)
     })?;
     let rule = added.rules.last().expect("just added");
     tracing::info!(
-        rule = rule.name(),
-        action = rule.kind().as_str(),
+        rule = %rule.name(),
+        action = %rule.kind().as_str(),
         scope = "global",
         rules = added.rules.len(),
         "rule added through the admin API"
@@ -368,7 +369,7 @@ async fn remove_rule(State(c): State<Control>, Path(name): Path<String>) -> ApiR
     let Some((rule, _)) = c.rules.remove(&name) else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule named {name:?} is in force")));
     };
-    tracing::info!(rule = rule.name(), scope = "global", "rule removed through the admin API");
+    tracing::info!(rule = %rule.name(), scope = "global", "rule removed through the admin API");
     ok(StatusCode::OK, json!({"removed": name}))
 }
 
@@ -381,7 +382,7 @@ async fn add_connection_rule(
     let rule = rule_from(body)?;
     let spec = rule.spec.clone();
     conn.add_local_rule(rule).map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
-    tracing::info!(conn = conn.id, rule = %spec.name, action = spec.action.as_str(), scope = "connection",
+    tracing::info!(conn = conn.id, rule = %spec.name, action = %spec.action.as_str(), scope = "connection",
         "rule added through the admin API");
     ok(StatusCode::CREATED, json!({"connection": conn.id, "rule": spec}))
 }

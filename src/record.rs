@@ -473,13 +473,23 @@ impl Connection {
         });
     }
 
-    /// Counts a fault applied to this connection, here and on its route.
+    /// Counts a fault applied to this connection, here and on its route; the first application
+    /// of each rule on a connection is logged at INFO (every one at DEBUG, by the caller).
     pub(crate) fn on_fault(&self, applied: &crate::fault::Applied) {
         let rule = applied.rule.name();
-        *self.state().faults.entry(rule.to_string()).or_default() += 1;
+        let first = {
+            let mut s = self.state();
+            let n = s.faults.entry(rule.to_string()).or_default();
+            *n += 1;
+            *n == 1
+        };
         let direction = applied.direction.map_or("both", Direction::as_str);
-        let key = (rule.to_string(), applied.rule.kind().as_str(), direction);
-        self.route.stats.faults.inc(key);
+        let action = applied.rule.kind().as_str();
+        if first {
+            tracing::info!(conn = self.id, route = %self.route.name, rule = %rule, action = %action, direction = %direction,
+                "fault applied to this connection (later applications are counted; RUST_LOG=debug logs each)");
+        }
+        self.route.stats.faults.inc((rule.to_string(), action, direction));
     }
 
     /// Faults applied so far, by rule name.

@@ -352,7 +352,8 @@ fn finish(conn: &Arc<Connection>, registry: &Registry) {
         duration_s = round3(close.at_s),
         bytes_client_to_broker = s.client_to_broker.bytes,
         bytes_broker_to_client = s.broker_to_client.bytes,
-        ended_by_proxy = end.map_or("-", |e| e.cause),
+        ended_by_proxy = %end.map_or("-", |e| e.cause),
+        faults = %faults_by_rule(&s.faults),
         "connection closed"
     );
     registry.close(conn);
@@ -361,4 +362,12 @@ fn finish(conn: &Arc<Connection>, registry: &Registry) {
 /// A number for a log line: at most 3 decimals (milliseconds for seconds).
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// `rule=count,…` for the close line (`-` for none).
+fn faults_by_rule(faults: &std::collections::BTreeMap<String, u64>) -> String {
+    if faults.is_empty() {
+        return "-".into();
+    }
+    faults.iter().map(|(rule, n)| format!("{rule}={n}")).collect::<Vec<_>>().join(",")
 }

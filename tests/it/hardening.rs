@@ -465,3 +465,61 @@ fn out_of_file_descriptors_the_proxy_counts_accept_errors_logs_them_once_per_int
     // One line per listener (the route's, the admin API's) and 10 s at most: not one per failure.
     assert!((1..=4).contains(&lines), "{lines} accept-error lines for {errors} errors in 4.5 s:\n{log}");
 }
+
+#[test]
+fn the_log_tells_what_happened_without_prometheus_or_debug() {
+    let broker = Mosquitto::start();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(binary())
+        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&format!("http://{admin}"), None).unwrap();
+    let up = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        rt.block_on(client.request("GET", "/healthz", None, b"")).is_ok()
+    });
+    assert!(up, "the proxy did not come up");
+    let rule =
+        json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
+    let r =
+        rt.block_on(client.request("POST", "/rules", Some("application/json"), rule.to_string().as_bytes()));
+    assert_eq!(r.unwrap().status, 201);
+    let mut device = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(&mut device, &connect_v4("talkative", 60, None)).unwrap();
+    device.set_read_timeout(Some(WAIT)).unwrap();
+    std::io::Read::read_exact(&mut device, &mut [0u8; 4]).unwrap();
+    for _ in 0..3 {
+        std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let id = rt.block_on(client.request("GET", "/connections", None, b"")).unwrap().json().unwrap()[0]["id"]
+        .as_u64()
+        .unwrap();
+    let r = rt.block_on(client.request("DELETE", &format!("/connections/{id}"), None, b"")).unwrap();
+    assert_eq!(r.status, 200);
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut device, &mut rest);
+    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
+    let _ = child.0.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let added = log
+        .lines()
+        .find(|l| l.contains("rule added through the admin API"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(added.contains("rule=mute"), "{added}");
+    let first = log.lines().filter(|l| l.contains("fault applied to this connection")).collect::<Vec<_>>();
+    assert_eq!(first.len(), 1, "one INFO line for three applications:\n{log}");
+    assert!(first[0].contains("rule=mute") && first[0].contains("action=drop"), "{}", first[0]);
+    assert!(log.contains("connection closed through the admin API"), "{log}");
+    let closed =
+        log.lines().find(|l| l.contains("connection closed conn=")).unwrap_or_else(|| panic!("{log}"));
+    assert!(closed.contains("faults=mute=3") && closed.contains("ended_by_proxy=admin"), "{closed}");
+}
