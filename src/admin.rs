@@ -15,6 +15,7 @@
 //! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
 //! | `GET /profiles` | the profiles in `--profiles-dir` and the built-in ones (`source`), each with its description or its error |
 //! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body |
+//! | `GET /summary` | per route: connections, closes, detections (count, median and max × Keep Alive), Wills, takeovers, faults by rule |
 //! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
 //!
 //! Every change to the rules is atomic: concurrent requests take effect in some serial order and
@@ -137,6 +138,7 @@ pub fn app(control: Control) -> Router {
         .route("/profiles", get(profiles))
         .route("/profile", put(activate_profile))
         .route("/reset", post(reset))
+        .route("/summary", get(summary))
         .route_layer(middleware::from_fn_with_state(control.clone(), require_token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -267,6 +269,10 @@ async fn require_token(State(c): State<Control>, request: Request, next: Next) -
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn summary(State(c): State<Control>) -> ApiResult {
+    ok(StatusCode::OK, crate::summary::of(&c.routes))
 }
 
 async fn metrics(State(c): State<Control>) -> Response {

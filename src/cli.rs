@@ -108,6 +108,8 @@ pub enum CtlCommand {
     Profile { profile: String },
     /// List the profiles the running proxy can activate by name.
     Profiles,
+    /// The headline numbers per route: connections, closes, detections, Wills, takeovers, faults.
+    Summary,
     /// Remove every rule (passthrough).
     Reset,
 }

@@ -16,6 +16,7 @@
 //! | [`record`] | live connection records, the registry of live connections, record events |
 //! | [`route`] | a named listener → upstream pair and its counters |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
+//! | [`summary`] | the headline numbers per route without Prometheus (`/summary`, `ctl summary`, the log at stop) |
 //! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
 //! | [`names`] | the one rule for rule, profile and route names (length, no control characters) |
 //!
@@ -38,3 +39,4 @@ pub mod record;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod summary;

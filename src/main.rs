@@ -73,6 +73,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         }
         CtlCommand::Reset => Ok(("POST", "/reset".to_string(), None, Vec::new())),
         CtlCommand::Profiles => Ok(("GET", "/profiles".to_string(), None, Vec::new())),
+        CtlCommand::Summary => Ok(("GET", "/summary".to_string(), None, Vec::new())),
     };
     let (method, path, content_type, body) = match request {
         Ok(r) => r,
@@ -103,6 +104,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
         CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
         CtlCommand::Profiles => print!("{}", ctl::profiles_table(&value)),
+        CtlCommand::Summary => print!("{}", mqtt_chaos::summary::text(&value)),
         CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
         CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
         CtlCommand::Reset => println!(
@@ -227,6 +229,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         },
     };
     let running = proxy.start();
+    let running_routes = running.routes().to_vec();
     let trimmer = tokio::spawn(heap::give_back_after_closes(running.routes().to_vec()));
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin_task = admin.map(|listener| {
@@ -260,6 +263,8 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     }
     trimmer.abort();
     tracing::info!(closed_after_grace = report.closed_after_grace, "stopped");
+    // The headline answer, for whoever watches the terminal rather than Prometheus.
+    eprint!("summary:\n{}", mqtt_chaos::summary::text(&mqtt_chaos::summary::of(running_routes.as_slice())));
     ExitCode::SUCCESS
 }
 

@@ -185,6 +185,7 @@ impl Monitor {
                 if let (Some(s), Some(r)) = (close.silence_s, close.silence_ratio) {
                     stats.broker_detection_seconds.observe(s);
                     stats.broker_detection_ratio.observe(r);
+                    stats.broker_detection.push(r);
                 }
             }
             Side::Client if close.how != CloseHow::Disconnect => {
@@ -193,6 +194,7 @@ impl Monitor {
                 }
                 if let Some(r) = close.silence_ratio {
                     stats.client_detection_ratio.observe(r);
+                    stats.client_detection.push(r);
                 }
             }
             _ => {}

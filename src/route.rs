@@ -62,6 +62,9 @@ pub struct RouteStats {
     pub keepalive_requested: Histogram,
     pub keepalive_rewrites: AtomicU64,
     pub broker_detection_seconds: Histogram,
+    /// Exact broker and client detection ratios of recent closes, for the summary.
+    pub broker_detection: crate::summary::Samples,
+    pub client_detection: crate::summary::Samples,
     pub broker_detection_ratio: Histogram,
     pub client_detection_seconds: Histogram,
     pub client_detection_ratio: Histogram,
@@ -95,6 +98,8 @@ impl Default for RouteStats {
             keepalive_requested: Histogram::new(KEEPALIVE_BUCKETS),
             keepalive_rewrites: AtomicU64::default(),
             broker_detection_seconds: Histogram::new(SECONDS_BUCKETS),
+            broker_detection: Default::default(),
+            client_detection: Default::default(),
             broker_detection_ratio: Histogram::new(RATIO_BUCKETS),
             client_detection_seconds: Histogram::new(SECONDS_BUCKETS),
             client_detection_ratio: Histogram::new(RATIO_BUCKETS),

@@ -522,4 +522,53 @@ fn the_log_tells_what_happened_without_prometheus_or_debug() {
     let closed =
         log.lines().find(|l| l.contains("connection closed conn=")).unwrap_or_else(|| panic!("{log}"));
     assert!(closed.contains("faults=mute=3") && closed.contains("ended_by_proxy=admin"), "{closed}");
+    // At the stop, the summary: the headline numbers without Prometheus.
+    let summary = &log[log.find("summary:").unwrap_or_else(|| panic!("no summary at the stop:\n{log}"))..];
+    assert!(
+        summary.contains("1 connections (0 open, 0 rejected, 0 failed to reach the broker)"),
+        "{summary}"
+    );
+    assert!(summary.contains("closes: 1 fin by proxy"), "{summary}");
+    assert!(summary.contains("fault mute (drop client_to_broker): 3 times"), "{summary}");
+}
+
+#[tokio::test]
+async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_alives() {
+    let broker = Mosquitto::start();
+    let settings = Settings { will_timeout: Duration::from_secs(3), ..Settings::default() };
+    let proxy = TestProxy::start_with(&broker.addr(), settings).await;
+    proxy.set_rules("[[rules]]\nname = \"mute\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n");
+    let admin = serve_admin(&proxy, None).await;
+    let mut watcher = proxy.connected("watcher", 60).await;
+    watcher.write_all(&subscribe_v4(1, "status/#", 0)).await.unwrap();
+    expect_packet(&mut watcher, WAIT, "SUBACK").await;
+    // Keep Alive 2, pinging every second: the pings vanish, mosquitto closes it within its window.
+    let seen = pinging_client(
+        proxy.addr,
+        "silent",
+        2,
+        Some(("status/silent", "gone")),
+        Some(Duration::from_secs(1)),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_ne!(seen.ending, Ending::Open, "mosquitto closed the silent client");
+    let deadline = Instant::now() + WAIT;
+    let summary = loop {
+        let v = call(admin, "GET", "/summary", None).await.json().unwrap();
+        if v["routes"][0]["wills"]["observed"] == 1 || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r = &summary["routes"][0];
+    assert_eq!(r["broker_detection_ratio"]["count"], 1, "{summary}");
+    let ratio = r["broker_detection_ratio"]["median"].as_f64().unwrap();
+    assert!((1.4..6.0).contains(&ratio), "mosquitto closes between 1.5 × and about 5 × Keep Alive: {ratio}");
+    assert_eq!(r["broker_detection_ratio"]["max"].as_f64(), Some(ratio));
+    assert_eq!(r["wills"], json!({"expected": 1, "observed": 1, "missing": 0}), "{summary}");
+    assert!(r["faults"][0]["count"].as_u64().unwrap() >= 1, "{summary}");
+    let text = mqtt_chaos::summary::text(&summary);
+    assert!(text.contains("broker detected a silent peer 1 times: median"), "{text}");
+    assert!(text.contains("Wills: 1 expected, 1 observed, 0 missing"), "{text}");
 }
