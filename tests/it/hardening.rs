@@ -350,56 +350,98 @@ async fn the_bearer_scheme_and_media_types_are_case_insensitive() {
     assert!(body.contains("\"profile\":\"drop-pingreq\""), "{body}");
 }
 
+/// The proxy binary with an admin API and its log captured (RUST_LOG=info), once `/healthz`
+/// answers; `stop` sends SIGTERM and returns the log.
+struct LoggedProxy {
+    child: KillOnDrop,
+    listen: String,
+    client: Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl LoggedProxy {
+    fn start(upstream: &str, extra: &[&str]) -> LoggedProxy {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(binary())
+            .args(["proxy", "--listen", &listen, "--upstream", upstream, "--admin", &admin])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let proxy = LoggedProxy {
+            child: KillOnDrop(child),
+            listen,
+            client: Client::new(&format!("http://{admin}"), None).unwrap(),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        };
+        let up = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            proxy.call("GET", "/healthz", None).is_ok_and(|r| r.status == 200)
+        });
+        assert!(up, "the proxy did not come up");
+        proxy
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<mqtt_chaos::ctl::Reply, String> {
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.rt.block_on(self.client.request(method, path, Some("application/json"), &body))
+    }
+
+    /// A raw MQTT 3.1.1 client through the proxy, its CONNACK read.
+    fn connected(&self, client_id: &str) -> std::net::TcpStream {
+        let mut device = std::net::TcpStream::connect(&self.listen).unwrap();
+        std::io::Write::write_all(&mut device, &connect_v4(client_id, 60, None)).unwrap();
+        device.set_read_timeout(Some(WAIT)).unwrap();
+        std::io::Read::read_exact(&mut device, &mut [0u8; 4]).unwrap();
+        device
+    }
+
+    fn sigterm(&self) {
+        assert!(
+            Command::new("kill").args(["-TERM", &self.child.0.id().to_string()]).status().unwrap().success()
+        );
+    }
+
+    /// SIGTERM (unless it ended already), then the whole log once the process ended.
+    fn stop(mut self) -> String {
+        if self.child.0.try_wait().unwrap().is_none() {
+            self.sigterm();
+        }
+        let _ = self.child.0.wait();
+        let mut log = String::new();
+        std::io::Read::read_to_string(self.child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+        log
+    }
+}
+
 #[test]
 fn healthz_says_shutting_down_during_the_grace_and_a_second_signal_closes_everything_now() {
     let broker = Mosquitto::start();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(binary())
-        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
-        .args(["--shutdown-grace", "60s"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = KillOnDrop(child);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let health = |rt: &tokio::runtime::Runtime| {
-        let client = Client::new(&format!("http://{admin}"), None).unwrap();
-        rt.block_on(async { client.request("GET", "/healthz", None, b"").await })
-    };
-    let up = (0..200).any(|_| {
-        std::thread::sleep(Duration::from_millis(25));
-        health(&rt).is_ok_and(|r| r.status == 200)
-    });
-    assert!(up, "the proxy did not come up");
-    let mut device = std::net::TcpStream::connect(&listen).unwrap();
-    std::io::Write::write_all(&mut device, &connect_v4("lingering", 60, None)).unwrap();
-    device.set_read_timeout(Some(WAIT)).unwrap();
-    let mut connack = [0u8; 4];
-    std::io::Read::read_exact(&mut device, &mut connack).unwrap();
-
-    let term = || {
-        assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success())
-    };
-    term();
+    let mut proxy = LoggedProxy::start(&broker.addr(), &["--shutdown-grace", "60s"]);
+    let mut device = proxy.connected("lingering");
+    proxy.sigterm();
     std::thread::sleep(Duration::from_millis(300));
-    let r = health(&rt).expect("the admin API serves during the grace period");
+    let r = proxy.call("GET", "/healthz", None).expect("the admin API serves during the grace period");
     assert_eq!((r.status, r.json().unwrap()), (503, json!({"status": "shutting_down"})));
     let second = Instant::now();
-    term();
-    let mut child = child;
+    proxy.sigterm();
     let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = proxy.child.0.try_wait().unwrap() {
             break status;
         }
         assert!(second.elapsed() < Duration::from_secs(5), "a second SIGTERM did not end the grace period");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let log = proxy.stop();
     assert!(log.contains("press Ctrl-C again") && log.contains("1 open connections"), "{log}");
     assert!(log.contains("closing the remaining connections now"), "{log}");
     let mut rest = Vec::new();
@@ -469,47 +511,20 @@ fn out_of_file_descriptors_the_proxy_counts_accept_errors_logs_them_once_per_int
 #[test]
 fn the_log_tells_what_happened_without_prometheus_or_debug() {
     let broker = Mosquitto::start();
-    let admin = format!("127.0.0.1:{}", free_port());
-    let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(binary())
-        .args(["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--admin", &admin])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = Client::new(&format!("http://{admin}"), None).unwrap();
-    let up = (0..200).any(|_| {
-        std::thread::sleep(Duration::from_millis(25));
-        rt.block_on(client.request("GET", "/healthz", None, b"")).is_ok()
-    });
-    assert!(up, "the proxy did not come up");
+    let proxy = LoggedProxy::start(&broker.addr(), &[]);
     let rule =
         json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
-    let r =
-        rt.block_on(client.request("POST", "/rules", Some("application/json"), rule.to_string().as_bytes()));
-    assert_eq!(r.unwrap().status, 201);
-    let mut device = std::net::TcpStream::connect(&listen).unwrap();
-    std::io::Write::write_all(&mut device, &connect_v4("talkative", 60, None)).unwrap();
-    device.set_read_timeout(Some(WAIT)).unwrap();
-    std::io::Read::read_exact(&mut device, &mut [0u8; 4]).unwrap();
+    assert_eq!(proxy.call("POST", "/rules", Some(rule)).unwrap().status, 201);
+    let mut device = proxy.connected("talkative");
     for _ in 0..3 {
         std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
     }
     std::thread::sleep(Duration::from_millis(200));
-    let id = rt.block_on(client.request("GET", "/connections", None, b"")).unwrap().json().unwrap()[0]["id"]
-        .as_u64()
-        .unwrap();
-    let r = rt.block_on(client.request("DELETE", &format!("/connections/{id}"), None, b"")).unwrap();
-    assert_eq!(r.status, 200);
+    let id = proxy.call("GET", "/connections", None).unwrap().json().unwrap()[0]["id"].as_u64().unwrap();
+    assert_eq!(proxy.call("DELETE", &format!("/connections/{id}"), None).unwrap().status, 200);
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut device, &mut rest);
-    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
-    let _ = child.0.wait();
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let log = proxy.stop();
     let added = log
         .lines()
         .find(|l| l.contains("rule added through the admin API"))
