@@ -15,6 +15,7 @@
 //! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
 //! | `GET /profiles` | the profiles in `--profiles-dir` and the built-in ones (`source`), each with its description or its error |
 //! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body |
+//! | `GET /events?conn=ID&client_id=GLOB` | Server-Sent Events as things happen: `connect`, `connack`, `fault` (a rule's first application on a connection), `closed`, `rules` (the filters pick connections; rule changes always pass); a subscriber that falls behind is dropped and counted |
 //! | `GET /summary` | per route: connections, closes, detections (count, median and max × Keep Alive), Wills, takeovers, faults by rule |
 //! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
 //!
@@ -58,6 +59,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Time from a request's headers to its response, the body upload included; then 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At a stop, how long a streaming response (`GET /events`) may go on before it is cut.
+const STREAM_CUTOFF: Duration = Duration::from_secs(1);
 
 /// What the API acts on: a handle to the running proxy.
 #[derive(Clone)]
@@ -139,6 +143,7 @@ pub fn app(control: Control) -> Router {
         .route("/profile", put(activate_profile))
         .route("/reset", post(reset))
         .route("/summary", get(summary))
+        .route("/events", get(events))
         .route_layer(middleware::from_fn_with_state(control.clone(), require_token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -191,7 +196,8 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
                 ended = conn.as_mut() => ended,
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    // A response still streaming (`GET /events`) would hold the stop for ever.
+                    tokio::time::timeout(STREAM_CUTOFF, conn).await.unwrap_or(Ok(()))
                 }
             };
             if let Err(e) = ended {
@@ -269,6 +275,59 @@ async fn require_token(State(c): State<Control>, request: Request, next: Next) -
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventFilter {
+    /// Only this connection.
+    conn: Option<u64>,
+    /// Only connections whose client id matches this glob.
+    client_id: Option<String>,
+}
+
+/// Server-Sent Events: what happens, as it happens (see [`event_json`]). A subscriber that falls
+/// more than the event backlog behind is dropped (its stream ends) and counted; it may reconnect.
+async fn events(
+    State(c): State<Control>,
+    query: Result<Query<EventFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    let Query(filter) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let rx = c.registry.subscribe();
+    let registry = c.registry.clone();
+    let stream = futures_util::stream::unfold(rx, move |mut rx| {
+        let (registry, conn, client_id) = (registry.clone(), filter.conn, filter.client_id.clone());
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let Some((kind, data)) = crate::record::event_json(&ev) else { continue };
+                        // The filters pick connections; rule changes concern them all.
+                        let id = data["conn"].as_u64();
+                        let wanted = id.is_none()
+                            || conn.is_none_or(|c| id == Some(c))
+                                && client_id.as_ref().is_none_or(|g| {
+                                    data["client_id"]
+                                        .as_str()
+                                        .is_some_and(|cid| crate::fault::rule::glob(g, cid))
+                                });
+                        if wanted {
+                            let event = Sse::default().event(kind).data(data.to_string());
+                            return Some((Ok::<_, std::convert::Infallible>(event), rx));
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        registry.events_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(missed, "an /events subscriber fell behind and was dropped");
+                        return None;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok(axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn summary(State(c): State<Control>) -> ApiResult {
@@ -361,6 +420,7 @@ async fn add_rule(State(c): State<Control>, body: Result<Bytes, BytesRejection>)
         ApiError::new(StatusCode::CONFLICT, format!("a rule named {:?} is already in force", rule.name()))
     })?;
     let rule = added.rules.last().expect("just added");
+    c.registry.emit(crate::record::Event::Rules { change: format!("rule {:?} added", rule.name()) });
     tracing::info!(
         rule = %rule.name(),
         action = %rule.kind().as_str(),
@@ -376,6 +436,7 @@ async fn remove_rule(State(c): State<Control>, Path(name): Path<String>) -> ApiR
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no rule named {name:?} is in force")));
     };
     tracing::info!(rule = %rule.name(), scope = "global", "rule removed through the admin API");
+    c.registry.emit(crate::record::Event::Rules { change: format!("rule {:?} removed", rule.name()) });
     ok(StatusCode::OK, json!({"removed": name}))
 }
 
@@ -464,6 +525,8 @@ async fn activate_profile(
     let set = profile.rule_set();
     let body = rules_body(&set);
     c.rules.replace(set);
+    let change = format!("profile {:?} activated ({} rules)", profile.spec.name, profile.rules.len());
+    c.registry.emit(crate::record::Event::Rules { change });
     ok(StatusCode::OK, body)
 }
 
@@ -472,6 +535,8 @@ async fn reset(State(c): State<Control>) -> ApiResult {
     let old = c.rules.replace(RuleSet::new(None, None, Vec::new()));
     let local: usize = c.registry.list().iter().map(|conn| conn.clear_local_rules()).sum();
     tracing::info!(global = old.rules.len(), local, "all rules removed through the admin API (reset)");
+    let change = format!("reset: {} global and {local} connection rules removed", old.rules.len());
+    c.registry.emit(crate::record::Event::Rules { change });
     ok(StatusCode::OK, json!({"rules": [], "removed": {"global": old.rules.len(), "local": local}}))
 }
 

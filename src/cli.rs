@@ -110,6 +110,15 @@ pub enum CtlCommand {
     Profiles,
     /// The headline numbers per route: connections, closes, detections, Wills, takeovers, faults.
     Summary,
+    /// Follow what happens, live: connects, CONNACKs, faults, closes, rule changes (until Ctrl-C).
+    Watch {
+        /// Only this connection.
+        #[arg(long, value_name = "ID")]
+        conn: Option<u64>,
+        /// Only connections whose client id matches this glob (`*`, `?`).
+        #[arg(long, value_name = "GLOB")]
+        client_id: Option<String>,
+    },
     /// Remove every rule (passthrough).
     Reset,
 }

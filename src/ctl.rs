@@ -84,6 +84,95 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Follows `GET /events` (with its query) and calls `on_event(kind, data)` for each event
+    /// until the proxy ends the stream. Asked as HTTP/1.0 so that the body is the raw event
+    /// stream, delimited by the close.
+    pub async fn watch(&self, query: &str, mut on_event: impl FnMut(&str, &str)) -> Result<(), String> {
+        use tokio::io::AsyncBufReadExt;
+        let fail = |e: std::io::Error| format!("admin API at {} unreachable: {e}", self.authority);
+        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.authority))
+            .await
+            .map_err(|_| format!("admin API at {} did not answer within 5 s", self.authority))?
+            .map_err(fail)?;
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut head = format!(
+            "GET /events{query} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n",
+            self.authority
+        );
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.get_mut().write_all(head.as_bytes()).await.map_err(fail)?;
+        let mut line = String::new();
+        stream.read_line(&mut line).await.map_err(fail)?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        // The headers, up to the blank line.
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await.map_err(fail)? == 0 || line.trim().is_empty() {
+                break;
+            }
+        }
+        if status != 200 {
+            let mut body = String::new();
+            let _ = stream.read_to_string(&mut body).await;
+            let reply = Reply { status, body };
+            return Err(format!("{} ({status})", reply.error()));
+        }
+        let (mut kind, mut data) = (String::new(), String::new());
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await.map_err(fail)? == 0 {
+                return Ok(());
+            }
+            let l = line.trim_end_matches(['\r', '\n']);
+            if let Some(k) = l.strip_prefix("event:") {
+                kind = k.trim().to_string();
+            } else if let Some(d) = l.strip_prefix("data:") {
+                data.push_str(d.trim_start());
+            } else if l.is_empty() && !data.is_empty() {
+                on_event(&kind, &data);
+                kind.clear();
+                data.clear();
+            }
+        }
+    }
+}
+
+/// One `/events` event as a line a person reads.
+pub fn event_line(kind: &str, data: &str) -> String {
+    let v: Value = serde_json::from_str(data).unwrap_or_default();
+    let s = |k: &str| match &v[k] {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let conn = format!("conn {} ({})", s("conn"), s("client_id"));
+    match kind {
+        "connect" => format!(
+            "{conn} CONNECT protocol {} Keep Alive {} (forwarded {})",
+            s("protocol"),
+            s("keep_alive"),
+            s("forwarded_keep_alive")
+        ),
+        "connack" => format!("{conn} CONNACK code {}", s("code")),
+        "fault" => format!("{conn} fault {}: {} {}", s("rule"), s("action"), s("direction")),
+        "closed" => format!(
+            "{conn} closed by {} ({}) after {} s of silence = {} × Keep Alive {}; faults {}",
+            s("closed_by"),
+            s("how"),
+            s("silence_s"),
+            s("silence_ratio"),
+            s("keep_alive"),
+            s("faults")
+        ),
+        "rules" => format!("rules: {}", s("change")),
+        other => format!("{other} {data}"),
+    }
+}
+
 /// Parses an HTTP/1.1 response (content-length, chunked, or read-to-close bodies).
 fn parse_response(raw: &[u8]) -> Result<Reply, String> {
     let split =
@@ -255,6 +344,16 @@ pub fn rules_table(v: &Value) -> String {
         ));
     }
     out
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

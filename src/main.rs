@@ -57,6 +57,34 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         }
         CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
         CtlCommand::Add { rule, conn } => return ctl_add(&client, rule, *conn, args.json).await,
+        CtlCommand::Watch { conn, client_id } => {
+            let mut query = Vec::new();
+            if let Some(id) = conn {
+                query.push(format!("conn={id}"));
+            }
+            if let Some(glob) = client_id {
+                query.push(format!("client_id={}", ctl::percent_encode(glob)));
+            }
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            let json = args.json;
+            let watched = client
+                .watch(&query, |kind, data| {
+                    if json {
+                        println!("{{\"event\":\"{kind}\",\"data\":{data}}}");
+                    } else {
+                        let at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+                        println!("{at} {}", ctl::event_line(kind, data));
+                    }
+                })
+                .await;
+            return match watched {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mqtt-chaos: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         CtlCommand::Remove { name, conn } => {
             let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
             Ok(("DELETE", path, None, Vec::new()))
@@ -105,6 +133,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
         CtlCommand::Profiles => print!("{}", ctl::profiles_table(&value)),
         CtlCommand::Summary => print!("{}", mqtt_chaos::summary::text(&value)),
+        CtlCommand::Watch { .. } => unreachable!("handled above"),
         CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
         CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
         CtlCommand::Reset => println!(

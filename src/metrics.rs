@@ -158,6 +158,12 @@ pub fn render(
     for (index, n) in registry.tracked_entries() {
         e.sample("mqtt_chaos_tracked_entries", &[("index", index)], n as f64);
     }
+    e.family(
+        "mqtt_chaos_event_subscribers_dropped_total",
+        "counter",
+        "GET /events subscribers dropped because they fell more than 4,096 events behind.",
+    );
+    e.sample("mqtt_chaos_event_subscribers_dropped_total", &[], registry.events_dropped.load(Relaxed) as f64);
     crate::route::RouteStats::render_all(routes, &mut e);
     e.out
 }

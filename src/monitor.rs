@@ -103,7 +103,7 @@ impl Monitor {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Connect(conn) => self.on_connect(&conn),
-            Event::Connack(_) => {}
+            Event::Connack(_) | Event::Fault { .. } | Event::Rules { .. } => {}
             Event::Publish { topic, at, retain: false, .. } => self.on_will_topic_publish(topic, at, None),
             Event::Publish { .. } => {} // retained: delivered because of a subscription, not a Will firing
             Event::WillTopicPublish { route, topic, at } => {

@@ -639,7 +639,7 @@ impl Inspector<'_> {
     /// Counts and logs a fault applied in this direction.
     fn applied(&self, applied: &Applied, packet: Option<PacketType>) {
         let conn = &self.ctx.conn;
-        conn.on_fault(applied);
+        conn.on_fault(applied, &self.ctx.registry);
         debug!(conn = conn.id, rule = applied.rule.name(), action = applied.rule.kind().as_str(),
             direction = %self.dir, packet = packet.map_or("-", PacketType::name), "fault applied");
     }

@@ -475,7 +475,7 @@ impl Connection {
 
     /// Counts a fault applied to this connection, here and on its route; the first application
     /// of each rule on a connection is logged at INFO (every one at DEBUG, by the caller).
-    pub(crate) fn on_fault(&self, applied: &crate::fault::Applied) {
+    pub(crate) fn on_fault(self: &Arc<Self>, applied: &crate::fault::Applied, registry: &Registry) {
         let rule = applied.rule.name();
         let first = {
             let mut s = self.state();
@@ -486,6 +486,7 @@ impl Connection {
         let direction = applied.direction.map_or("both", Direction::as_str);
         let action = applied.rule.kind().as_str();
         if first {
+            registry.emit(Event::Fault { conn: self.clone(), rule: rule.to_string(), action, direction });
             tracing::info!(conn = self.id, route = %self.route.name, rule = %rule, action = %action, direction = %direction,
                 "fault applied to this connection (later applications are counted; RUST_LOG=debug logs each)");
         }
@@ -711,6 +712,58 @@ pub enum Event {
     Closed(Arc<Connection>),
     /// The Will observer (`--observe-wills`) received a PUBLISH on a Will topic.
     WillTopicPublish { route: String, topic: String, at: Instant },
+    /// A rule acted on a connection for the first time (later applications are only counted).
+    Fault { conn: Arc<Connection>, rule: String, action: &'static str, direction: &'static str },
+    /// The rules changed through the admin API: what happened, in words.
+    Rules { change: String },
+}
+
+/// An event as `/events` shows it: its kind and a JSON object (`conn` and `client_id` where it
+/// concerns a connection); `None` for events only the monitor needs.
+pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    let who = |c: &Connection| json!({"conn": c.id, "route": c.route.name, "client_id": c.client_id()});
+    let with = |c: &Connection, extra: serde_json::Value| {
+        let mut v = who(c);
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            v.extend(extra.clone());
+        }
+        v
+    };
+    Some(match ev {
+        Event::Connect(c) => {
+            let ka = c.keep_alive();
+            let extra = json!({"protocol": c.protocol().map(|p| p.level()), "keep_alive": ka.requested,
+                "forwarded_keep_alive": ka.forwarded, "will": c.will().map(|w| w.topic)});
+            ("connect", with(c, extra))
+        }
+        Event::Connack(c) => {
+            let s = c.snapshot();
+            let extra = json!({"code": s.connack.map(|a| a.code), "server_keep_alive": s.keep_alive.values.server_announced});
+            ("connack", with(c, extra))
+        }
+        Event::Fault { conn, rule, action, direction } => {
+            ("fault", with(conn, json!({"rule": rule, "action": action, "direction": direction})))
+        }
+        Event::Closed(c) => {
+            let s = c.snapshot();
+            let close = s.close.as_ref();
+            let round = |v: Option<f64>| v.map(|v| (v * 1000.0).round() / 1000.0);
+            let extra = json!({
+                "closed_by": close.map(|c| c.closed_by.as_str()),
+                "how": close.map(|c| c.how.as_str()),
+                "reason": close.and_then(|c| c.reason.clone()),
+                "silence_s": round(close.and_then(|c| c.silence_s)),
+                "silence_ratio": round(close.and_then(|c| c.silence_ratio)),
+                "keep_alive": close.and_then(|c| c.keep_alive_enforced),
+                "ended_by_proxy": s.proxy_end.as_ref().map(|e| e.cause),
+                "faults": s.faults,
+            });
+            ("closed", with(c, extra))
+        }
+        Event::Rules { change } => ("rules", json!({"change": change})),
+        Event::Publish { .. } | Event::WillTopicPublish { .. } => return None,
+    })
 }
 
 /// A watched Will topic; dropping the last clone stops the watch. The record's handle lives as
@@ -762,6 +815,8 @@ pub struct Registry {
     watching: AtomicU64,
     /// The monitor's index sizes.
     pub tracked: Tracked,
+    /// `/events` subscribers dropped for falling behind.
+    pub events_dropped: AtomicU64,
 }
 
 impl Default for Registry {
@@ -773,6 +828,7 @@ impl Default for Registry {
             will_topics: Mutex::default(),
             watching: AtomicU64::new(0),
             tracked: Tracked::default(),
+            events_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -792,7 +848,7 @@ impl Registry {
         self.events.receiver_count() > 0
     }
 
-    pub(crate) fn emit(&self, event: Event) {
+    pub fn emit(&self, event: Event) {
         // No receiver is not an error: events are optional.
         let _ = self.events.send(event);
     }

@@ -203,7 +203,7 @@ async fn carry_out(
     mut broker: TcpStream,
 ) {
     let conn = &ctx.conn;
-    conn.on_fault(applied);
+    conn.on_fault(applied, &ctx.registry);
     let rule = applied.rule.name();
     let now = Instant::now();
     match action {

@@ -354,6 +354,7 @@ async fn the_bearer_scheme_and_media_types_are_case_insensitive() {
 /// answers; `stop` sends SIGTERM and returns the log.
 struct LoggedProxy {
     child: KillOnDrop,
+    admin: String,
     listen: String,
     client: Client,
     rt: tokio::runtime::Runtime,
@@ -373,6 +374,7 @@ impl LoggedProxy {
             .unwrap();
         let proxy = LoggedProxy {
             child: KillOnDrop(child),
+            admin: admin.clone(),
             listen,
             client: Client::new(&format!("http://{admin}"), None).unwrap(),
             rt: tokio::runtime::Runtime::new().unwrap(),
@@ -586,4 +588,80 @@ async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_
     let text = mqtt_chaos::summary::text(&summary);
     assert!(text.contains("broker detected a silent peer 1 times: median"), "{text}");
     assert!(text.contains("Wills: 1 expected, 1 observed, 0 missing"), "{text}");
+}
+
+/// `mqtt-chaos ctl watch` as a child process; its stdout lines arrive on the receiver.
+fn ctl_watch(admin: &str, extra: &[&str]) -> (KillOnDrop, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(binary())
+        .args(["ctl", "watch", "--admin", &format!("http://{admin}")])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (KillOnDrop(child), rx)
+}
+
+#[test]
+fn ctl_watch_shows_connects_faults_closes_and_rule_changes_as_they_happen() {
+    let broker = Mosquitto::start();
+    let proxy = LoggedProxy::start(&broker.addr(), &[]);
+    let (_all, all) = ctl_watch(&proxy.admin, &["--json"]);
+    let (_others, others) = ctl_watch(&proxy.admin, &["--client-id", "other-*"]);
+    let (_readable, readable) = ctl_watch(&proxy.admin, &[]);
+    std::thread::sleep(Duration::from_millis(500)); // the watchers subscribe
+    let rule =
+        json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
+    assert_eq!(proxy.call("POST", "/rules", Some(rule)).unwrap().status, 201);
+    let mut device = proxy.connected("watched");
+    std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
+    std::io::Write::write_all(&mut device, &PINGREQ).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(device);
+
+    let mut kinds = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !kinds.contains(&"closed".to_string()) {
+        let line =
+            all.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("events in time");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let kind = v["event"].as_str().unwrap().to_string();
+        match kind.as_str() {
+            "rules" => assert_eq!(v["data"]["change"], "rule \"mute\" added"),
+            "connect" => assert_eq!(
+                (v["data"]["client_id"].as_str(), v["data"]["keep_alive"].as_u64()),
+                (Some("watched"), Some(60))
+            ),
+            "fault" => assert_eq!(v["data"]["rule"], "mute", "{line}"),
+            "closed" => {
+                assert_eq!(
+                    (v["data"]["closed_by"].as_str(), v["data"]["how"].as_str()),
+                    (Some("client"), Some("fin"))
+                );
+                assert_eq!(v["data"]["faults"], json!({"mute": 2}), "{line}");
+            }
+            _ => {}
+        }
+        kinds.push(kind);
+    }
+    assert_eq!(kinds, ["rules", "connect", "connack", "fault", "closed"], "one fault line for two drops");
+    let line = readable.recv_timeout(WAIT).unwrap();
+    assert!(line.ends_with("rules: rule \"mute\" added"), "{line}");
+    let connect = readable.recv_timeout(WAIT).unwrap();
+    assert!(connect.contains("conn 1 (watched) CONNECT protocol 4 Keep Alive 60"), "{connect}");
+    // The filtered watcher saw the rule change (it concerns every connection), nothing of `watched`.
+    let first = others.recv_timeout(WAIT).unwrap();
+    assert!(first.contains("rules: rule \"mute\" added"), "{first}");
+    let rest: Vec<String> = others.try_iter().collect();
+    assert!(rest.is_empty(), "{rest:?}");
+    let _ = proxy.stop();
 }

@@ -108,14 +108,7 @@ impl Drop for Prometheus {
     }
 }
 
-pub fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub use mqtt_chaos::ctl::percent_encode;
 
 /// A free loopback port (bound and released; the caller binds it next).
 pub fn free_port() -> u16 {
@@ -296,6 +289,7 @@ impl TestProxy {
                 Event::Connack(_) => seen.push("CONNACK".to_string()),
                 Event::Publish { direction, topic, .. } => seen.push(format!("PUBLISH {direction} {topic}")),
                 Event::WillTopicPublish { topic, .. } => seen.push(format!("OBSERVED {topic}")),
+                Event::Fault { .. } | Event::Rules { .. } => {}
                 Event::Closed(conn) => {
                     let close = conn.close_info().expect("closed record has close info");
                     return (seen, conn, close);
