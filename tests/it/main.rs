@@ -12,6 +12,7 @@ mod keepalive;
 mod large;
 mod metrics;
 mod pubsub;
+mod readme;
 mod robust;
 mod soak;
 mod wire;
