@@ -15,7 +15,7 @@
 //! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
 //! | `GET /profiles` | the profiles in `--profiles-dir` and the built-in ones (`source`), each with its description or its error |
 //! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body |
-//! | `GET /events?conn=ID&client_id=GLOB` | Server-Sent Events as things happen: `connect`, `connack`, `fault` (a rule's first application on a connection), `closed`, `rules` (the filters pick connections; rule changes always pass); a subscriber that falls behind is dropped and counted |
+//! | `GET /events?conn=ID&client_id=GLOB` | Server-Sent Events as things happen: `connect`, `connack`, `fault` (a rule's first application on a connection), `closed`, `detection`, `will`, `rules` (the filters pick connections; rule changes always pass); a subscriber that falls behind is dropped and counted |
 //! | `GET /summary` | per route: connections, closes, detections (count, median and max × Keep Alive), Wills, takeovers, faults by rule |
 //! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
 //!

@@ -149,7 +149,11 @@ pub fn event_line(kind: &str, data: &str) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let conn = format!("conn {} ({})", s("conn"), s("client_id"));
+    let client_id = v["client_id"].as_str().filter(|id| !id.is_empty()).unwrap_or("no client id");
+    let conn = format!("conn {} ({client_id})", s("conn"));
+    let faults: Vec<String> =
+        v["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
+    let faults = if faults.is_empty() { "none".to_string() } else { faults.join(",") };
     match kind {
         "connect" => format!(
             "{conn} CONNECT protocol {} Keep Alive {} (forwarded {})",
@@ -166,9 +170,18 @@ pub fn event_line(kind: &str, data: &str) -> String {
             s("silence_s"),
             s("silence_ratio"),
             s("keep_alive"),
-            s("faults")
+            faults
         ),
         "rules" => format!("rules: {}", s("change")),
+        "detection" => format!(
+            "{conn} the {} detected the silence after {} s = {} × Keep Alive",
+            s("side"),
+            s("silence_s"),
+            s("ratio")
+        ),
+        "will" => {
+            format!("conn {} Will on {}: {} (after {} s)", s("conn"), s("topic"), s("outcome"), s("delay_s"))
+        }
         other => format!("{other} {data}"),
     }
 }

@@ -103,7 +103,11 @@ impl Monitor {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Connect(conn) => self.on_connect(&conn),
-            Event::Connack(_) | Event::Fault { .. } | Event::Rules { .. } => {}
+            Event::Connack(_)
+            | Event::Fault { .. }
+            | Event::Rules { .. }
+            | Event::Detection { .. }
+            | Event::Will { .. } => {}
             Event::Publish { topic, at, retain: false, .. } => self.on_will_topic_publish(topic, at, None),
             Event::Publish { .. } => {} // retained: delivered because of a subscription, not a Will firing
             Event::WillTopicPublish { route, topic, at } => {
@@ -186,6 +190,9 @@ impl Monitor {
                     stats.broker_detection_seconds.observe(s);
                     stats.broker_detection_ratio.observe(r);
                     stats.broker_detection.push(r);
+                    let detection =
+                        Event::Detection { conn: conn.clone(), side: Side::Broker, seconds: s, ratio: r };
+                    self.registry.emit(detection);
                 }
             }
             Side::Client if close.how != CloseHow::Disconnect => {
@@ -195,6 +202,11 @@ impl Monitor {
                 if let Some(r) = close.silence_ratio {
                     stats.client_detection_ratio.observe(r);
                     stats.client_detection.push(r);
+                    if let Some(s) = close.silence_s {
+                        let detection =
+                            Event::Detection { conn: conn.clone(), side: Side::Client, seconds: s, ratio: r };
+                        self.registry.emit(detection);
+                    }
                 }
             }
             _ => {}
@@ -264,6 +276,13 @@ impl Monitor {
         let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
         stats.will_delay.observe(delay);
         debug!(conn = w.conn_id, topic = %w.topic(), delay_s = delay, "Will observed");
+        self.registry.emit(Event::Will {
+            conn_id: w.conn_id,
+            route: w.route.name.clone(),
+            topic: w.topic().to_string(),
+            outcome: "observed",
+            delay_s: Some(delay),
+        });
     }
 
     fn expire(&mut self, now: Instant) {
@@ -273,6 +292,13 @@ impl Monitor {
         for w in missing {
             w.route.stats.wills_missing.fetch_add(1, Relaxed);
             info!(conn = w.conn_id, topic = %w.topic(), "expected Will not seen");
+            self.registry.emit(Event::Will {
+                conn_id: w.conn_id,
+                route: w.route.name.clone(),
+                topic: w.topic().to_string(),
+                outcome: "missing",
+                delay_s: None,
+            });
         }
         self.takeovers.retain(|old, t| {
             let open = now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;

@@ -716,6 +716,10 @@ pub enum Event {
     Fault { conn: Arc<Connection>, rule: String, action: &'static str, direction: &'static str },
     /// The rules changed through the admin API: what happened, in words.
     Rules { change: String },
+    /// The monitor counted a detection: `side` closed a silent peer after `ratio` × Keep Alive.
+    Detection { conn: Arc<Connection>, side: Side, seconds: f64, ratio: f64 },
+    /// The monitor settled an expected Will: `observed` (with its delay) or `missing`.
+    Will { conn_id: u64, route: String, topic: String, outcome: &'static str, delay_s: Option<f64> },
 }
 
 /// An event as `/events` shows it: its kind and a JSON object (`conn` and `client_id` where it
@@ -762,6 +766,16 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
             ("closed", with(c, extra))
         }
         Event::Rules { change } => ("rules", json!({"change": change})),
+        Event::Detection { conn, side, seconds, ratio } => {
+            let round = |v: f64| (v * 1000.0).round() / 1000.0;
+            let extra = json!({"side": side.as_str(), "silence_s": round(*seconds), "ratio": round(*ratio)});
+            ("detection", with(conn, extra))
+        }
+        Event::Will { conn_id, route, topic, outcome, delay_s } => (
+            "will",
+            json!({"conn": conn_id, "route": route, "topic": topic, "outcome": outcome,
+                "delay_s": delay_s.map(|d| (d * 1000.0).round() / 1000.0)}),
+        ),
         Event::Publish { .. } | Event::WillTopicPublish { .. } => return None,
     })
 }

@@ -556,6 +556,7 @@ async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_
     let proxy = TestProxy::start_with(&broker.addr(), settings).await;
     proxy.set_rules("[[rules]]\nname = \"mute\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n");
     let admin = serve_admin(&proxy, None).await;
+    let mut live = proxy.running().registry().subscribe();
     let mut watcher = proxy.connected("watcher", 60).await;
     watcher.write_all(&subscribe_v4(1, "status/#", 0)).await.unwrap();
     expect_packet(&mut watcher, WAIT, "SUBACK").await;
@@ -587,6 +588,28 @@ async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_
     assert!(r["faults"][0]["count"].as_u64().unwrap() >= 1, "{summary}");
     let text = mqtt_chaos::summary::text(&summary);
     assert!(text.contains("broker detected a silent peer 1 times: median"), "{text}");
+    // The live view (`/events`, `ctl watch`) told the same as it happened.
+    let mut kinds = Vec::new();
+    while let Ok(ev) = live.try_recv() {
+        if let Some((kind, data)) = mqtt_chaos::record::event_json(&ev) {
+            match kind {
+                "detection" => {
+                    assert_eq!(
+                        (data["side"].as_str(), data["client_id"].as_str()),
+                        (Some("broker"), Some("silent"))
+                    );
+                    assert_eq!(data["ratio"].as_f64(), Some(ratio));
+                }
+                "will" => assert_eq!(
+                    (data["outcome"].as_str(), data["topic"].as_str()),
+                    (Some("observed"), Some("status/silent"))
+                ),
+                _ => {}
+            }
+            kinds.push(kind);
+        }
+    }
+    assert!(kinds.contains(&"detection") && kinds.contains(&"will"), "{kinds:?}");
     assert!(text.contains("Wills: 1 expected, 1 observed, 0 missing"), "{text}");
 }
 

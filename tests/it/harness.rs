@@ -289,7 +289,7 @@ impl TestProxy {
                 Event::Connack(_) => seen.push("CONNACK".to_string()),
                 Event::Publish { direction, topic, .. } => seen.push(format!("PUBLISH {direction} {topic}")),
                 Event::WillTopicPublish { topic, .. } => seen.push(format!("OBSERVED {topic}")),
-                Event::Fault { .. } | Event::Rules { .. } => {}
+                Event::Fault { .. } | Event::Rules { .. } | Event::Detection { .. } | Event::Will { .. } => {}
                 Event::Closed(conn) => {
                     let close = conn.close_info().expect("closed record has close info");
                     return (seen, conn, close);
