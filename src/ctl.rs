@@ -85,10 +85,16 @@ impl Client {
 }
 
 impl Client {
-    /// Follows `GET /events` (with its query) and calls `on_event(kind, data)` for each event
+    /// Follows `GET /events` (with its query): calls `on_open` once the proxy has subscribed this
+    /// watcher (every event from then on arrives), then `on_event(kind, data)` for each event
     /// until the proxy ends the stream. Asked as HTTP/1.0 so that the body is the raw event
     /// stream, delimited by the close.
-    pub async fn watch(&self, query: &str, mut on_event: impl FnMut(&str, &str)) -> Result<(), String> {
+    pub async fn watch(
+        &self,
+        query: &str,
+        on_open: impl FnOnce(),
+        mut on_event: impl FnMut(&str, &str),
+    ) -> Result<(), String> {
         use tokio::io::AsyncBufReadExt;
         let fail = |e: std::io::Error| format!("admin API at {} unreachable: {e}", self.authority);
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.authority))
@@ -121,6 +127,7 @@ impl Client {
             let reply = Reply { status, body };
             return Err(format!("{} ({status})", reply.error()));
         }
+        on_open();
         let (mut kind, mut data) = (String::new(), String::new());
         loop {
             line.clear();

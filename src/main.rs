@@ -67,15 +67,20 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             }
             let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
             let json = args.json;
+            let admin = args.admin.clone();
             let watched = client
-                .watch(&query, |kind, data| {
-                    if json {
-                        println!("{{\"event\":\"{kind}\",\"data\":{data}}}");
-                    } else {
-                        let at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-                        println!("{at} {}", ctl::event_line(kind, data));
-                    }
-                })
+                .watch(
+                    &query,
+                    || eprintln!("watching the events of {admin} (Ctrl-C to stop)"),
+                    |kind, data| {
+                        if json {
+                            println!("{{\"event\":\"{kind}\",\"data\":{data}}}");
+                        } else {
+                            let at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+                            println!("{at} {}", ctl::event_line(kind, data));
+                        }
+                    },
+                )
                 .await;
             return match watched {
                 Ok(()) => ExitCode::SUCCESS,

@@ -619,9 +619,14 @@ fn ctl_watch(admin: &str, extra: &[&str]) -> (KillOnDrop, std::sync::mpsc::Recei
         .args(["ctl", "watch", "--admin", &format!("http://{admin}")])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // It says so on stderr once the proxy has subscribed it: no event is missed after that.
+    let mut said = String::new();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut stderr, &mut said).unwrap();
+    assert!(said.starts_with("watching the events of http://"), "{said:?}");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -641,7 +646,6 @@ fn ctl_watch_shows_connects_faults_closes_and_rule_changes_as_they_happen() {
     let (_all, all) = ctl_watch(&proxy.admin, &["--json"]);
     let (_others, others) = ctl_watch(&proxy.admin, &["--client-id", "other-*"]);
     let (_readable, readable) = ctl_watch(&proxy.admin, &[]);
-    std::thread::sleep(Duration::from_millis(500)); // the watchers subscribe
     let rule =
         json!({"name": "mute", "action": "drop", "direction": "client_to_broker", "packets": ["PINGREQ"]});
     assert_eq!(proxy.call("POST", "/rules", Some(rule)).unwrap().status, 201);
