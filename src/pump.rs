@@ -114,7 +114,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut pump = Pump {
-        inspector: Inspector { ctx, dir, first: true, raw: false, connected: false },
+        inspector: Inspector { ctx, dir, first: true, raw: false },
         splitter: Splitter::with_limits(ctx.settings.max_buffered_packet, ctx.settings.max_connect_packet),
         buf: Vec::new(),
         start: 0,
@@ -208,8 +208,6 @@ impl Pump<'_> {
                 (Some(a), Some(h)) => Some(a.min(h.due)),
                 (a, h) => a.or(h.map(|h| h.due)),
             };
-            let can_read = mode != Mode::Freeze && !self.blocked && self.delayed_bytes < DELAY_QUEUE_LIMIT;
-            let spare = if can_read { self.prepare_buffer() } else { 0 };
             if self.frozen && mode != Mode::Freeze {
                 // A freeze ended: what was read before it began goes out now.
                 self.frozen = false;
@@ -217,6 +215,8 @@ impl Pump<'_> {
                     return end;
                 }
             }
+            let can_read = mode != Mode::Freeze && !self.blocked && self.delayed_bytes < DELAY_QUEUE_LIMIT;
+            let spare = if can_read { self.prepare_buffer() } else { 0 };
             // Reading comes before wakes: however fast rules change, a pump keeps reading (each
             // batch picks up the newest rules anyway, in `decide`). Only changes that may start
             // or end a mode here wake it (see `RuleBook`).
@@ -480,8 +480,6 @@ struct Inspector<'a> {
     first: bool,
     /// The direction is relayed raw (its bytes stopped being MQTT).
     raw: bool,
-    /// A CONNECT was decoded (client_to_broker): another one is a protocol violation.
-    connected: bool,
 }
 
 impl Inspector<'_> {
@@ -520,15 +518,15 @@ impl Inspector<'_> {
         let protocol = conn.protocol().unwrap_or(Protocol::V311);
         match (self.dir, h.packet_type) {
             (Direction::ClientToBroker, PacketType::Connect) => {
-                if self.connected {
-                    // The broker must close the connection (MQTT 3.1.1 §3.1.0-2, MQTT 5 §3.1-2); the
-                    // record and every index keep what the first CONNECT said.
+                if conn.protocol().is_some() {
+                    // A CONNECT was decoded already. The broker must close the connection (MQTT
+                    // 3.1.1 §3.1.0-2, MQTT 5 §3.1-2); the record and every index keep what the
+                    // first CONNECT said.
                     return Err("a second CONNECT on the connection (a protocol violation: MQTT 3.1.1 \
                                 §3.1.0-2, MQTT 5 §3.1-2)"
                         .into());
                 }
                 let connect = Connect::decode(frame, h).map_err(|e| e.to_string())?;
-                self.connected = true;
                 #[cfg(test)]
                 if connect.client_id == crate::server::tests::PANIC_CLIENT_ID {
                     panic!("injected by a test: a bug in the pump");

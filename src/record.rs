@@ -921,7 +921,8 @@ impl Registry {
     /// [`crate::fault::Affected`]); the others pick the change up at their next packet.
     pub fn wake(&self, affected: crate::fault::Affected<'_>) {
         use crate::fault::Affected;
-        for conn in self.list() {
+        let live: Vec<Arc<Connection>> = self.live().values().cloned().collect();
+        for conn in live {
             let woken = match affected {
                 Affected::All => true,
                 Affected::MatchedBy(rule) => conn.client_id().is_some_and(|id| {

@@ -15,7 +15,7 @@ pub mod profile;
 pub mod rule;
 
 pub use engine::{
-    Affected, Applied, Change, ConnAction, ConnFaults, Mode, RuleBook, RuleSet, RulesRx, Verdict, Waker,
+    Affected, Applied, ConnAction, ConnFaults, Mode, RuleBook, RuleSet, RulesRx, Verdict, Waker,
 };
 pub use profile::{Profile, ProfileSpec, compile_rules, load_profile, parse_profile};
 pub use rule::{Action, ActionKind, Rule, RuleError, RuleSpec};

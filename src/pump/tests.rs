@@ -12,14 +12,21 @@ fn ctx(settings: Settings) -> Ctx {
     ctx_with(settings, Vec::new())
 }
 
+fn rule(toml_text: &str) -> Arc<crate::fault::Rule> {
+    Arc::new(toml::from_str::<crate::fault::RuleSpec>(toml_text).unwrap().compile("r").unwrap())
+}
+
 /// A context whose rule set holds the given rules (TOML rule tables).
 fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
-    let rules = rules
-        .into_iter()
-        .map(|r| Arc::new(toml::from_str::<crate::fault::RuleSpec>(r).unwrap().compile("r").unwrap()))
-        .collect();
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::fault::RuleSet::new(None, Some(1), rules)));
-    std::mem::forget(tx); // the rule set stays as it is for the test
+    ctx_and_book(settings, rules).0
+}
+
+/// The same, with the book that owns its rules (no waker: a change reaches the pump at its next
+/// batch or timer, as one with no time-driven effect would).
+fn ctx_and_book(settings: Settings, rules: Vec<&str>) -> (Ctx, crate::fault::RuleBook) {
+    let book = crate::fault::RuleBook::default();
+    book.replace(crate::fault::RuleSet::new(None, Some(1), rules.into_iter().map(rule).collect()));
+    let rx = book.subscribe();
     let route = Arc::new(Route {
         name: "test".into(),
         listen: "127.0.0.1:1".parse().unwrap(),
@@ -29,14 +36,15 @@ fn ctx_with(settings: Settings, rules: Vec<&str>) -> Ctx {
     });
     let registry = Arc::new(Registry::default());
     let conn = registry.open(route, "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
-    Ctx {
+    let ctx = Ctx {
         conn,
         registry,
         settings: Arc::new(settings),
         faults: Mutex::new(ConnFaults::new(rx)),
         stop: CancellationToken::new(),
         _permit: None,
-    }
+    };
+    (ctx, book)
 }
 
 fn connect_v4(keep_alive: u16) -> Vec<u8> {
@@ -437,4 +445,28 @@ async fn a_connect_over_its_own_limit_is_malformed_not_streamed_undecoded() {
     assert!(matches!(end, PumpEnd::Malformed), "{end:?}");
     assert!(out.data.is_empty());
     assert!(ctx.conn.snapshot().malformed["client_to_broker"].contains("--max-connect-packet"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_read_as_a_freeze_begins_wait_unforwarded_until_it_ends() {
+    let (ctx, book) = ctx_and_book(Settings::default(), vec![]);
+    let ctx = Arc::new(ctx);
+    let mut l = line(&ctx, Direction::ClientToBroker);
+    l.sender.write_all(&connect_v4(30)).await.unwrap();
+    assert_eq!(received(&mut l.receiver, Duration::from_millis(100)).await, connect_v4(30));
+    // The pump waits in its read when the freeze arrives; the PINGREQ that ends the read is
+    // decided under the freeze: it is held, not forwarded, and not lost.
+    book.add(rule(
+        "name = \"ice\"\naction = \"freeze\"\ndirection = \"client_to_broker\"\nduration = \"2s\"\n",
+    ))
+    .unwrap();
+    let sent_at = Instant::now();
+    l.sender.write_all(&PINGREQ).await.unwrap();
+    assert!(
+        received(&mut l.receiver, Duration::from_millis(1900)).await.is_empty(),
+        "forwarded while frozen"
+    );
+    assert_eq!(received(&mut l.receiver, Duration::from_millis(200)).await, PINGREQ);
+    assert!(Instant::now() - sent_at >= Duration::from_secs(2));
+    l.task.abort();
 }
