@@ -399,13 +399,23 @@ impl RuleSpec {
                 );
             }
         }
+        // Actions whose direction is fixed accept the direction they act in (saying it is
+        // harmless) and reject any other.
         let direction_fixed = match kind {
-            ActionKind::Close | ActionKind::Disconnect => Some("use `side`/`to` to choose the side"),
-            ActionKind::RewriteKeepalive => Some("it always acts on the client's CONNECT"),
-            ActionKind::ServerKeepalive => Some("it always acts on the broker's CONNACK"),
+            ActionKind::Close | ActionKind::Disconnect => Some((None, "use `side`/`to` to choose the side")),
+            ActionKind::RewriteKeepalive => Some((
+                Some(DirectionSpec::ClientToBroker),
+                "it acts on the client's CONNECT, which travels client_to_broker",
+            )),
+            ActionKind::ServerKeepalive => Some((
+                Some(DirectionSpec::BrokerToClient),
+                "it acts on the broker's CONNACK, which travels broker_to_client",
+            )),
             _ => None,
         };
-        if let (Some(_), Some(why)) = (self.direction, direction_fixed) {
+        if let (Some(given), Some((agrees, why))) = (self.direction, direction_fixed)
+            && Some(given) != agrees
+        {
             return err("direction", format!("`direction` does not apply to action `{a}`: {why}"));
         }
         if self.count.is_some() && !kind.is_packet_action() {
@@ -709,6 +719,28 @@ mod tests {
         assert_eq!(rw("min = 10\nmax = 20\n").rewrite(5), Some(10));
         assert_eq!(rw("min = 10\nmax = 20\n").rewrite(60), Some(20));
         assert_eq!(rw("max = 20\n").rewrite(0), Some(0), "0 (disabled) is below any max");
+    }
+
+    #[test]
+    fn a_direction_that_agrees_with_a_fixed_direction_action_is_accepted() {
+        let compiles = |action: &str, extra: &str, direction: &str| {
+            spec(&format!("name = \"x\"\naction = \"{action}\"\n{extra}direction = \"{direction}\"\n"))
+                .compile("r")
+                .map(|_| ())
+                .map_err(|e| e.message)
+        };
+        assert_eq!(compiles("rewrite_keepalive", "set = 2\n", "client_to_broker"), Ok(()));
+        assert_eq!(compiles("rewrite_keepalive", "set = 2\n", "upstream"), Ok(()));
+        assert_eq!(compiles("server_keepalive", "set = 2\n", "broker_to_client"), Ok(()));
+        for (action, extra, wrong) in [
+            ("rewrite_keepalive", "set = 2\n", "broker_to_client"),
+            ("rewrite_keepalive", "set = 2\n", "both"),
+            ("server_keepalive", "set = 2\n", "client_to_broker"),
+            ("close", "", "client_to_broker"),
+        ] {
+            let e = compiles(action, extra, wrong).unwrap_err();
+            assert!(e.contains("`direction` does not apply"), "{action} {wrong}: {e}");
+        }
     }
 
     #[test]
