@@ -5,7 +5,7 @@
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up, 503 `{"status":"shutting_down"}` once a shutdown began (never needs the token) |
 //! | `GET /readyz` | 200 `{"status":"ready",…}` when every route's last dial of its upstream succeeded, else 503 `not_ready`; per route `reachable` and `last_error` (never needs the token) |
 //! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
-//! | `GET /connections` | live connection records (JSON, never passwords or usernames), each with its `local_rules` |
+//! | `GET /connections?state=live\|closed\|all` | connection records (JSON, never passwords or usernames): live ones (default) with their `local_rules` and `state` (`connecting`, `live`, `refused`, `closing` with a `state_detail`), and/or the last `--closed-history` closed ones (oldest first) with their close `cause` |
 //! | `GET /connections/{id}` | one record, with its `local_rules`; 404 if it is not live |
 //! | `DELETE /connections/{id}?how=fin\|rst` | close one connection (default `fin`) |
 //! | `GET /rules` | the rules in force: `{"profile", "seed", "rules": [...]}` |
@@ -349,8 +349,38 @@ fn live(c: &Control, id: &str) -> Result<Arc<crate::record::Connection>, ApiErro
     c.registry.get(id).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no live connection {id}")))
 }
 
-async fn connections(State(c): State<Control>) -> ApiResult {
-    let all: Vec<_> = c.registry.list().iter().map(|conn| record(conn)).collect();
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsQuery {
+    /// `live` (default), `closed` or `all`.
+    state: Option<String>,
+}
+
+async fn connections(
+    State(c): State<Control>,
+    query: Result<Query<ConnectionsQuery>, QueryRejection>,
+) -> ApiResult {
+    let query = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (live, closed) = match query.state.as_deref().unwrap_or("live") {
+        "live" => (true, false),
+        "closed" => (false, true),
+        "all" => (true, true),
+        other => {
+            let why = format!("state {other:?} is not one of live, closed, all");
+            return Err(ApiError {
+                field: Some("state".into()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, why)
+            });
+        }
+    };
+    let mut all: Vec<Value> = Vec::new();
+    if closed {
+        // Closed records carry no local rules: they went with the connection.
+        all.extend(c.registry.closed());
+    }
+    if live {
+        all.extend(c.registry.list().iter().map(|conn| record(conn)));
+    }
     ok(StatusCode::OK, json!(all))
 }
 

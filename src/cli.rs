@@ -4,6 +4,7 @@
 use crate::config::{self, OnMalformed, RouteConfig, Settings};
 use crate::fault::Profile;
 use crate::fault::profile;
+use crate::observer::ObserverProtocol;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,8 +79,11 @@ pub struct CtlArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// List live connections.
-    Connections,
+    /// List live connections (with --closed: the recently closed ones, with how and why).
+    Connections {
+        #[arg(long)]
+        closed: bool,
+    },
     /// Close one connection.
     Kill {
         id: u64,
@@ -182,6 +186,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
+    /// How many closed connections `GET /connections?state=closed` keeps, the most recent
+    /// (0: none; at most 1,000,000).
+    #[arg(long, env = "MQTT_CHAOS_CLOSED_HISTORY", default_value_t = crate::record::CLOSED_HISTORY as u32,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub closed_history: u32,
+
     /// How long after a connection's close (plus its Will Delay Interval) its Will may take to be seen.
     #[arg(long, env = "MQTT_CHAOS_WILL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub will_timeout: Duration,
@@ -198,6 +208,10 @@ pub struct ProxyArgs {
     /// that are not behind the proxy).
     #[arg(long, env = "MQTT_CHAOS_OBSERVE_WILLS")]
     pub observe_wills: bool,
+
+    /// MQTT version of the Will observer: `auto` tries 5, then 3.1.1 if the broker refuses it.
+    #[arg(long, env = "MQTT_CHAOS_OBSERVER_PROTOCOL", value_enum, default_value_t = ObserverProtocol::Auto)]
+    pub observer_protocol: ObserverProtocol,
 
     /// Client id prefix of the Will observer (the route name is appended).
     #[arg(long, env = "MQTT_CHAOS_OBSERVER_CLIENT_ID", default_value = "mqtt-chaos-observer-")]
@@ -238,6 +252,7 @@ impl ProxyArgs {
                 client_id: self.observer_client_id.clone(),
                 username: self.observer_username.clone(),
                 password,
+                protocol: self.observer_protocol,
             })
         } else {
             None
@@ -276,6 +291,7 @@ impl ProxyArgs {
             will_timeout: self.will_timeout,
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,
+            closed_history: self.closed_history as usize,
             observe_wills,
             probe_upstreams: true,
         })

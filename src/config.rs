@@ -49,6 +49,8 @@ pub struct Settings {
     /// Most connections open at once over all routes (0: no limit); beyond it new clients are
     /// closed at once.
     pub max_connections: usize,
+    /// How many closed connections' records are kept for `GET /connections?state=closed`.
+    pub closed_history: usize,
     /// `--observe-wills`: subscribe to Will topics with an own client on each upstream.
     pub observe_wills: Option<crate::observer::ObserverConfig>,
     /// Dial each upstream once at start and log whether it answered (the binary does; embedders
@@ -67,6 +69,7 @@ impl Default for Settings {
             will_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,
+            closed_history: crate::record::CLOSED_HISTORY,
             observe_wills: None,
             probe_upstreams: false,
         }

@@ -171,9 +171,10 @@ pub fn event_line(kind: &str, data: &str) -> String {
         "connack" => format!("{conn} CONNACK code {}", s("code")),
         "fault" => format!("{conn} fault {}: {} {}", s("rule"), s("action"), s("direction")),
         "closed" => format!(
-            "{conn} closed by {} ({}) after {} s of silence = {} × Keep Alive {}; faults {}",
+            "{conn} closed by {} ({}, cause {}) after {} s of silence = {} × Keep Alive {}; faults {}",
             s("closed_by"),
             s("how"),
+            s("cause"),
             s("silence_s"),
             s("silence_ratio"),
             s("keep_alive"),
@@ -186,9 +187,16 @@ pub fn event_line(kind: &str, data: &str) -> String {
             s("silence_s"),
             s("ratio")
         ),
-        "will" => {
-            format!("conn {} Will on {}: {} (after {} s)", s("conn"), s("topic"), s("outcome"), s("delay_s"))
-        }
+        "ended" => format!("{conn} fully closed, {} s after its first close", s("lingered_s")),
+        "takeover" => format!("{conn} taken over by conn {}", s("by")),
+        "will" => format!(
+            "conn {} Will on {}: {} (after {} s; watched by {})",
+            s("conn"),
+            s("topic"),
+            s("outcome"),
+            s("delay_s"),
+            s("watched_by")
+        ),
         other => format!("{other} {data}"),
     }
 }
@@ -304,13 +312,14 @@ pub fn profiles_table(v: &Value) -> String {
     out
 }
 
-/// Live connections as a table.
+/// Connections as a table: their state (for closed ones, how and why they closed) and faults.
 pub fn connections_table(v: &Value) -> String {
     let mut out = format!(
-        "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8} {:>10} {:>10}  {:<16} {}\n",
+        "{:<6} {:<10} {:<24} {:<34} {:<5} {:<14} {:>8} {:>10} {:>10}  {:<16} {}\n",
         "ID",
         "ROUTE",
         "CLIENT_ID",
+        "STATE",
         "PROTO",
         "KA req/bk/cl",
         "AGE_S",
@@ -325,11 +334,22 @@ pub fn connections_table(v: &Value) -> String {
             c["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
         let own: Vec<&str> =
             c["local_rules"].as_array().into_iter().flatten().filter_map(|r| r["name"].as_str()).collect();
+        let close = &c["close"];
+        let state = match (c["state"].as_str().unwrap_or("-"), c["state_detail"].as_str()) {
+            ("closed", _) => format!(
+                "closed: {} by {}",
+                close["cause"].as_str().unwrap_or("-"),
+                close["closed_by"].as_str().unwrap_or("-")
+            ),
+            (state, Some(detail)) => format!("{state}: {detail}"),
+            (state, None) => state.to_string(),
+        };
         out.push_str(&format!(
-            "{:<6} {:<10} {:<24} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {:<16} {}\n",
+            "{:<6} {:<10} {:<24} {:<34} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {:<16} {}\n",
             c["id"].as_u64().unwrap_or(0),
             c["route"].as_str().unwrap_or(""),
             c["client_id"].as_str().unwrap_or("-"),
+            state,
             c["protocol"].as_u64().map_or("-".to_string(), |p| p.to_string()),
             format!("{}/{}/{}", ka("requested"), ka("broker_enforced"), ka("client_enforced")),
             c["age_s"].as_f64().unwrap_or(0.0),

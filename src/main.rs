@@ -51,7 +51,10 @@ async fn ctl(args: CtlArgs) -> ExitCode {
     };
     let json = Some("application/json");
     let request = match &args.command {
-        CtlCommand::Connections => Ok(("GET", "/connections".to_string(), None, Vec::new())),
+        CtlCommand::Connections { closed } => {
+            let path = if *closed { "/connections?state=closed" } else { "/connections" };
+            Ok(("GET", path.to_string(), None, Vec::new()))
+        }
         CtlCommand::Kill { id, how } => {
             Ok(("DELETE", format!("/connections/{id}?how={how}"), None, Vec::new()))
         }
@@ -132,7 +135,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
     }
     let value = reply.json().unwrap_or_default();
     match &args.command {
-        CtlCommand::Connections => print!("{}", ctl::connections_table(&value)),
+        CtlCommand::Connections { .. } => print!("{}", ctl::connections_table(&value)),
         CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
         CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
         CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),

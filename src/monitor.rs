@@ -1,21 +1,27 @@
 //! Turning record events into measurements: how long each side took to notice a dead peer,
 //! whether Wills arrived, what takeovers did.
 //!
-//! One task per proxy follows the [`Registry`]'s events:
+//! One task per proxy follows the [`Registry`]'s events. Everything is decided at a
+//! connection's *first* close (the record has classified it: [`crate::record::Cause`]), not
+//! when its last side goes, so a hung device that keeps its socket open does not delay or
+//! distort anything:
 //!
-//! - **CONNECT**: the requested Keep Alive is observed; a client id already live on the same
-//!   route makes the older connection a *takeover* victim, watched for 5 s.
-//! - **Closed**: the close is counted by who and how. A broker-initiated close of a connection
-//!   with a Keep Alive above 0 that was not a takeover victim is a *broker detection* (silence since the
-//!   last packet delivered to the broker, and its multiple of the Keep Alive the broker enforces);
-//!   a client-initiated close without DISCONNECT is a *client detection*. A connection with a
-//!   Will that ended without a normal DISCONNECT expects its Will within the Will Delay Interval
-//!   plus `--will-timeout`.
-//! - **PUBLISH** on a Will topic flowing to any client through the proxy: an expected Will is
-//!   observed (also one published moments before the proxy saw the close: the broker publishes
-//!   at the close, on another socket).
+//! - **CONNECT**: the requested Keep Alive is observed.
+//! - **Takeover** (the registry saw a CONNECT with the client id of an open connection): the
+//!   old connection is watched for [`TAKEOVER_WINDOW`].
+//! - **Closed** (the first close): counted by who, how and cause. Only a `keepalive_timeout`
+//!   is a broker detection and only a `client_gave_up` a client detection; a takeover victim's
+//!   close settles the takeover. A connection the broker accepted, with a Will, that did not
+//!   end with a normal DISCONNECT expects its Will within the Will Delay Interval plus
+//!   `--will-timeout`; what could see it (the observer, subscriptions through the proxy) is
+//!   noted, so a Will nothing could see is `unobservable`, not `missing`.
+//! - **PUBLISH** on a Will topic flowing to any client through the proxy, or seen by the
+//!   observer: an expected Will is observed (also one published moments before the proxy saw
+//!   the close: the broker publishes at the close, on another socket).
 
-use crate::record::{CloseHow, Connection, Event, Registry, Side, TopicWatch};
+use crate::record::{
+    Cause, CloseInfo, Connection, Event, Registry, Side, TAKEOVER_WINDOW, TopicWatch, keepalive_violated,
+};
 use crate::route::Route;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,9 +32,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// How long after a takeover CONNECT the old connection may stay open before the broker is
-/// said not to enforce takeovers.
-pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(5);
 /// How long a Will-topic PUBLISH is remembered, to match a close the proxy sees after it.
 const EARLY_WILL: Duration = Duration::from_secs(2);
 /// How many such PUBLISHes are remembered at most (the oldest go first).
@@ -41,11 +44,24 @@ struct ExpectedWill {
     watch: Arc<TopicWatch>,
     closed_at: Instant,
     deadline: Instant,
+    /// What could see it when the connection closed, in words; `None`: nothing could.
+    watched_by: Option<String>,
 }
 
 impl ExpectedWill {
     fn topic(&self) -> &str {
         self.watch.topic()
+    }
+
+    fn settle(self, registry: &Registry, outcome: &'static str, delay_s: Option<f64>) {
+        registry.emit(Event::Will {
+            conn_id: self.conn_id,
+            route: self.route.name.clone(),
+            topic: self.topic().to_string(),
+            outcome,
+            delay_s,
+            watched_by: self.watched_by.unwrap_or_else(|| "nothing".into()),
+        });
     }
 }
 
@@ -57,11 +73,6 @@ struct Takeover {
 struct Monitor {
     registry: Arc<Registry>,
     will_timeout: Duration,
-    /// Live connections by (route, client id).
-    by_client: HashMap<(String, String), Vec<u64>>,
-    /// The key each live connection was filed under in `by_client` (its client id may change
-    /// later: a CONNACK can assign one).
-    keys: HashMap<u64, (String, String)>,
     /// Old connection id → the takeover that made it a victim.
     takeovers: HashMap<u64, Takeover>,
     wills: Vec<ExpectedWill>,
@@ -75,8 +86,6 @@ pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: Cancella
     let mut m = Monitor {
         registry,
         will_timeout,
-        by_client: HashMap::new(),
-        keys: HashMap::new(),
         takeovers: HashMap::new(),
         wills: Vec::new(),
         recent: VecDeque::new(),
@@ -102,144 +111,124 @@ pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: Cancella
 impl Monitor {
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Connect(conn) => self.on_connect(&conn),
-            Event::Connack(_)
+            Event::Connect(conn) => {
+                if let Some(ka) = conn.keep_alive().requested {
+                    conn.route.stats.keepalive_requested.observe(f64::from(ka));
+                }
+            }
+            Event::Takeover { old, at, .. } => {
+                if old.close_info().is_none() {
+                    self.takeovers.insert(old.id, Takeover { route: old.route.clone(), at });
+                }
+            }
+            Event::Closed(conn) => self.on_closed(&conn),
+            Event::Publish { topic, at, retain: false, .. } => self.on_will_topic_publish(topic, at, None),
+            Event::WillTopicPublish { route, topic, at } => {
+                self.on_will_topic_publish(topic, at, Some(route))
+            }
+            // A retained PUBLISH is delivered because of a subscription, not a Will firing.
+            Event::Publish { .. }
+            | Event::Connack(_)
+            | Event::Ended(_)
             | Event::Fault { .. }
             | Event::Rules { .. }
             | Event::Detection { .. }
             | Event::Will { .. } => {}
-            Event::Publish { topic, at, retain: false, .. } => self.on_will_topic_publish(topic, at, None),
-            Event::Publish { .. } => {} // retained: delivered because of a subscription, not a Will firing
-            Event::WillTopicPublish { route, topic, at } => {
-                self.on_will_topic_publish(topic, at, Some(route))
-            }
-            Event::Closed(conn) => self.on_closed(&conn),
         }
     }
 
-    fn on_connect(&mut self, conn: &Arc<Connection>) {
-        let stats = &conn.route.stats;
-        if let Some(ka) = conn.keep_alive().requested {
-            stats.keepalive_requested.observe(f64::from(ka));
-        }
-        let Some(client_id) = conn.client_id().filter(|id| !id.is_empty()) else { return };
-        if self.keys.contains_key(&conn.id) || self.registry.get(conn.id).is_none() {
-            return; // filed already, or closed before we got here: nothing to take over
-        }
-        let key = (conn.route.name.clone(), client_id);
-        let live = self.by_client.entry(key.clone()).or_default();
-        for &old in live.iter() {
-            debug!(conn = conn.id, old, client_id = %key.1, "takeover: the client id is already connected");
-            self.takeovers.insert(old, Takeover { route: conn.route.clone(), at: Instant::now() });
-        }
-        live.push(conn.id);
-        self.keys.insert(conn.id, key);
-    }
-
-    /// Removes a connection from the client-id index.
-    fn unfile(&mut self, id: u64) {
-        let Some(key) = self.keys.remove(&id) else { return };
-        if let Some(ids) = self.by_client.get_mut(&key) {
-            ids.retain(|&i| i != id);
-            if ids.is_empty() {
-                self.by_client.remove(&key);
-            }
-        }
-    }
-
-    /// After missed events: forgets connections that are no longer live (their Closed event
-    /// may have been among those missed), so no index keeps them.
+    /// After missed events: forgets takeover victims already closed (their Closed event may
+    /// have been among those missed).
     fn forget_closed(&mut self) {
-        let gone: Vec<u64> =
-            self.keys.keys().copied().filter(|&id| self.registry.get(id).is_none()).collect();
-        for id in gone {
-            self.unfile(id);
-            self.takeovers.remove(&id);
-        }
+        let registry = &self.registry;
+        self.takeovers.retain(|&id, _| registry.get(id).is_some_and(|c| c.close_info().is_none()));
     }
 
     fn publish_sizes(&self) {
         let t = &self.registry.tracked;
-        t.client_ids.store(self.keys.len() as u64, Relaxed);
         t.takeovers.store(self.takeovers.len() as u64, Relaxed);
         t.wills.store(self.wills.len() as u64, Relaxed);
         t.will_publishes.store(self.recent.len() as u64, Relaxed);
     }
 
+    /// A connection's first close: everything about it is decided now.
     fn on_closed(&mut self, conn: &Arc<Connection>) {
         let Some(close) = conn.close_info() else { return };
         let stats = &conn.route.stats;
-        let now = Instant::now();
-        stats.closes.inc((close.closed_by.as_str(), close.how.as_str()));
-        stats.connection_duration.observe(now.saturating_duration_since(conn.started).as_secs_f64());
-        self.unfile(conn.id);
-        let victim = self.takeovers.remove(&conn.id);
-        if let Some(t) = &victim {
-            let outcome = match (close.closed_by, close.how, close.disconnect_reason) {
-                (Side::Broker, CloseHow::Disconnect, Some(0x8e)) => "disconnect_0x8e",
-                _ => "closed",
+        let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
+        let (by, how, cause) = (close.closed_by.as_str(), close.how.as_str(), close.cause);
+        stats.closes.inc((by, how));
+        stats.closes_by_cause.inc((by, how, cause.as_str()));
+        stats.connection_duration.observe(close.at_s);
+        if let Some(t) = self.takeovers.remove(&conn.id) {
+            let outcome = match cause {
+                Cause::Takeover if close.disconnect_reason == Some(0x8e) => "disconnect_0x8e",
+                Cause::Takeover => "closed",
+                _ => "preempted",
             };
             stats.takeovers.inc(outcome);
-            stats.takeover_close_seconds.observe(now.saturating_duration_since(t.at).as_secs_f64());
-            info!(conn = conn.id, outcome, "takeover settled");
-        }
-        let ka = close.keep_alive_enforced.unwrap_or(0);
-        match close.closed_by {
-            Side::Broker if ka > 0 && victim.is_none() => {
-                if let (Some(s), Some(r)) = (close.silence_s, close.silence_ratio) {
-                    stats.broker_detection_seconds.observe(s);
-                    stats.broker_detection_ratio.observe(r);
-                    stats.broker_detection.push(r);
-                    let detection =
-                        Event::Detection { conn: conn.clone(), side: Side::Broker, seconds: s, ratio: r };
-                    self.registry.emit(detection);
-                }
+            if cause == Cause::Takeover {
+                stats.takeover_close_seconds.observe(closed_at.saturating_duration_since(t.at).as_secs_f64());
             }
-            Side::Client if close.how != CloseHow::Disconnect => {
-                if let Some(s) = close.silence_s {
-                    stats.client_detection_seconds.observe(s);
-                }
-                if let Some(r) = close.silence_ratio {
-                    stats.client_detection_ratio.observe(r);
-                    stats.client_detection.push(r);
-                    if let Some(s) = close.silence_s {
-                        let detection =
-                            Event::Detection { conn: conn.clone(), side: Side::Client, seconds: s, ratio: r };
-                        self.registry.emit(detection);
-                    }
-                }
-            }
-            _ => {}
+            info!(conn = conn.id, outcome, cause = cause.as_str(), "takeover settled");
         }
-        // A client that said nothing for longer than its own Keep Alive before the end.
+        let detection = match cause {
+            Cause::KeepaliveTimeout => Some(Side::Broker),
+            Cause::ClientGaveUp => Some(Side::Client),
+            _ => None,
+        };
+        if let (Some(side), Some(s), Some(r)) = (detection, close.silence_s, close.silence_ratio) {
+            let (seconds, ratio, samples) = match side {
+                Side::Broker => {
+                    (&stats.broker_detection_seconds, &stats.broker_detection_ratio, &stats.broker_detection)
+                }
+                _ => {
+                    (&stats.client_detection_seconds, &stats.client_detection_ratio, &stats.client_detection)
+                }
+            };
+            seconds.observe(s);
+            ratio.observe(r);
+            samples.push(r);
+            self.registry.emit(Event::Detection { conn: conn.clone(), side, seconds: s, ratio: r });
+        }
+        // The client's silence before the close counts like any gap between its packets.
         let client_ka = conn.keep_alive().client_enforced().unwrap_or(0);
-        let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
-        if client_ka > 0
-            && let Some(last) = conn.last_from_client()
-            && closed_at.saturating_duration_since(last) > Duration::from_secs(u64::from(client_ka))
+        if let Some(last) = conn.last_from_client()
+            && keepalive_violated(closed_at.saturating_duration_since(last), client_ka)
         {
             stats.client_keepalive_violations.fetch_add(1, Relaxed);
+        }
+        if let Some(ratio) = conn.client_gap_ratio(closed_at) {
+            stats.client_keepalive_gap_ratio.observe(ratio);
         }
         self.expect_will(conn, &close, closed_at);
     }
 
-    fn expect_will(&mut self, conn: &Arc<Connection>, close: &crate::record::CloseInfo, closed_at: Instant) {
+    fn expect_will(&mut self, conn: &Arc<Connection>, close: &CloseInfo, closed_at: Instant) {
         let (Some(will), Some(watch)) = (conn.will(), conn.will_watch()) else { return };
-        let normal = close.closed_by == Side::Client
-            && close.how == CloseHow::Disconnect
-            && close.disconnect_reason.unwrap_or(0) == 0;
-        if normal {
+        // The broker publishes a Will only for a connection it accepted that did not end
+        // with a normal DISCONNECT.
+        if conn.snapshot().connack.is_none_or(|c| c.code != 0) || close.cause == Cause::Normal {
             return; // the record's watch goes with the record
         }
         let stats = &conn.route.stats;
         stats.wills_expected.fetch_add(1, Relaxed);
         let delay = Duration::from_secs(u64::from(will.delay_interval.unwrap_or(0)));
+        let observer = conn.route.observer.watches(&will.topic);
+        let subscribers = self.registry.subscribers(&conn.route.name, &will.topic);
+        let watched_by = match (observer, subscribers) {
+            (false, 0) => None,
+            (true, 0) => Some("the Will observer".to_string()),
+            (false, n) => Some(format!("{n} subscription(s) through the proxy")),
+            (true, n) => Some(format!("the Will observer and {n} subscription(s) through the proxy")),
+        };
         let expected = ExpectedWill {
             route: conn.route.clone(),
             conn_id: conn.id,
             watch,
             closed_at,
             deadline: closed_at + delay + self.will_timeout,
+            watched_by,
         };
         // The broker may have published it before the proxy noticed the close.
         let early =
@@ -276,35 +265,38 @@ impl Monitor {
         let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
         stats.will_delay.observe(delay);
         debug!(conn = w.conn_id, topic = %w.topic(), delay_s = delay, "Will observed");
-        self.registry.emit(Event::Will {
-            conn_id: w.conn_id,
-            route: w.route.name.clone(),
-            topic: w.topic().to_string(),
-            outcome: "observed",
-            delay_s: Some(delay),
-        });
+        w.settle(&self.registry, "observed", Some(delay));
     }
 
     fn expire(&mut self, now: Instant) {
-        let (missing, waiting): (Vec<_>, Vec<_>) =
+        let (due, waiting): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.wills).into_iter().partition(|w| now >= w.deadline);
         self.wills = waiting;
-        for w in missing {
-            w.route.stats.wills_missing.fetch_add(1, Relaxed);
-            info!(conn = w.conn_id, topic = %w.topic(), "expected Will not seen");
-            self.registry.emit(Event::Will {
-                conn_id: w.conn_id,
-                route: w.route.name.clone(),
-                topic: w.topic().to_string(),
-                outcome: "missing",
-                delay_s: None,
-            });
+        for w in due {
+            let stats = &w.route.stats;
+            match &w.watched_by {
+                Some(by) => {
+                    stats.wills_missing.fetch_add(1, Relaxed);
+                    info!(conn = w.conn_id, topic = %w.topic(), watched_by = %by,
+                        "expected Will not seen, although it was watched");
+                }
+                None => {
+                    stats.wills_unobservable.fetch_add(1, Relaxed);
+                    info!(conn = w.conn_id, topic = %w.topic(),
+                        "Will not seen, and nothing could have seen it: no subscription through the proxy matched its topic and the Will observer was not watching it (--observe-wills)");
+                }
+            }
+            let outcome = if w.watched_by.is_some() { "missing" } else { "unobservable" };
+            w.settle(&self.registry, outcome, None);
         }
-        self.takeovers.retain(|old, t| {
-            let open = now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;
+        let registry = &self.registry;
+        self.takeovers.retain(|&old, t| {
+            // A victim closed already is settled by its Closed event, whatever the time now.
+            let closed = registry.get(old).is_none_or(|c| c.close_info().is_some());
+            let open = closed || now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;
             if !open {
                 t.route.stats.takeovers.inc("not_enforced");
-                info!(conn = old, "takeover not enforced: the old connection is still open");
+                info!(conn = old, "takeover not enforced: the broker did not close the old connection");
             }
             open
         });

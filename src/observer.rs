@@ -1,23 +1,47 @@
 //! `--observe-wills`: the proxy's own MQTT client on each route's upstream.
 //!
 //! The subscribers that matter for a Will are often not behind the proxy, so the proxy can
-//! subscribe itself: one rumqttc (MQTT 3.1.1) client per route, connected straight to the
-//! broker, subscribing to the Will topic of every connection as it learns it (from the CONNECT).
+//! subscribe itself: one rumqttc client per route, connected straight to the broker,
+//! subscribing to the Will topic of every connection as it learns it (from the CONNECT).
 //! What it receives is reported as [`Event::WillTopicPublish`]; the monitor counts each expected
-//! Will once, whichever path saw it first. Retained messages (delivered because of the
+//! Will once, whichever path saw it first, and asks [`crate::route::ObserverView`] whether the
+//! observer was watching a Will that never came. Retained messages (delivered because of the
 //! subscription itself) are ignored. Credentials come from flags, env or a file and are never
 //! logged.
+//!
+//! It speaks MQTT 5 or 3.1.1 (`--observer-protocol`; `auto` tries 5 first and falls back to
+//! 3.1.1 while 5 fails, and keeps what worked). Failed connections are retried after 1 s,
+//! doubling to 30 s, counted, and logged once per change between connected and failing.
 
 use crate::record::{Event, Registry};
 use crate::route::Route;
-use rumqttc::{AsyncClient, ConnectionError, Event as MqttEvent, MqttOptions, Packet, QoS};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+use rumqttc::{Event as Event4, MqttOptions, Packet as Packet4, QoS};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// The MQTT version the observer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ObserverProtocol {
+    /// MQTT 5, else 3.1.1.
+    #[default]
+    Auto,
+    #[value(name = "3.1.1")]
+    V311,
+    #[value(name = "5")]
+    V5,
+}
+
+/// The first retry after a failure; each further one waits twice as long, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How the observer connects.
 #[derive(Clone, Default)]
@@ -26,6 +50,7 @@ pub struct ObserverConfig {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub protocol: ObserverProtocol,
 }
 
 impl std::fmt::Debug for ObserverConfig {
@@ -34,6 +59,7 @@ impl std::fmt::Debug for ObserverConfig {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("protocol", &self.protocol)
             .finish()
     }
 }
@@ -42,6 +68,86 @@ impl std::fmt::Debug for ObserverConfig {
 fn host_port(upstream: &str) -> Option<(String, u16)> {
     let (host, port) = upstream.rsplit_once(':')?;
     Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
+}
+
+/// One MQTT client of either version, reduced to what the observer needs.
+enum Client {
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+}
+
+/// What one poll of a client gave.
+enum Polled {
+    Connected,
+    /// A non-retained PUBLISH on this topic.
+    Publish(String),
+    Other,
+}
+
+impl Client {
+    fn new(v5: bool, client_id: &str, host: &str, port: u16, config: &ObserverConfig) -> Client {
+        let (user, password) = match &config.username {
+            Some(u) => (Some(u.clone()), config.password.clone().unwrap_or_default()),
+            None => (None, String::new()),
+        };
+        if v5 {
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
+            o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+            if let Some(user) = user {
+                o.set_credentials(user, password);
+            }
+            let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
+            Client::V5(c, Box::new(l))
+        } else {
+            let mut o = MqttOptions::new(client_id, host, port);
+            o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
+            if let Some(user) = user {
+                o.set_credentials(user, password);
+            }
+            let (c, l) = rumqttc::AsyncClient::new(o, 64);
+            Client::V311(c, Box::new(l))
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        match self {
+            Client::V311(..) => "3.1.1",
+            Client::V5(..) => "5",
+        }
+    }
+
+    fn subscribe(&self, topic: &str) {
+        // A full request queue loses nothing that matters: every topic is subscribed again
+        // at the next connect.
+        let _ = match self {
+            Client::V311(c, _) => c.try_subscribe(topic, QoS::AtLeastOnce).map_err(|_| ()),
+            Client::V5(c, _) => c.try_subscribe(topic, QoS5::AtLeastOnce).map_err(|_| ()),
+        };
+    }
+
+    fn disconnect(&self) {
+        let _ = match self {
+            Client::V311(c, _) => c.try_disconnect().map_err(|_| ()),
+            Client::V5(c, _) => c.try_disconnect().map_err(|_| ()),
+        };
+    }
+
+    async fn poll(&mut self) -> Result<Polled, String> {
+        Ok(match self {
+            Client::V311(_, l) => match l.poll().await.map_err(|e| e.to_string())? {
+                Event4::Incoming(Packet4::ConnAck(_)) => Polled::Connected,
+                Event4::Incoming(Packet4::Publish(p)) if !p.retain => Polled::Publish(p.topic),
+                _ => Polled::Other,
+            },
+            Client::V5(_, l) => match l.poll().await.map_err(|e| e.to_string())? {
+                rumqttc::v5::Event::Incoming(Packet5::ConnAck(_)) => Polled::Connected,
+                rumqttc::v5::Event::Incoming(Packet5::Publish(p)) if !p.retain => {
+                    Polled::Publish(String::from_utf8_lossy(&p.topic).into_owned())
+                }
+                _ => Polled::Other,
+            },
+        })
+    }
 }
 
 /// Runs the observer of one route until `stop`.
@@ -53,20 +159,20 @@ pub async fn run(
 ) {
     let Some((host, port)) = host_port(&route.upstream) else { return };
     let client_id = format!("{}{}", config.client_id, route.name);
-    let mut options = MqttOptions::new(client_id.clone(), host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_clean_session(true);
-    if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    // In `auto`, which version to try next; fixed once one worked.
+    let mut v5 = config.protocol != ObserverProtocol::V311;
+    let mut settled = config.protocol != ObserverProtocol::Auto;
+    let mut client = Client::new(v5, &client_id, &host, port, &config);
     let mut events = registry.subscribe();
     let mut topics: BTreeSet<String> = BTreeSet::new();
-    info!(route = %route.name, client_id = %client_id, "observing Wills with an own connection to the upstream");
+    let mut backoff = FIRST_BACKOFF;
+    let mut failing = false;
+    info!(route = %route.name, client_id = %client_id, protocol = ?config.protocol,
+        "observing Wills with an own connection to the upstream");
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
-                let _ = client.try_disconnect();
+                client.disconnect();
                 return;
             }
             ev = events.recv() => match ev {
@@ -74,35 +180,49 @@ pub async fn run(
                     if let Some(will) = conn.will()
                         && topics.insert(will.topic.clone())
                     {
-                        let _ = client.try_subscribe(will.topic.clone(), QoS::AtLeastOnce);
+                        client.subscribe(&will.topic);
+                        route.observer.subscribed(&will.topic);
                     }
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(n)) => warn!(missed = n, "the Will observer fell behind"),
                 Err(RecvError::Closed) => return,
             },
-            polled = eventloop.poll() => match polled {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    debug!(route = %route.name, "Will observer connected");
+            polled = client.poll() => match polled {
+                Ok(Polled::Connected) => {
+                    if failing || !settled {
+                        info!(route = %route.name, protocol = client.version(), "Will observer connected");
+                    }
+                    (failing, settled, backoff) = (false, true, FIRST_BACKOFF);
                     // A clean session forgets subscriptions: subscribe again after every connect.
                     for topic in &topics {
-                        let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                        client.subscribe(topic);
                     }
+                    route.observer.connected(topics.iter().cloned());
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) if !p.retain => {
-                    registry.emit(Event::WillTopicPublish { route: route.name.clone(), topic: p.topic, at: Instant::now() });
+                Ok(Polled::Publish(topic)) => {
+                    registry.emit(Event::WillTopicPublish { route: route.name.clone(), topic, at: Instant::now() });
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    let detail = match &e {
-                        ConnectionError::ConnectionRefused(code) => format!("refused: {code:?}"),
-                        other => other.to_string(),
-                    };
-                    warn!(route = %route.name, error = %detail, "Will observer disconnected; retrying in 1 s");
+                Ok(Polled::Other) => {}
+                Err(error) => {
+                    route.observer.disconnected();
+                    route.stats.observer_connect_failures.fetch_add(1, Relaxed);
+                    if !failing {
+                        warn!(route = %route.name, protocol = client.version(), %error,
+                            "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");
+                        failing = true;
+                    } else {
+                        debug!(route = %route.name, protocol = client.version(), %error, retry_in = ?backoff, "Will observer failed again");
+                    }
+                    if !settled {
+                        v5 = !v5; // auto: try the other version next
+                        client = Client::new(v5, &client_id, &host, port, &config);
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(backoff) => {}
                     }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             },
         }

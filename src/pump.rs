@@ -25,7 +25,7 @@
 use crate::codec::frame::FrameHeader;
 use crate::codec::reason_name;
 use crate::codec::{
-    Connack, Connect, Disconnect, PacketType, Protocol, Publish, Splitter, Step,
+    Connack, Connect, Disconnect, PacketType, Protocol, Publish, Splitter, Step, TopicFilters,
     connack_with_server_keep_alive,
 };
 use crate::config::{OnMalformed, Settings};
@@ -319,6 +319,7 @@ impl Pump<'_> {
         };
         let mut discard_all = self.shut || matches!(mode, Mode::Blackhole | Mode::Shut);
         let mut cursor = self.start;
+        let mut pingreq = false;
         self.needed = 0;
         let outcome = loop {
             if self.inspector.raw {
@@ -371,6 +372,7 @@ impl Pump<'_> {
             };
             cursor += len;
             let t = header.packet_type;
+            pingreq |= t == PacketType::Pingreq;
             let discard = discard_all;
             if t == PacketType::Connect && dir == Direction::ClientToBroker && whole {
                 // The CONNECT started the rule clock: modes apply from the next packet on.
@@ -413,7 +415,7 @@ impl Pump<'_> {
             }
         };
         if dir == Direction::ClientToBroker && cursor > self.start && !self.inspector.first {
-            ctx.conn.on_client_activity(now);
+            ctx.conn.on_client_activity(now, pingreq);
         }
         (cursor, outcome)
     }
@@ -552,10 +554,12 @@ impl Inspector<'_> {
                         "Keep Alive rewritten in CONNECT"
                     );
                     self.applied(&applied, Some(PacketType::Connect));
+                    conn.route.stats.keepalive_rewrites.fetch_add(1, Relaxed);
                 }
                 // Watched while the record lives, and while the monitor awaits the Will.
                 let will_watch = connect.will.as_ref().map(|w| self.ctx.registry.watch_topic(&w.topic));
                 conn.on_connect(&connect, forwarded, will_watch);
+                self.ctx.registry.on_connect(conn);
                 debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
                     keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
                 self.emit(|| Event::Connect(conn.clone()));
@@ -601,6 +605,14 @@ impl Inspector<'_> {
                 conn.route.stats.disconnect_reasons.inc((dir.as_str(), reason_label));
             }
             (Direction::BrokerToClient, PacketType::Pingresp) => conn.on_pingresp(now),
+            (Direction::ClientToBroker, t @ (PacketType::Subscribe | PacketType::Unsubscribe)) => {
+                let subscribe = t == PacketType::Subscribe;
+                match TopicFilters::decode(frame, h, protocol, subscribe) {
+                    Ok(TopicFilters(filters)) if subscribe => self.ctx.registry.on_subscribe(conn, filters),
+                    Ok(TopicFilters(filters)) => self.ctx.registry.on_unsubscribe(conn, &filters),
+                    Err(e) => debug!(conn = conn.id, error = %e, "{t} could not be decoded"),
+                }
+            }
             (dir @ Direction::BrokerToClient, PacketType::Publish) if self.ctx.registry.watching_topics() => {
                 match Publish::decode(frame, h, protocol) {
                     Ok(p) if self.ctx.registry.is_watched(&p.topic) => self.emit(|| Event::Publish {

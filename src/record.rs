@@ -15,7 +15,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -110,11 +110,106 @@ impl CloseHow {
     }
 }
 
+/// Why a connection ended, judged at its first close. METRICS.md gives the rules; only
+/// `keepalive_timeout` counts as a broker detection and only `client_gave_up` as a client one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The broker closed a peer silent for at least the Keep Alive it enforces, or sent
+    /// DISCONNECT 0x8D.
+    KeepaliveTimeout,
+    /// The broker answered the CONNECT with a refusing CONNACK.
+    ConnectRefused,
+    /// A side closed before any CONNACK (wrong protocol, rejected CONNECT, port checks).
+    NoConnack,
+    /// The broker closed a connection whose client id connected again (within
+    /// [`TAKEOVER_WINDOW`]), or sent DISCONNECT 0x8E.
+    Takeover,
+    /// A DISCONNECT with reason 0x00 or 0x04 (3.x: any DISCONNECT).
+    Normal,
+    /// The client closed without DISCONNECT with a PINGREQ unanswered or after at least its
+    /// Keep Alive of silence.
+    ClientGaveUp,
+    /// Any other close by a side.
+    Abrupt,
+    /// The proxy closed it: a fault rule, the admin API, a timeout, an error, a shutdown.
+    Proxy,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 8] = [
+        Cause::KeepaliveTimeout,
+        Cause::ConnectRefused,
+        Cause::NoConnack,
+        Cause::Takeover,
+        Cause::Normal,
+        Cause::ClientGaveUp,
+        Cause::Abrupt,
+        Cause::Proxy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::KeepaliveTimeout => "keepalive_timeout",
+            Cause::ConnectRefused => "connect_refused",
+            Cause::NoConnack => "no_connack",
+            Cause::Takeover => "takeover",
+            Cause::Normal => "normal",
+            Cause::ClientGaveUp => "client_gave_up",
+            Cause::Abrupt => "abrupt",
+            Cause::Proxy => "proxy",
+        }
+    }
+}
+
+/// How long after a takeover CONNECT a broker close of the old connection counts as the
+/// takeover; later, the broker is said not to enforce takeovers.
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(5);
+
+/// What the first close looked like, for [`classify`].
+#[derive(Debug, Clone, Copy)]
+pub struct CloseFacts {
+    pub closed_by: Side,
+    pub how: CloseHow,
+    pub disconnect_reason: Option<u8>,
+    /// The CONNACK's return or reason code, if one was forwarded.
+    pub connack: Option<u8>,
+    /// The client id connected again less than [`TAKEOVER_WINDOW`] before this close.
+    pub taken_over: bool,
+    /// Silence before the close as a multiple of the Keep Alive the closing side enforces.
+    pub silence_ratio: Option<f64>,
+    /// The client sent a PINGREQ after the last PINGRESP it received.
+    pub ping_outstanding: bool,
+}
+
+/// The cause of a close (see [`Cause`]).
+pub fn classify(f: &CloseFacts) -> Cause {
+    let disconnect =
+        |codes: &[u8]| f.how == CloseHow::Disconnect && codes.contains(&f.disconnect_reason.unwrap_or(0));
+    let silent = f.silence_ratio.is_some_and(|r| r >= 1.0);
+    match f.closed_by {
+        Side::Proxy => Cause::Proxy,
+        _ if f.connack.is_some_and(|code| code != 0) => Cause::ConnectRefused,
+        _ if f.connack.is_none() => Cause::NoConnack,
+        Side::Broker if f.taken_over || disconnect(&[0x8e]) => Cause::Takeover,
+        _ if disconnect(&[0x00, 0x04]) => Cause::Normal,
+        Side::Broker if disconnect(&[0x8d]) || (f.how != CloseHow::Disconnect && silent) => {
+            Cause::KeepaliveTimeout
+        }
+        Side::Client if f.how != CloseHow::Disconnect && (f.ping_outstanding || silent) => {
+            Cause::ClientGaveUp
+        }
+        _ => Cause::Abrupt,
+    }
+}
+
 /// The first close observed on a connection, and the silence that preceded it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CloseInfo {
     pub closed_by: Side,
     pub how: CloseHow,
+    /// Why, as [`classify`] judged it.
+    pub cause: Cause,
     /// MQTT 5 reason code of the DISCONNECT, if `how` is `disconnect` and the protocol has one.
     pub disconnect_reason: Option<u8>,
     /// Human-readable detail: the reason name, the socket error, or why the proxy closed.
@@ -236,6 +331,33 @@ impl Wake {
     }
 }
 
+/// Whether a client silent for `gap` broke its Keep Alive: by more than 10 % and 100 ms (timers
+/// that fire a few milliseconds late are compliant; the broker itself waits 1.5 ×).
+pub fn keepalive_violated(gap: Duration, keep_alive: u16) -> bool {
+    keep_alive > 0
+        && gap.as_secs_f64() > f64::from(keep_alive) * KEEPALIVE_TOLERANCE_FACTOR + KEEPALIVE_TOLERANCE_S
+}
+
+/// The Keep Alive violation threshold: gap > Keep Alive × this + [`KEEPALIVE_TOLERANCE_S`].
+pub const KEEPALIVE_TOLERANCE_FACTOR: f64 = 1.1;
+pub const KEEPALIVE_TOLERANCE_S: f64 = 0.1;
+
+/// A connection whose last side closes this long after its first close gets a second log line.
+pub const LINGER_LOGGED: Duration = Duration::from_secs(1);
+
+/// A number for a log line: at most 3 decimals (milliseconds for seconds).
+pub(crate) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// `rule=count,…` for the close line (`-` for none).
+fn faults_by_rule(faults: &BTreeMap<String, u64>) -> String {
+    if faults.is_empty() {
+        return "-".into();
+    }
+    faults.iter().map(|(rule, n)| format!("{rule}={n}")).collect::<Vec<_>>().join(",")
+}
+
 /// Fields that change a few times per connection.
 #[derive(Default)]
 struct State {
@@ -257,7 +379,18 @@ struct State {
     proxy_end: Option<ProxyEnd>,
     /// Keeps the Will topic watched while the record lives.
     will_watch: Option<Arc<TopicWatch>>,
+    /// When a newer connection on the route presented this client id (a takeover).
+    taken_over: Option<Instant>,
+    /// Topic filters the client subscribed to through the proxy (for Will observability),
+    /// at most [`MAX_FILTERS`].
+    filters: Vec<String>,
+    /// When both sides were gone.
+    ended: Option<Instant>,
 }
+
+/// Topic filters remembered per connection; a client that subscribes to more is taken to
+/// watch every topic (its Wills can never be called unobservable wrongly).
+pub const MAX_FILTERS: usize = 1000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnackSeen {
@@ -288,11 +421,23 @@ pub struct Connection {
     ping_pending: AtomicU64,
     /// When the client last sent anything, including packets a rule then dropped.
     last_from_client: AtomicU64,
+    /// When the client last sent a PINGREQ, including one a rule dropped.
+    pingreq_from_client: AtomicU64,
+    /// The longest silence between two of the client's packets, microseconds.
+    max_client_gap: AtomicU64,
+    /// The registry the record is filed in (its first close unfiles it and emits the event).
+    registry: Weak<Registry>,
     state: Mutex<State>,
 }
 
 impl Connection {
-    fn new(id: u64, route: Arc<Route>, client_addr: SocketAddr, cancel: CancellationToken) -> Self {
+    fn new(
+        id: u64,
+        route: Arc<Route>,
+        client_addr: SocketAddr,
+        cancel: CancellationToken,
+        registry: Weak<Registry>,
+    ) -> Self {
         Connection {
             id,
             route,
@@ -306,13 +451,15 @@ impl Connection {
             protocol: AtomicU8::new(0),
             ping_pending: AtomicU64::new(0),
             last_from_client: AtomicU64::new(0),
+            pingreq_from_client: AtomicU64::new(0),
+            max_client_gap: AtomicU64::new(0),
+            registry,
             state: Mutex::default(),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock would be a bug elsewhere; the data stays usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn micros_since_start(&self, at: Instant) -> u64 {
@@ -407,19 +554,21 @@ impl Connection {
     }
 
     /// Ends the connection from outside (admin API): the proxy closes both sides with `how`.
-    pub fn kill(&self, how: CloseHow, reason: &str) {
+    pub fn kill(self: &Arc<Self>, how: CloseHow, reason: &str) {
         self.end_by_proxy("admin", reason.to_string(), how);
         self.cancel.cancel();
     }
 
     /// Records that the proxy ends the connection itself, and why (the first close stays as it
     /// was if a side closed before; otherwise this is the first close too). The first call wins.
-    pub(crate) fn end_by_proxy(&self, cause: &'static str, detail: String, how: CloseHow) {
-        self.note_close(Side::Proxy, how, None, Some(detail.clone()), Instant::now());
-        let mut s = self.state();
-        if s.proxy_end.is_none() {
-            s.proxy_end = Some(ProxyEnd { cause, detail });
+    pub(crate) fn end_by_proxy(self: &Arc<Self>, cause: &'static str, detail: String, how: CloseHow) {
+        {
+            let mut s = self.state();
+            if s.proxy_end.is_none() {
+                s.proxy_end = Some(ProxyEnd { cause, detail: detail.clone() });
+            }
         }
+        self.note_close(Side::Proxy, how, None, Some(detail), Instant::now());
     }
 
     /// Why the proxy ended the connection itself, if it did.
@@ -431,6 +580,36 @@ impl Connection {
         let mut s = self.state();
         s.broker_addr = Some(addr);
         s.broker_connected = Some(at);
+    }
+
+    fn mark_taken_over(&self, at: Instant) {
+        self.state().taken_over.get_or_insert(at);
+    }
+
+    /// Adds topic filters the client subscribed to; returns those new to this connection (past
+    /// [`MAX_FILTERS`], one `#` stands for all the rest).
+    fn add_filters(&self, filters: Vec<String>) -> Vec<String> {
+        let mut s = self.state();
+        if s.close.is_some() {
+            return Vec::new();
+        }
+        let mut added = Vec::new();
+        for f in filters {
+            let f = if s.filters.len() >= MAX_FILTERS { "#".to_string() } else { f };
+            if !s.filters.contains(&f) {
+                s.filters.push(f.clone());
+                added.push(f);
+            }
+        }
+        added
+    }
+
+    /// Removes topic filters the client unsubscribed from; returns those it had.
+    fn remove_filters(&self, filters: &[String]) -> Vec<String> {
+        let mut s = self.state();
+        let (gone, kept) = std::mem::take(&mut s.filters).into_iter().partition(|f| filters.contains(f));
+        s.filters = kept;
+        gone
     }
 
     /// The watch on this connection's Will topic, if it has a Will.
@@ -540,63 +719,155 @@ impl Connection {
         }
     }
 
-    /// The client sent packets at `at` (whatever the proxy then did with them): counts a Keep
-    /// Alive violation if it had been silent longer than the Keep Alive it enforces.
-    pub(crate) fn on_client_activity(&self, at: Instant) {
-        let previous = self.decode_time(self.last_from_client.swap(self.micros_since_start(at), Relaxed));
+    /// The client sent packets at `at`, a PINGREQ among them if `pingreq` (whatever the proxy
+    /// then did with them): counts a Keep Alive violation if it had been silent for longer than
+    /// [`keepalive_violated`] allows, and keeps its longest silence.
+    pub(crate) fn on_client_activity(&self, at: Instant, pingreq: bool) {
+        let now = self.micros_since_start(at);
+        if pingreq {
+            self.pingreq_from_client.store(now, Relaxed);
+        }
+        let Some(previous) = self.decode_time(self.last_from_client.swap(now, Relaxed)) else { return };
+        let gap = at.saturating_duration_since(previous);
+        self.max_client_gap.fetch_max(gap.as_micros() as u64, Relaxed);
         let keep_alive = self.state().keep_alive.client_enforced().unwrap_or(0);
-        if let Some(previous) = previous
-            && keep_alive > 0
-            && at.saturating_duration_since(previous) > Duration::from_secs(u64::from(keep_alive))
-        {
+        if keepalive_violated(gap, keep_alive) {
             self.route.stats.client_keepalive_violations.fetch_add(1, Relaxed);
         }
+    }
+
+    /// The client's longest silence as a multiple of the Keep Alive it enforces, counting the
+    /// silence before `until` (its first close); `None` without a Keep Alive.
+    pub fn client_gap_ratio(&self, until: Instant) -> Option<f64> {
+        let keep_alive = self.keep_alive().client_enforced().filter(|&k| k > 0)?;
+        let last = self.last_from_client()?;
+        let gap = Duration::from_micros(self.max_client_gap.load(Relaxed))
+            .max(until.saturating_duration_since(last));
+        Some(gap.as_secs_f64() / f64::from(keep_alive))
     }
 
     /// Records the first close seen on this connection; later ones are ignored (the first
     /// tells who noticed first). Returns whether this one was the first.
     pub(crate) fn note_close(
-        &self,
+        self: &Arc<Self>,
         closed_by: Side,
         how: CloseHow,
         disconnect_reason: Option<u8>,
         reason: Option<String>,
         at: Instant,
     ) -> bool {
-        let mut s = self.state();
-        if s.close.is_some() {
-            return false;
-        }
-        let keep_alive_enforced = s.keep_alive.enforced_by(closed_by);
-        let silence = match closed_by {
-            Side::Proxy => None,
-            side => {
-                // Silence as the closing side experienced it: since the last packet it received.
-                let toward =
-                    if side == Side::Broker { Direction::ClientToBroker } else { Direction::BrokerToClient };
-                let since = self
-                    .last_packet(toward)
-                    .or(if side == Side::Broker { s.broker_connected } else { None })
-                    .unwrap_or(self.started);
-                Some(at.saturating_duration_since(since).as_secs_f64())
+        {
+            let mut s = self.state();
+            if s.close.is_some() {
+                return false;
             }
-        };
-        let silence_ratio = match (silence, keep_alive_enforced) {
-            (Some(secs), Some(ka)) if ka > 0 => Some(secs / f64::from(ka)),
-            _ => None,
-        };
-        let reason = reason.or_else(|| disconnect_reason.map(|r| reason_name(r).to_string()));
-        s.close = Some(CloseInfo {
-            closed_by,
-            how,
-            disconnect_reason,
-            reason,
-            at_s: at.saturating_duration_since(self.started).as_secs_f64(),
-            silence_s: silence,
-            silence_ratio,
-            keep_alive_enforced,
-        });
+            let keep_alive_enforced = s.keep_alive.enforced_by(closed_by);
+            let silence = match closed_by {
+                Side::Proxy => None,
+                side => {
+                    // Silence as the closing side experienced it: since the last packet it received.
+                    let toward = if side == Side::Broker {
+                        Direction::ClientToBroker
+                    } else {
+                        Direction::BrokerToClient
+                    };
+                    let since = self
+                        .last_packet(toward)
+                        .or(if side == Side::Broker { s.broker_connected } else { None })
+                        .unwrap_or(self.started);
+                    Some(at.saturating_duration_since(since).as_secs_f64())
+                }
+            };
+            let silence_ratio = match (silence, keep_alive_enforced) {
+                (Some(secs), Some(ka)) if ka > 0 => Some(secs / f64::from(ka)),
+                _ => None,
+            };
+            let pingresp_delivered = self.dirs[Direction::BrokerToClient.index()].last_ping.load(Relaxed);
+            let cause = classify(&CloseFacts {
+                closed_by,
+                how,
+                disconnect_reason,
+                connack: s.connack.as_ref().map(|c| c.code),
+                taken_over: s.taken_over.is_some_and(|t| at.saturating_duration_since(t) < TAKEOVER_WINDOW),
+                silence_ratio,
+                ping_outstanding: self.pingreq_from_client.load(Relaxed) > pingresp_delivered,
+            });
+            let reason = reason.or_else(|| disconnect_reason.map(|r| reason_name(r).to_string()));
+            s.close = Some(CloseInfo {
+                closed_by,
+                how,
+                cause,
+                disconnect_reason,
+                reason,
+                at_s: at.saturating_duration_since(self.started).as_secs_f64(),
+                silence_s: silence,
+                silence_ratio,
+                keep_alive_enforced,
+            });
+        }
+        self.log_close();
+        if let Some(registry) = self.registry.upgrade() {
+            registry.on_first_close(self);
+        }
         true
+    }
+
+    /// The connection's first close line: who closed, how, why, after what silence, with the
+    /// faults applied so far by rule.
+    fn log_close(&self) {
+        let s = self.snapshot();
+        let Some(close) = s.close.as_ref() else { return };
+        tracing::info!(
+            conn = s.id,
+            route = %s.route,
+            client = %s.client_addr,
+            client_id = %s.client_id.as_deref().unwrap_or(""),
+            protocol = s.protocol.map(|p| p.level()).unwrap_or(0),
+            closed_by = %close.closed_by.as_str(),
+            how = %close.how.as_str(),
+            cause = %close.cause.as_str(),
+            reason = %close.reason.as_deref().unwrap_or("-"),
+            silence_s = close.silence_s.map(round3),
+            silence_ratio = close.silence_ratio.map(round3),
+            keep_alive = close.keep_alive_enforced,
+            duration_s = round3(close.at_s),
+            bytes_client_to_broker = s.client_to_broker.bytes,
+            bytes_broker_to_client = s.broker_to_client.bytes,
+            ended_by_proxy = %s.proxy_end.as_ref().map_or("-", |e| e.cause),
+            faults = %faults_by_rule(&s.faults),
+            "connection closed"
+        );
+    }
+
+    /// Both sides are gone: records when, and logs a second line if the end says something the
+    /// first close did not (a side lingered for more than [`LINGER_LOGGED`], or the proxy had
+    /// to end what was left).
+    pub(crate) fn note_ended(&self, at: Instant) {
+        let (close, proxy_end) = {
+            let mut s = self.state();
+            s.ended = Some(at);
+            (s.close.clone(), s.proxy_end.clone())
+        };
+        let Some(close) = close else { return };
+        let lingered = at.saturating_duration_since(self.started).as_secs_f64() - close.at_s;
+        let proxy_ended_the_rest = close.closed_by != Side::Proxy && proxy_end.is_some();
+        if lingered > LINGER_LOGGED.as_secs_f64() || proxy_ended_the_rest {
+            let still_open = match close.closed_by {
+                Side::Broker => "client",
+                Side::Client => "broker",
+                Side::Proxy => "-",
+            };
+            tracing::info!(
+                conn = self.id,
+                route = %self.route.name,
+                closed_by = %close.closed_by.as_str(),
+                lingering_side = still_open,
+                lingered_s = round3(lingered),
+                ended_by_proxy = %proxy_end.as_ref().map_or("-", |e| e.cause),
+                duration_s = round3(close.at_s + lingered),
+                "connection fully closed"
+            );
+        }
     }
 
     /// A serialisable copy of the record. Never contains the password (it is never stored)
@@ -620,8 +891,26 @@ impl Connection {
             }
         };
         let s = self.state();
+        let since_start =
+            |t: Option<Instant>| t.map(|t| t.saturating_duration_since(self.started).as_secs_f64());
+        let (state, state_detail) = match (&s.ended, &s.close, &s.connack) {
+            (Some(_), _, _) => ("closed", None),
+            (None, Some(c), _) => {
+                let detail = match c.closed_by {
+                    Side::Broker => "broker closed, client still open",
+                    Side::Client => "client closed, broker still open",
+                    Side::Proxy => "proxy closed, waiting for the sides to go",
+                };
+                ("closing", Some(detail))
+            }
+            (None, None, Some(c)) if c.code != 0 => ("refused", None),
+            (None, None, Some(_)) => ("live", None),
+            (None, None, None) => ("connecting", None),
+        };
         Snapshot {
             id: self.id,
+            state,
+            state_detail,
             route: self.route.name.clone(),
             client_addr: self.client_addr,
             broker_addr: s.broker_addr,
@@ -652,6 +941,9 @@ impl Connection {
             faults: s.faults.clone(),
             close: s.close.clone(),
             proxy_end: s.proxy_end.clone(),
+            taken_over_s: since_start(s.taken_over),
+            ended_s: since_start(s.ended),
+            subscriptions: s.filters.len(),
         }
     }
 }
@@ -660,6 +952,11 @@ impl Connection {
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub id: u64,
+    /// `connecting` (no CONNACK yet), `live`, `refused` (a refusing CONNACK, not closed yet),
+    /// `closing` (a side closed, the other is still open) or `closed`.
+    pub state: &'static str,
+    /// For `closing`: which side closed and which is still open.
+    pub state_detail: Option<&'static str>,
     pub route: String,
     pub client_addr: SocketAddr,
     pub broker_addr: Option<SocketAddr>,
@@ -681,6 +978,12 @@ pub struct Snapshot {
     pub close: Option<CloseInfo>,
     /// Why the proxy ended the connection itself (absent when the sides closed it).
     pub proxy_end: Option<ProxyEnd>,
+    /// When a newer connection presented this client id, seconds after this one's start.
+    pub taken_over_s: Option<f64>,
+    /// When both sides were gone, seconds after the start.
+    pub ended_s: Option<f64>,
+    /// Topic filters the client subscribed to through the proxy.
+    pub subscriptions: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -708,8 +1011,14 @@ pub enum Event {
     Connack(Arc<Connection>),
     /// A PUBLISH on a watched topic ([`Registry::watch_topic`]) was forwarded to a client.
     Publish { conn: Arc<Connection>, direction: Direction, topic: String, qos: u8, retain: bool, at: Instant },
-    /// The connection ended; its record holds the [`CloseInfo`].
+    /// A side (or the proxy) closed the connection first; its record holds the [`CloseInfo`].
+    /// Measurements are decided here, whether or not the other side is still open.
     Closed(Arc<Connection>),
+    /// Both sides are gone (at once after `Closed`, or when a lingering side closed at last).
+    Ended(Arc<Connection>),
+    /// A CONNECT presented the client id of `old`, live on the same route (`new` is its
+    /// connection id).
+    Takeover { old: Arc<Connection>, new: u64, at: Instant },
     /// The Will observer (`--observe-wills`) received a PUBLISH on a Will topic.
     WillTopicPublish { route: String, topic: String, at: Instant },
     /// A rule acted on a connection for the first time (later applications are only counted).
@@ -718,8 +1027,16 @@ pub enum Event {
     Rules { change: String },
     /// The monitor counted a detection: `side` closed a silent peer after `ratio` × Keep Alive.
     Detection { conn: Arc<Connection>, side: Side, seconds: f64, ratio: f64 },
-    /// The monitor settled an expected Will: `observed` (with its delay) or `missing`.
-    Will { conn_id: u64, route: String, topic: String, outcome: &'static str, delay_s: Option<f64> },
+    /// The monitor settled an expected Will: `observed` (with its delay), `missing` or
+    /// `unobservable`; `watched_by` says what could have seen it.
+    Will {
+        conn_id: u64,
+        route: String,
+        topic: String,
+        outcome: &'static str,
+        delay_s: Option<f64>,
+        watched_by: String,
+    },
 }
 
 /// An event as `/events` shows it: its kind and a JSON object (`conn` and `client_id` where it
@@ -752,10 +1069,11 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
         Event::Closed(c) => {
             let s = c.snapshot();
             let close = s.close.as_ref();
-            let round = |v: Option<f64>| v.map(|v| (v * 1000.0).round() / 1000.0);
+            let round = |v: Option<f64>| v.map(round3);
             let extra = json!({
                 "closed_by": close.map(|c| c.closed_by.as_str()),
                 "how": close.map(|c| c.how.as_str()),
+                "cause": close.map(|c| c.cause.as_str()),
                 "reason": close.and_then(|c| c.reason.clone()),
                 "silence_s": round(close.and_then(|c| c.silence_s)),
                 "silence_ratio": round(close.and_then(|c| c.silence_ratio)),
@@ -765,16 +1083,27 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
             });
             ("closed", with(c, extra))
         }
+        Event::Ended(c) => {
+            let s = c.snapshot();
+            let lingered = match (s.ended_s, s.close.as_ref()) {
+                (Some(end), Some(close)) => Some(round3(end - close.at_s)),
+                _ => None,
+            };
+            let extra =
+                json!({"lingered_s": lingered, "ended_by_proxy": s.proxy_end.as_ref().map(|e| e.cause)});
+            ("ended", with(c, extra))
+        }
+        Event::Takeover { old, new, .. } => ("takeover", with(old, json!({"by": new}))),
         Event::Rules { change } => ("rules", json!({"change": change})),
         Event::Detection { conn, side, seconds, ratio } => {
-            let round = |v: f64| (v * 1000.0).round() / 1000.0;
-            let extra = json!({"side": side.as_str(), "silence_s": round(*seconds), "ratio": round(*ratio)});
+            let extra =
+                json!({"side": side.as_str(), "silence_s": round3(*seconds), "ratio": round3(*ratio)});
             ("detection", with(conn, extra))
         }
-        Event::Will { conn_id, route, topic, outcome, delay_s } => (
+        Event::Will { conn_id, route, topic, outcome, delay_s, watched_by } => (
             "will",
             json!({"conn": conn_id, "route": route, "topic": topic, "outcome": outcome,
-                "delay_s": delay_s.map(|d| (d * 1000.0).round() / 1000.0)}),
+                "delay_s": delay_s.map(round3), "watched_by": watched_by}),
         ),
         Event::Publish { .. } | Event::WillTopicPublish { .. } => return None,
     })
@@ -805,8 +1134,6 @@ impl Drop for TopicWatch {
 /// awaited, whatever the clients did.
 #[derive(Debug, Default)]
 pub struct Tracked {
-    /// Live connections by (route, client id).
-    pub client_ids: AtomicU64,
     /// Takeover victims awaiting their close.
     pub takeovers: AtomicU64,
     /// Wills awaited.
@@ -818,10 +1145,30 @@ pub struct Tracked {
 /// How many events a slow subscriber may fall behind before it misses some.
 const EVENT_BACKLOG: usize = 4096;
 
-/// The live connections of every route, and the event stream.
+/// Open connections by (route, client id), to recognise takeovers as the CONNECT passes.
+#[derive(Default)]
+struct ClientIndex {
+    by_client: HashMap<(String, String), Vec<u64>>,
+    /// The key each connection was filed under (its client id may change later: a CONNACK can
+    /// assign one).
+    keys: HashMap<u64, (String, String)>,
+}
+
+/// How many closed connections `GET /connections?state=closed` keeps by default.
+pub const CLOSED_HISTORY: usize = 1000;
+
+/// The live connections of every route, the recently closed ones, and the event stream.
 pub struct Registry {
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Connection>>>,
+    /// Records of the last `closed_capacity` connections fully closed, oldest first, as JSON
+    /// (one compact allocation each).
+    closed: Mutex<std::collections::VecDeque<Box<str>>>,
+    closed_capacity: usize,
+    clients: Mutex<ClientIndex>,
+    /// Topic filters subscribed through the proxy by open connections: (route, filter) → how
+    /// many connections hold it.
+    subscriptions: Mutex<HashMap<(String, String), usize>>,
     events: broadcast::Sender<Event>,
     /// Will topics whose PUBLISHes are reported as events, with a reference count.
     will_topics: Mutex<HashMap<String, usize>>,
@@ -835,9 +1182,20 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
+        Registry::new(CLOSED_HISTORY)
+    }
+}
+
+impl Registry {
+    /// A registry that keeps the records of the last `closed_history` closed connections.
+    pub fn new(closed_history: usize) -> Self {
         Registry {
             next_id: AtomicU64::new(1),
             live: Mutex::default(),
+            closed: Mutex::default(),
+            closed_capacity: closed_history,
+            clients: Mutex::default(),
+            subscriptions: Mutex::default(),
             events: broadcast::channel(EVENT_BACKLOG).0,
             will_topics: Mutex::default(),
             watching: AtomicU64::new(0),
@@ -845,11 +1203,9 @@ impl Default for Registry {
             events_dropped: AtomicU64::new(0),
         }
     }
-}
 
-impl Registry {
     fn live(&self) -> MutexGuard<'_, HashMap<u64, Arc<Connection>>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.live)
     }
 
     /// Receives every event from now on.
@@ -868,7 +1224,7 @@ impl Registry {
     }
 
     fn will_topics(&self) -> MutexGuard<'_, HashMap<String, usize>> {
-        self.will_topics.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.will_topics)
     }
 
     /// Reports PUBLISHes on `topic` flowing to clients as [`Event::Publish`] for as long as the
@@ -902,10 +1258,11 @@ impl Registry {
     }
 
     /// The size of every index keyed by what clients send, by name (see [`Tracked`]).
-    pub fn tracked_entries(&self) -> [(&'static str, u64); 5] {
+    pub fn tracked_entries(&self) -> [(&'static str, u64); 6] {
         let t = &self.tracked;
         [
-            ("client_ids", t.client_ids.load(Relaxed)),
+            ("client_ids", lock(&self.clients).keys.len() as u64),
+            ("subscriptions", lock(&self.subscriptions).len() as u64),
             ("takeovers", t.takeovers.load(Relaxed)),
             ("wills", t.wills.load(Relaxed)),
             ("will_publishes", t.will_publishes.load(Relaxed)),
@@ -951,19 +1308,121 @@ impl Registry {
     }
 
     pub(crate) fn open(
-        &self,
+        self: &Arc<Self>,
         route: Arc<Route>,
         client_addr: SocketAddr,
         cancel: CancellationToken,
     ) -> Arc<Connection> {
         let id = self.next_id.fetch_add(1, Relaxed);
-        let conn = Arc::new(Connection::new(id, route, client_addr, cancel));
+        let conn = Arc::new(Connection::new(id, route, client_addr, cancel, Arc::downgrade(self)));
         self.live().insert(id, conn.clone());
         conn
     }
 
-    pub(crate) fn close(&self, conn: &Arc<Connection>) {
-        self.live().remove(&conn.id);
+    /// Files a connection whose CONNECT is about to be forwarded under its client id; open
+    /// connections with the same id on the route are taken over ([`Event::Takeover`]).
+    pub(crate) fn on_connect(&self, conn: &Arc<Connection>) {
+        let Some(client_id) = conn.client_id().filter(|id| !id.is_empty()) else { return };
+        let key = (conn.route.name.clone(), client_id);
+        let now = Instant::now();
+        let old: Vec<u64> = {
+            let mut index = lock(&self.clients);
+            if index.keys.contains_key(&conn.id) || conn.close_info().is_some() {
+                return; // a second CONNECT is malformed and never gets here; closed: nothing to file
+            }
+            let ids = index.by_client.entry(key.clone()).or_default();
+            let old = ids.clone();
+            ids.push(conn.id);
+            index.keys.insert(conn.id, key);
+            old
+        };
+        for old in old.into_iter().filter_map(|id| self.get(id)) {
+            old.mark_taken_over(now);
+            tracing::debug!(conn = conn.id, old = old.id, "takeover: the client id is already connected");
+            self.emit(Event::Takeover { old, new: conn.id, at: now });
+        }
+    }
+
+    /// The client subscribed to `filters` through the proxy.
+    pub(crate) fn on_subscribe(&self, conn: &Connection, filters: Vec<String>) {
+        let mut subs = lock(&self.subscriptions);
+        for f in conn.add_filters(filters) {
+            *subs.entry((conn.route.name.clone(), f)).or_default() += 1;
+        }
+    }
+
+    /// The client unsubscribed from `filters`.
+    pub(crate) fn on_unsubscribe(&self, conn: &Connection, filters: &[String]) {
+        let mut subs = lock(&self.subscriptions);
+        let gone = conn.remove_filters(filters);
+        release(&mut subs, &conn.route.name, gone);
+    }
+
+    /// How many subscriptions through the proxy on `route` match `topic`.
+    pub fn subscribers(&self, route: &str, topic: &str) -> usize {
+        lock(&self.subscriptions)
+            .iter()
+            .filter(|((r, filter), _)| r == route && crate::codec::filter_matches(filter, topic))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The first close of a connection: it no longer holds its client id or its subscriptions.
+    fn on_first_close(&self, conn: &Arc<Connection>) {
+        {
+            let mut index = lock(&self.clients);
+            if let Some(key) = index.keys.remove(&conn.id)
+                && let Some(ids) = index.by_client.get_mut(&key)
+            {
+                ids.retain(|&i| i != conn.id);
+                if ids.is_empty() {
+                    index.by_client.remove(&key);
+                }
+            }
+        }
+        {
+            let mut subs = lock(&self.subscriptions);
+            let filters = std::mem::take(&mut conn.state().filters);
+            release(&mut subs, &conn.route.name, filters);
+        }
         self.emit(Event::Closed(conn.clone()));
+    }
+
+    /// Both sides of a connection are gone: it moves from the live list to the closed ones.
+    pub(crate) fn close(&self, conn: &Arc<Connection>) {
+        conn.note_ended(Instant::now());
+        self.live().remove(&conn.id);
+        if self.closed_capacity > 0 {
+            let snapshot = serde_json::to_string(&conn.snapshot()).unwrap_or_default().into_boxed_str();
+            let mut closed = lock(&self.closed);
+            if closed.len() >= self.closed_capacity {
+                closed.pop_front();
+            }
+            closed.push_back(snapshot);
+        }
+        self.emit(Event::Ended(conn.clone()));
+    }
+
+    /// The records of recently closed connections, oldest first (JSON [`Snapshot`]s).
+    pub fn closed(&self) -> Vec<serde_json::Value> {
+        lock(&self.closed).iter().filter_map(|s| serde_json::from_str(s).ok()).collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks would be a bug elsewhere; the data stays usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drops a connection's hold on `filters` of `route`.
+fn release(subs: &mut HashMap<(String, String), usize>, route: &str, filters: Vec<String>) {
+    for f in filters {
+        let key = (route.to_string(), f);
+        if let Some(n) = subs.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                subs.remove(&key);
+            }
+        }
     }
 }

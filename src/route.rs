@@ -39,6 +39,8 @@ pub struct RouteStats {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
+    /// Failed connections of the Will observer (`--observe-wills`).
+    pub observer_connect_failures: AtomicU64,
     /// Sessions that panicked (a bug): each closed alone, counted here.
     pub internal_errors: AtomicU64,
     /// Failed accepts (typically out of file descriptors).
@@ -57,6 +59,8 @@ pub struct RouteStats {
     pub faults: LabeledCounts<(String, &'static str, &'static str)>,
     /// Closes by (closed_by, how).
     pub closes: LabeledCounts<(&'static str, &'static str)>,
+    /// Closes by (by, how, cause).
+    pub closes_by_cause: LabeledCounts<(&'static str, &'static str, &'static str)>,
     /// DISCONNECT packets seen, by (direction, reason name); `none` for MQTT 3.x.
     pub disconnect_reasons: LabeledCounts<(&'static str, &'static str)>,
     pub keepalive_requested: Histogram,
@@ -69,10 +73,13 @@ pub struct RouteStats {
     pub client_detection_seconds: Histogram,
     pub client_detection_ratio: Histogram,
     pub client_keepalive_violations: AtomicU64,
+    /// Each connection's longest client silence as a multiple of its Keep Alive.
+    pub client_keepalive_gap_ratio: Histogram,
     pub ping_rtt: Histogram,
     pub wills_expected: AtomicU64,
     pub wills_observed: AtomicU64,
     pub wills_missing: AtomicU64,
+    pub wills_unobservable: AtomicU64,
     pub will_delay: Histogram,
     /// Takeovers by outcome: `closed`, `disconnect_0x8e`, `not_enforced`.
     pub takeovers: LabeledCounts<&'static str>,
@@ -86,6 +93,7 @@ impl Default for RouteStats {
             connections_total: AtomicU64::default(),
             connections_active: AtomicU64::default(),
             upstream_connect_failures: AtomicU64::default(),
+            observer_connect_failures: AtomicU64::default(),
             internal_errors: AtomicU64::default(),
             accept_errors: AtomicU64::default(),
             connections_rejected: AtomicU64::default(),
@@ -94,6 +102,7 @@ impl Default for RouteStats {
             bytes: Default::default(),
             faults: LabeledCounts::default(),
             closes: LabeledCounts::default(),
+            closes_by_cause: LabeledCounts::default(),
             disconnect_reasons: LabeledCounts::default(),
             keepalive_requested: Histogram::new(KEEPALIVE_BUCKETS),
             keepalive_rewrites: AtomicU64::default(),
@@ -104,10 +113,12 @@ impl Default for RouteStats {
             client_detection_seconds: Histogram::new(SECONDS_BUCKETS),
             client_detection_ratio: Histogram::new(RATIO_BUCKETS),
             client_keepalive_violations: AtomicU64::default(),
+            client_keepalive_gap_ratio: Histogram::new(RATIO_BUCKETS),
             ping_rtt: Histogram::new(RTT_BUCKETS),
             wills_expected: AtomicU64::default(),
             wills_observed: AtomicU64::default(),
             wills_missing: AtomicU64::default(),
+            wills_unobservable: AtomicU64::default(),
             will_delay: Histogram::new(SECONDS_BUCKETS),
             takeovers: LabeledCounts::default(),
             takeover_close_seconds: Histogram::new(RTT_BUCKETS),
@@ -125,7 +136,7 @@ impl RouteStats {
     /// Every route metric, family by family.
     pub(crate) fn render_all(routes: &[Arc<Route>], e: &mut Exposition) {
         type Counter = fn(&RouteStats) -> u64;
-        let simple: [(&str, &str, &str, Counter); 11] = [
+        let simple: [(&str, &str, &str, Counter); 13] = [
             (
                 "mqtt_chaos_internal_errors_total",
                 "counter",
@@ -157,6 +168,12 @@ impl RouteStats {
                 |s| s.upstream_connect_failures.load(Relaxed),
             ),
             (
+                "mqtt_chaos_observer_connect_failures_total",
+                "counter",
+                "Failed connections of the Will observer (--observe-wills) to the upstream.",
+                |s| s.observer_connect_failures.load(Relaxed),
+            ),
+            (
                 "mqtt_chaos_keepalive_rewrites_total",
                 "counter",
                 "CONNECT and CONNACK Keep Alive rewrites.",
@@ -182,6 +199,12 @@ impl RouteStats {
                 "counter",
                 "Expected Wills not seen within the Will Delay Interval plus --will-timeout.",
                 |s| s.wills_missing.load(Relaxed),
+            ),
+            (
+                "mqtt_chaos_wills_unobservable_total",
+                "counter",
+                "Expected Wills not seen that nothing could have seen (no matching subscription through the proxy, no observer).",
+                |s| s.wills_unobservable.load(Relaxed),
             ),
         ];
         for (name, kind, help, get) in simple {
@@ -259,18 +282,29 @@ impl RouteStats {
             }
         }
         e.family(
+            "mqtt_chaos_closes_total",
+            "counter",
+            "First closes of connections, by who closed, how, and cause (METRICS.md gives the rules).",
+        );
+        for r in routes {
+            for ((by, how, cause), n) in r.stats.closes_by_cause.snapshot() {
+                let labels = [("route", r.name.as_str()), ("by", by), ("how", how), ("cause", cause)];
+                e.sample("mqtt_chaos_closes_total", &labels, n as f64);
+            }
+        }
+        e.family(
             "mqtt_chaos_takeovers_total",
             "counter",
             "CONNECTs with a client id already live on the route, by outcome.",
         );
         for r in routes {
-            for outcome in ["closed", "disconnect_0x8e", "not_enforced"] {
+            for outcome in ["closed", "disconnect_0x8e", "not_enforced", "preempted"] {
                 let n = r.stats.takeovers.get(&outcome);
                 e.sample("mqtt_chaos_takeovers_total", &[("route", &r.name), ("outcome", outcome)], n as f64);
             }
         }
         type Hist = fn(&RouteStats) -> &Histogram;
-        let histograms: [(&str, &str, Hist); 9] = [
+        let histograms: [(&str, &str, Hist); 10] = [
             ("mqtt_chaos_keepalive_requested_seconds", "Keep Alive clients asked for in CONNECT.", |s| {
                 &s.keepalive_requested
             }),
@@ -293,6 +327,11 @@ impl RouteStats {
                 "mqtt_chaos_client_detection_ratio",
                 "The client detection time divided by the Keep Alive the client enforces.",
                 |s| &s.client_detection_ratio,
+            ),
+            (
+                "mqtt_chaos_client_keepalive_gap_ratio",
+                "At a connection's first close: the client's longest silence (its last one included) divided by the Keep Alive it enforces.",
+                |s| &s.client_keepalive_gap_ratio,
             ),
             (
                 "mqtt_chaos_ping_rtt_seconds",
@@ -333,6 +372,40 @@ pub struct Route {
     pub stats: RouteStats,
     /// What the last dial of `upstream` gave (`/readyz`, and the log of failures).
     pub reach: Reach,
+    /// What the route's Will observer watches now (`--observe-wills`).
+    pub observer: ObserverView,
+}
+
+/// The Will topics the route's observer (`--observe-wills`) is subscribed to while it is
+/// connected: the observer keeps it, the monitor asks it whether a Will could have been seen.
+#[derive(Debug, Default)]
+pub struct ObserverView(Mutex<Option<std::collections::HashSet<String>>>);
+
+impl ObserverView {
+    fn lock(&self) -> MutexGuard<'_, Option<std::collections::HashSet<String>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The observer (re)connected and subscribed to `topics`.
+    pub fn connected(&self, topics: impl IntoIterator<Item = String>) {
+        *self.lock() = Some(topics.into_iter().collect());
+    }
+
+    pub fn disconnected(&self) {
+        *self.lock() = None;
+    }
+
+    /// The observer subscribed to one more topic (ignored while it is disconnected).
+    pub fn subscribed(&self, topic: &str) {
+        if let Some(topics) = self.lock().as_mut() {
+            topics.insert(topic.to_string());
+        }
+    }
+
+    /// Whether the observer is connected and subscribed to `topic`.
+    pub fn watches(&self, topic: &str) -> bool {
+        self.lock().as_ref().is_some_and(|t| t.contains(topic))
+    }
 }
 
 /// The upstream's reachability as the last dial saw it. Failures are logged once per interval

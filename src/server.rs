@@ -59,10 +59,11 @@ impl Proxy {
                 upstream: r.upstream.clone(),
                 stats: RouteStats::default(),
                 reach: Default::default(),
+                observer: Default::default(),
             };
             listeners.push((Arc::new(route), listener));
         }
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(settings.closed_history));
         let waking = registry.clone();
         let rules = Arc::new(RuleBook::with_waker(Box::new(move |affected| waking.wake(affected))));
         Ok(Proxy { listeners, registry, settings: Arc::new(settings), rules })

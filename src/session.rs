@@ -5,8 +5,9 @@
 //! other — a FIN becomes a half-close (done by the pump), a reset or an error becomes an RST
 //! towards the other side and stops both pumps — carries out connection-level fault actions
 //! (close a side with FIN or RST and hold the other half-open; send an MQTT 5 DISCONNECT), and
-//! finally writes the closed record: one log line and one
-//! [`Event::Closed`](crate::record::Event::Closed).
+//! finally moves the record to the closed ones ([`Event::Ended`](crate::record::Event::Ended)).
+//! The first close is recorded, logged and announced where it is seen (a pump, or here): a
+//! side that lingers afterwards delays nothing.
 
 use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
@@ -277,7 +278,7 @@ async fn hold_half_open(ctx: &Ctx, mut stream: TcpStream, side: Side) {
     info!(
         conn = ctx.conn.id,
         side = side.as_str(),
-        after_s = round3(started.elapsed().as_secs_f64()),
+        after_s = crate::record::round3(started.elapsed().as_secs_f64()),
         ended,
         "the side left half-open is gone"
     );
@@ -322,7 +323,8 @@ fn upstream_failed(ctx: &Ctx, client: TcpStream, why: String) {
     drop(client);
 }
 
-/// Removes the record from the registry, logs the closed-connection line and emits the event.
+/// Closes the record (if no side did, the proxy did: the session was cancelled) and moves it
+/// from the registry's live connections to the closed ones.
 fn finish(conn: &Arc<Connection>, registry: &Registry) {
     if conn.close_info().is_none() {
         conn.note_close(
@@ -334,40 +336,5 @@ fn finish(conn: &Arc<Connection>, registry: &Registry) {
         );
     }
     conn.route.stats.connections_active.fetch_sub(1, Relaxed);
-    let s = conn.snapshot();
-    let close = s.close.as_ref().expect("close recorded above");
-    let end = s.proxy_end.as_ref();
-    info!(
-        conn = s.id,
-        route = %s.route,
-        client = %s.client_addr,
-        client_id = %s.client_id.as_deref().unwrap_or(""),
-        protocol = s.protocol.map(|p| p.level()).unwrap_or(0),
-        closed_by = %close.closed_by.as_str(),
-        how = %close.how.as_str(),
-        reason = %close.reason.as_deref().unwrap_or("-"),
-        silence_s = close.silence_s.map(round3),
-        silence_ratio = close.silence_ratio.map(round3),
-        keep_alive = close.keep_alive_enforced,
-        duration_s = round3(close.at_s),
-        bytes_client_to_broker = s.client_to_broker.bytes,
-        bytes_broker_to_client = s.broker_to_client.bytes,
-        ended_by_proxy = %end.map_or("-", |e| e.cause),
-        faults = %faults_by_rule(&s.faults),
-        "connection closed"
-    );
     registry.close(conn);
-}
-
-/// A number for a log line: at most 3 decimals (milliseconds for seconds).
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// `rule=count,…` for the close line (`-` for none).
-fn faults_by_rule(faults: &std::collections::BTreeMap<String, u64>) -> String {
-    if faults.is_empty() {
-        return "-".into();
-    }
-    faults.iter().map(|(rule, n)| format!("{rule}={n}")).collect::<Vec<_>>().join(",")
 }

@@ -2,7 +2,8 @@
 //! property tests for framing under arbitrary chunking and arbitrary bytes.
 
 use mqtt_chaos::codec::{
-    Connack, Connect, Disconnect, FrameHeader, PacketType, Protocol, Publish, Splitter, Step, reason_name,
+    Connack, Connect, Disconnect, FrameHeader, PacketType, Protocol, Publish, Splitter, Step, TopicFilters,
+    filter_matches, reason_name,
 };
 use proptest::prelude::*;
 
@@ -173,6 +174,45 @@ fn publish_in_every_version_and_qos() {
 }
 
 #[test]
+fn subscribe_and_unsubscribe_filters_in_both_versions() {
+    let f = |frame: &[u8], proto, sub| TopicFilters::decode(frame, &header(frame), proto, sub).map(|f| f.0);
+    let two = [0x82, 0x0b, 0, 7, 0, 2, b'a', b'/', 1, 0, 1, b'#', 0];
+    assert_eq!(f(&two, Protocol::V311, true).unwrap(), ["a/", "#"].map(String::from));
+    // MQTT 5: a Subscription Identifier property (0x0b) before the list.
+    let v5 = [0x82, 0x09, 0, 7, 2, 0x0b, 5, 0, 1, b'x', 0x10];
+    assert_eq!(f(&v5, Protocol::V5, true).unwrap(), ["x"]);
+    let unsub = [0xa2, 0x06, 0, 7, 0, 0, 1, b'y'];
+    assert_eq!(f(&unsub, Protocol::V5, false).unwrap(), ["y"]);
+    let empty = [0x82, 0x02, 0, 7];
+    assert!(f(&empty, Protocol::V311, true).is_err(), "a SUBSCRIBE needs a filter");
+    let cut = [0x82, 0x04, 0, 7, 0, 5];
+    assert!(f(&cut, Protocol::V311, true).is_err());
+}
+
+#[test]
+fn topic_filters_match_as_the_specification_says() {
+    for (filter, topic, expected) in [
+        ("a/b", "a/b", true),
+        ("a/b", "a/c", false),
+        ("a/+", "a/b", true),
+        ("a/+", "a/b/c", false),
+        ("a/+", "a/", true),
+        ("a/#", "a", true),
+        ("a/#", "a/b/c", true),
+        ("#", "a/b", true),
+        ("#", "$SYS/x", false),
+        ("+/x", "$SYS/x", false),
+        ("$SYS/#", "$SYS/x", true),
+        ("+/+", "/x", true),
+        ("$share/g/dev/+", "dev/1", true),
+        ("$share/g", "dev/1", false),
+        ("a/b", "a/b/c", false),
+    ] {
+        assert_eq!(filter_matches(filter, topic), expected, "{filter} ~ {topic}");
+    }
+}
+
+#[test]
 fn every_packet_type_frames_with_its_name() {
     #[rustfmt::skip]
     let frames: [(&[u8], &str); 15] = [
@@ -307,6 +347,8 @@ proptest! {
                         let _ = Connack::decode(frame, &h, p);
                         let _ = Disconnect::decode(frame, &h, p);
                         let _ = Publish::decode(frame, &h, p);
+                        let _ = TopicFilters::decode(frame, &h, p, true);
+                        let _ = TopicFilters::decode(frame, &h, p, false);
                     }
                     rest = &rest[h.frame_len()..];
                 }
@@ -330,6 +372,8 @@ proptest! {
             let _ = Connack::decode(&frame, &h, p);
             let _ = Disconnect::decode(&frame, &h, p);
             let _ = Publish::decode(&frame, &h, p);
+            let _ = TopicFilters::decode(&frame, &h, p, true);
+            let _ = TopicFilters::decode(&frame, &h, p, false);
         }
     }
 }

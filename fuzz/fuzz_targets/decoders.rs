@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqtt_chaos::codec::{Connack, Connect, Disconnect, Protocol, Publish, Splitter, Step};
+use mqtt_chaos::codec::{Connack, Connect, Disconnect, Protocol, Publish, Splitter, Step, TopicFilters};
 
 fuzz_target!(|data: &[u8]| {
     let mut s = Splitter::new(64 * 1024);
@@ -20,6 +20,8 @@ fuzz_target!(|data: &[u8]| {
                     let _ = Connack::decode(frame, &h, p);
                     let _ = Disconnect::decode(frame, &h, p);
                     let _ = Publish::decode(frame, &h, p);
+                    let _ = TopicFilters::decode(frame, &h, p, true);
+                    let _ = TopicFilters::decode(frame, &h, p, false);
                 }
                 rest = &rest[h.frame_len()..];
             }

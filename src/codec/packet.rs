@@ -485,6 +485,67 @@ impl Publish {
     }
 }
 
+/// The topic filters of a SUBSCRIBE or an UNSUBSCRIBE, in order (options are not kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilters(pub Vec<String>);
+
+impl TopicFilters {
+    /// Decodes a complete SUBSCRIBE (`subscribe`) or UNSUBSCRIBE frame of the given protocol.
+    pub fn decode(
+        frame: &[u8],
+        header: &FrameHeader,
+        protocol: Protocol,
+        subscribe: bool,
+    ) -> Result<TopicFilters, DecodeError> {
+        let packet = if subscribe { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+        let mut r = Reader::new(frame, header, packet);
+        r.u16()?; // packet identifier
+        if protocol == Protocol::V5 {
+            for prop in r.properties()? {
+                prop?;
+            }
+        }
+        let mut filters = Vec::new();
+        while r.remaining() > 0 {
+            filters.push(r.string()?);
+            if subscribe {
+                r.u8()?; // subscription options (3.1.1: requested QoS)
+            }
+        }
+        if filters.is_empty() {
+            return Err(DecodeError::Invalid { packet, what: "topic filter list (empty)" });
+        }
+        Ok(TopicFilters(filters))
+    }
+}
+
+/// Whether an MQTT topic filter matches a topic name (MQTT 5 §4.7; the same in 3.1.1): `+`
+/// matches one level, a final `#` the parent and every level below it, wildcards in the first
+/// level do not match topics starting with `$`, and a shared subscription
+/// (`$share/{group}/{filter}`) matches as its filter.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((_, f)) => f,
+            None => return false,
+        },
+        None => filter,
+    };
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        match (f, levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
 /// Appends `n` as an MQTT variable byte integer.
 pub fn encode_varint(mut n: usize, out: &mut Vec<u8>) {
     loop {

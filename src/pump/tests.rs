@@ -33,6 +33,7 @@ fn ctx_and_book(settings: Settings, rules: Vec<&str>) -> (Ctx, crate::fault::Rul
         upstream: "127.0.0.1:2".into(),
         stats: RouteStats::default(),
         reach: Default::default(),
+        observer: Default::default(),
     });
     let registry = Arc::new(Registry::default());
     let conn = registry.open(route, "127.0.0.1:3".parse().unwrap(), CancellationToken::new());

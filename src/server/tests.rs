@@ -81,8 +81,8 @@ async fn a_panic_in_one_connection_closes_only_that_one_and_leaves_no_trace() {
     let mut doomed = TcpStream::connect(route.listen).await.unwrap();
     doomed.write_all(&connect_packet(PANIC_CLIENT_ID)).await.unwrap();
     let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), doomed.read_to_end(&mut rest)).await.unwrap();
-    assert!(closed.is_ok() || closed.is_err(), "the client sees its connection end");
+    // The client sees its connection end (a FIN, or a reset: either way within the timeout).
+    let _ = tokio::time::timeout(Duration::from_secs(5), doomed.read_to_end(&mut rest)).await.unwrap();
     assert!(rest.is_empty(), "the CONNECT never reached the broker, so no CONNACK");
 
     // Its record was closed, logged as an internal error, and removed; the permit came back.

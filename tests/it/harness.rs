@@ -271,11 +271,36 @@ impl TestProxy {
         (conn, close)
     }
 
-    /// Collects events until a connection closes: `CONNECT`, `CONNACK`, `PUBLISH <direction>
-    /// <topic>`, and returns them with the closed record.
+    /// Waits until both sides of `conn` are gone (its first close may come well before).
+    pub async fn ended(conn: &Connection, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while conn.snapshot().ended_s.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "connection {} did not end in time", conn.id);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Collects events until a connection closes (its first close): `CONNECT`, `CONNACK`,
+    /// `PUBLISH <direction> <topic>`, and returns them with the closed record.
     pub async fn events_until_closed(
         &mut self,
         within: Duration,
+    ) -> (Vec<String>, Arc<Connection>, CloseInfo) {
+        self.events_until(within, false).await
+    }
+
+    /// Like [`TestProxy::events_until_closed`], until both sides of a connection are gone.
+    pub async fn events_until_ended(
+        &mut self,
+        within: Duration,
+    ) -> (Vec<String>, Arc<Connection>, CloseInfo) {
+        self.events_until(within, true).await
+    }
+
+    async fn events_until(
+        &mut self,
+        within: Duration,
+        ended: bool,
     ) -> (Vec<String>, Arc<Connection>, CloseInfo) {
         let deadline = tokio::time::Instant::now() + within;
         let mut seen = Vec::new();
@@ -289,11 +314,11 @@ impl TestProxy {
                 Event::Connack(_) => seen.push("CONNACK".to_string()),
                 Event::Publish { direction, topic, .. } => seen.push(format!("PUBLISH {direction} {topic}")),
                 Event::WillTopicPublish { topic, .. } => seen.push(format!("OBSERVED {topic}")),
-                Event::Fault { .. } | Event::Rules { .. } | Event::Detection { .. } | Event::Will { .. } => {}
-                Event::Closed(conn) => {
+                Event::Closed(conn) | Event::Ended(conn) if ended == matches!(ev, Event::Ended(_)) => {
                     let close = conn.close_info().expect("closed record has close info");
                     return (seen, conn, close);
                 }
+                _ => {}
             }
         }
     }

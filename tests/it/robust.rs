@@ -128,7 +128,12 @@ async fn an_upstream_that_accepts_but_never_answers_leaves_a_clear_record_and_no
     drop(c); // the client gives up; the broker never closes, so the half-close timeout ends it
     let (conn, close) = proxy.next_closed(WAIT).await;
     // The client closed first; then the proxy ended what the broker left open, and says so.
-    assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("client", "fin"));
+    assert_eq!(
+        (close.closed_by.as_str(), close.how.as_str(), close.cause.as_str()),
+        ("client", "fin", "no_connack")
+    );
+    assert_eq!(conn.snapshot().state, "closing", "the broker still holds its side");
+    TestProxy::ended(&conn, WAIT).await;
     let end = conn.proxy_end().expect("the proxy ended the half-open rest");
     assert_eq!(end.cause, "half_close_timeout");
     assert!(end.detail.contains("the broker never closed its side"), "{}", end.detail);
