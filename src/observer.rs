@@ -70,10 +70,17 @@ fn host_port(upstream: &str) -> Option<(String, u16)> {
     Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
 }
 
-/// One MQTT client of either version, reduced to what the observer needs.
-enum Client {
-    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
-    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+/// The request side of an MQTT client of either version.
+enum Requests {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The connection side (rumqttc's event loop), polled by the observer's loop. A poll must not be
+/// dropped halfway: that would abandon a connection attempt and start another.
+enum Connection {
+    V311(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 /// What one poll of a client gave.
@@ -84,35 +91,41 @@ enum Polled {
     Other,
 }
 
-impl Client {
-    fn new(v5: bool, client_id: &str, host: &str, port: u16, config: &ObserverConfig) -> Client {
-        let (user, password) = match &config.username {
-            Some(u) => (Some(u.clone()), config.password.clone().unwrap_or_default()),
-            None => (None, String::new()),
-        };
-        if v5 {
-            let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
-            o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
-            if let Some(user) = user {
-                o.set_credentials(user, password);
-            }
-            let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
-            Client::V5(c, Box::new(l))
-        } else {
-            let mut o = MqttOptions::new(client_id, host, port);
-            o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
-            if let Some(user) = user {
-                o.set_credentials(user, password);
-            }
-            let (c, l) = rumqttc::AsyncClient::new(o, 64);
-            Client::V311(c, Box::new(l))
+fn client(
+    v5: bool,
+    client_id: &str,
+    host: &str,
+    port: u16,
+    config: &ObserverConfig,
+) -> (Requests, Connection) {
+    let (user, password) = match &config.username {
+        Some(u) => (Some(u.clone()), config.password.clone().unwrap_or_default()),
+        None => (None, String::new()),
+    };
+    if v5 {
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
+        o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+        if let Some(user) = user {
+            o.set_credentials(user, password);
         }
+        let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
+        (Requests::V5(c), Connection::V5(Box::new(l)))
+    } else {
+        let mut o = MqttOptions::new(client_id, host, port);
+        o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
+        if let Some(user) = user {
+            o.set_credentials(user, password);
+        }
+        let (c, l) = rumqttc::AsyncClient::new(o, 64);
+        (Requests::V311(c), Connection::V311(Box::new(l)))
     }
+}
 
+impl Requests {
     fn version(&self) -> &'static str {
         match self {
-            Client::V311(..) => "3.1.1",
-            Client::V5(..) => "5",
+            Requests::V311(_) => "3.1.1",
+            Requests::V5(_) => "5",
         }
     }
 
@@ -120,26 +133,28 @@ impl Client {
         // A full request queue loses nothing that matters: every topic is subscribed again
         // at the next connect.
         let _ = match self {
-            Client::V311(c, _) => c.try_subscribe(topic, QoS::AtLeastOnce).map_err(|_| ()),
-            Client::V5(c, _) => c.try_subscribe(topic, QoS5::AtLeastOnce).map_err(|_| ()),
+            Requests::V311(c) => c.try_subscribe(topic, QoS::AtLeastOnce).map_err(|_| ()),
+            Requests::V5(c) => c.try_subscribe(topic, QoS5::AtLeastOnce).map_err(|_| ()),
         };
     }
 
     fn disconnect(&self) {
         let _ = match self {
-            Client::V311(c, _) => c.try_disconnect().map_err(|_| ()),
-            Client::V5(c, _) => c.try_disconnect().map_err(|_| ()),
+            Requests::V311(c) => c.try_disconnect().map_err(|_| ()),
+            Requests::V5(c) => c.try_disconnect().map_err(|_| ()),
         };
     }
+}
 
+impl Connection {
     async fn poll(&mut self) -> Result<Polled, String> {
         Ok(match self {
-            Client::V311(_, l) => match l.poll().await.map_err(|e| e.to_string())? {
+            Connection::V311(l) => match l.poll().await.map_err(|e| e.to_string())? {
                 Event4::Incoming(Packet4::ConnAck(_)) => Polled::Connected,
                 Event4::Incoming(Packet4::Publish(p)) if !p.retain => Polled::Publish(p.topic),
                 _ => Polled::Other,
             },
-            Client::V5(_, l) => match l.poll().await.map_err(|e| e.to_string())? {
+            Connection::V5(l) => match l.poll().await.map_err(|e| e.to_string())? {
                 rumqttc::v5::Event::Incoming(Packet5::ConnAck(_)) => Polled::Connected,
                 rumqttc::v5::Event::Incoming(Packet5::Publish(p)) if !p.retain => {
                     Polled::Publish(String::from_utf8_lossy(&p.topic).into_owned())
@@ -162,7 +177,7 @@ pub async fn run(
     // In `auto`, which version to try next; fixed once one worked.
     let mut v5 = config.protocol != ObserverProtocol::V311;
     let mut settled = config.protocol != ObserverProtocol::Auto;
-    let mut client = Client::new(v5, &client_id, &host, port, &config);
+    let (mut requests, mut connection) = client(v5, &client_id, &host, port, &config);
     let mut events = registry.subscribe();
     let mut topics: BTreeSet<String> = BTreeSet::new();
     let mut backoff = FIRST_BACKOFF;
@@ -170,61 +185,74 @@ pub async fn run(
     info!(route = %route.name, client_id = %client_id, protocol = ?config.protocol,
         "observing Wills with an own connection to the upstream");
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => {
-                client.disconnect();
-                return;
+        // Learn Will topics while the poll runs; the poll itself is never interrupted.
+        let polled = {
+            let poll = connection.poll();
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        requests.disconnect();
+                        return;
+                    }
+                    polled = &mut poll => break polled,
+                    ev = events.recv() => match ev {
+                        Ok(Event::Connect(conn)) if Arc::ptr_eq(&conn.route, &route) => {
+                            if let Some(will) = conn.will()
+                                && topics.insert(will.topic.clone())
+                            {
+                                requests.subscribe(&will.topic);
+                                route.observer.subscribed(&will.topic);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => warn!(missed = n, "the Will observer fell behind"),
+                        Err(RecvError::Closed) => return,
+                    },
+                }
             }
-            ev = events.recv() => match ev {
-                Ok(Event::Connect(conn)) if Arc::ptr_eq(&conn.route, &route) => {
-                    if let Some(will) = conn.will()
-                        && topics.insert(will.topic.clone())
-                    {
-                        client.subscribe(&will.topic);
-                        route.observer.subscribed(&will.topic);
-                    }
+        };
+        match polled {
+            Ok(Polled::Connected) => {
+                if failing || !settled {
+                    info!(route = %route.name, protocol = requests.version(), "Will observer connected");
                 }
-                Ok(_) => {}
-                Err(RecvError::Lagged(n)) => warn!(missed = n, "the Will observer fell behind"),
-                Err(RecvError::Closed) => return,
-            },
-            polled = client.poll() => match polled {
-                Ok(Polled::Connected) => {
-                    if failing || !settled {
-                        info!(route = %route.name, protocol = client.version(), "Will observer connected");
-                    }
-                    (failing, settled, backoff) = (false, true, FIRST_BACKOFF);
-                    // A clean session forgets subscriptions: subscribe again after every connect.
-                    for topic in &topics {
-                        client.subscribe(topic);
-                    }
-                    route.observer.connected(topics.iter().cloned());
+                (failing, settled, backoff) = (false, true, FIRST_BACKOFF);
+                // A clean session forgets subscriptions: subscribe again after every connect.
+                for topic in &topics {
+                    requests.subscribe(topic);
                 }
-                Ok(Polled::Publish(topic)) => {
-                    registry.emit(Event::WillTopicPublish { route: route.name.clone(), topic, at: Instant::now() });
+                route.observer.connected(topics.iter().cloned());
+            }
+            Ok(Polled::Publish(topic)) => {
+                registry.emit(Event::WillTopicPublish {
+                    route: route.name.clone(),
+                    topic,
+                    at: Instant::now(),
+                });
+            }
+            Ok(Polled::Other) => {}
+            Err(error) => {
+                route.observer.disconnected();
+                route.stats.observer_connect_failures.fetch_add(1, Relaxed);
+                if !failing {
+                    warn!(route = %route.name, protocol = requests.version(), %error,
+                        "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");
+                    failing = true;
+                } else {
+                    debug!(route = %route.name, protocol = requests.version(), %error, retry_in = ?backoff,
+                        "Will observer failed again");
                 }
-                Ok(Polled::Other) => {}
-                Err(error) => {
-                    route.observer.disconnected();
-                    route.stats.observer_connect_failures.fetch_add(1, Relaxed);
-                    if !failing {
-                        warn!(route = %route.name, protocol = client.version(), %error,
-                            "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");
-                        failing = true;
-                    } else {
-                        debug!(route = %route.name, protocol = client.version(), %error, retry_in = ?backoff, "Will observer failed again");
-                    }
-                    if !settled {
-                        v5 = !v5; // auto: try the other version next
-                        client = Client::new(v5, &client_id, &host, port, &config);
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                if !settled {
+                    v5 = !v5; // auto: try the other version next
+                    (requests, connection) = client(v5, &client_id, &host, port, &config);
                 }
-            },
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
 }

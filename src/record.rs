@@ -1426,3 +1426,70 @@ fn release(subs: &mut HashMap<(String, String), usize>, route: &str, filters: Ve
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(closed_by: Side, how: CloseHow) -> CloseFacts {
+        CloseFacts {
+            closed_by,
+            how,
+            disconnect_reason: None,
+            connack: Some(0),
+            taken_over: false,
+            silence_ratio: Some(0.5),
+            ping_outstanding: false,
+        }
+    }
+
+    #[test]
+    fn closes_are_classified_by_the_documented_rules() {
+        use {CloseHow::*, Side::*};
+        let cause = |f: CloseFacts| classify(&f).as_str();
+        let silent = |f: CloseFacts| CloseFacts { silence_ratio: Some(1.5), ..f };
+        let reason = |f: CloseFacts, r| CloseFacts { disconnect_reason: Some(r), ..f };
+        // Only a broker close after ≥ 1 × Keep Alive of silence (or 0x8D) is a Keep Alive timeout.
+        assert_eq!(cause(silent(facts(Broker, Fin))), "keepalive_timeout");
+        assert_eq!(cause(silent(facts(Broker, Rst))), "keepalive_timeout");
+        assert_eq!(cause(reason(facts(Broker, Disconnect), 0x8d)), "keepalive_timeout");
+        assert_eq!(cause(facts(Broker, Fin)), "abrupt", "a broker dropping a client 0.5 × Keep Alive in");
+        assert_eq!(cause(CloseFacts { silence_ratio: None, ..facts(Broker, Fin) }), "abrupt", "Keep Alive 0");
+        // Refused or unanswered CONNECTs are never detections, whoever closes.
+        assert_eq!(
+            cause(silent(CloseFacts { connack: Some(0x87), ..facts(Broker, Fin) })),
+            "connect_refused"
+        );
+        assert_eq!(cause(CloseFacts { connack: Some(5), ..facts(Client, Fin) }), "connect_refused");
+        assert_eq!(cause(silent(CloseFacts { connack: None, ..facts(Broker, Fin) })), "no_connack");
+        // Takeovers: seen as the CONNECT passed, or announced by 0x8E.
+        assert_eq!(cause(silent(CloseFacts { taken_over: true, ..facts(Broker, Fin) })), "takeover");
+        assert_eq!(cause(reason(facts(Broker, Disconnect), 0x8e)), "takeover");
+        assert_eq!(
+            cause(CloseFacts { taken_over: true, ..facts(Client, Fin) }),
+            "abrupt",
+            "the client closed it"
+        );
+        // Normal ends.
+        assert_eq!(cause(facts(Client, Disconnect)), "normal", "MQTT 3.x DISCONNECT");
+        assert_eq!(cause(reason(facts(Client, Disconnect), 0x04)), "normal");
+        assert_eq!(cause(reason(facts(Broker, Disconnect), 0x00)), "normal");
+        assert_eq!(cause(reason(facts(Client, Disconnect), 0x80)), "abrupt");
+        // The client gives up: a PINGREQ unanswered, or a Keep Alive of silence.
+        assert_eq!(cause(CloseFacts { ping_outstanding: true, ..facts(Client, Fin) }), "client_gave_up");
+        assert_eq!(cause(silent(facts(Client, Rst))), "client_gave_up");
+        assert_eq!(cause(facts(Client, Fin)), "abrupt", "a FIN half a Keep Alive after the last packet");
+        assert_eq!(cause(silent(facts(Proxy, Fin))), "proxy");
+    }
+
+    #[test]
+    fn keepalive_violations_allow_ten_percent_and_100_ms() {
+        let ms = Duration::from_millis;
+        assert!(!keepalive_violated(ms(2013), 2), "a pinging client 13 ms late is compliant");
+        assert!(!keepalive_violated(ms(2300), 2));
+        assert!(keepalive_violated(ms(2301), 2));
+        assert!(!keepalive_violated(ms(11_100), 10));
+        assert!(keepalive_violated(ms(11_101), 10));
+        assert!(!keepalive_violated(Duration::from_secs(3600), 0), "Keep Alive 0: no limit");
+    }
+}

@@ -290,13 +290,25 @@ struct Facts {
     username: Option<String>,
     protocol: u8,
     connect_at: Instant,
+    /// Unique among the connections of the process (numbers a device's connections).
+    serial: u64,
 }
+
+/// Hands out [`Facts::serial`].
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Facts {
     /// Whether `rule` applies to this connection: its match, its protocol, and for actions on
     /// the whole connection the probability roll (from the rule's own seeded stream).
     fn state_for(&self, rule: &Arc<Rule>, seed: u64) -> Option<RuleState> {
-        let mut rng = SplitMix64::new(seed, rule.name(), &self.client_id);
+        // A random rule draws a new stream for each connection of a device (its first, second, …
+        // since the rule became active), the same one in every run with the same seed.
+        let nth = if rule.is_random() {
+            rule.connection_number(&self.route, &self.client_id, self.serial)
+        } else {
+            1
+        };
+        let mut rng = SplitMix64::new(seed, rule.name(), &self.client_id, nth);
         let c = ConnFacts {
             route: &self.route,
             client_id: &self.client_id,
@@ -403,6 +415,7 @@ impl ConnFaults {
             username: username.map(str::to_string),
             protocol,
             connect_at: at,
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         });
         if let Ok(true) = self.rx.has_changed() {
             self.set = self.rx.borrow_and_update().clone();
@@ -611,11 +624,12 @@ fn towards(side: SideSpec, dir: Direction) -> bool {
 struct SplitMix64(u64);
 
 impl SplitMix64 {
-    /// A stream for one rule on one device, derived from the rule set's seed.
-    fn new(seed: u64, rule: &str, client_id: &str) -> Self {
-        // FNV-1a over the names: stable across runs and Rust versions.
+    /// A stream for one rule on one connection of a device (its `nth` since the rule became
+    /// active), derived from the rule set's seed.
+    fn new(seed: u64, rule: &str, client_id: &str, nth: u64) -> Self {
+        // FNV-1a over the names and the number: stable across runs and Rust versions.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in rule.bytes().chain([0xff]).chain(client_id.bytes()) {
+        for b in rule.bytes().chain([0xff]).chain(client_id.bytes()).chain([0xff]).chain(nth.to_le_bytes()) {
             h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
         SplitMix64(seed ^ h)
@@ -731,6 +745,44 @@ mod tests {
         assert_ne!(a, c, "another seed, other decisions");
         let dropped = a.iter().filter(|&&d| d).count();
         assert!((250..350).contains(&dropped), "{dropped} of 1000 dropped at p = 0.3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnecting_device_draws_anew_on_each_connection_and_a_seeded_run_repeats() {
+        // 40 connections of one device; each records whether its first PINGRESP is dropped
+        // (flaky-pingresp) and whether a per-connection reset rule applies (reset-storm).
+        let run = |seed| {
+            let book = RuleBook::default();
+            let rules = vec![
+                rule("name = \"flaky\"\naction = \"drop\"\npackets = [\"PINGRESP\"]\nprobability = 0.3\n"),
+                rule(
+                    "name = \"storm\"\naction = \"close\"\nhow = \"rst\"\nafter = \"1s\"\nprobability = 0.5\n",
+                ),
+            ];
+            book.replace(RuleSet::new(None, Some(seed), rules));
+            (0..40)
+                .map(|_| {
+                    let mut f = ConnFaults::new(book.subscribe());
+                    connect(&mut f, "device-7", 4);
+                    let dropped = f.decide(B2C, PacketType::Pingresp, Instant::now()).0 == Verdict::Drop;
+                    let reset = f.rules.iter().any(|s| s.rule.name() == "storm");
+                    (dropped, reset)
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b, c) = (run(5), run(5), run(6));
+        assert_eq!(a, b, "the same seed repeats every connection's decisions");
+        assert_ne!(a, c, "another seed decides otherwise");
+        let dropped = a.iter().filter(|(d, _)| *d).count();
+        let reset = a.iter().filter(|(_, r)| *r).count();
+        assert!((4..=22).contains(&dropped), "p = 0.3 over 40 reconnects: {dropped} first PINGRESPs dropped");
+        assert!((8..=32).contains(&reset), "p = 0.5 over 40 reconnects: {reset} connections reset");
+        // Asking again for the same connection (a rebuild) keeps its number, hence its draw.
+        let r = rule("name = \"n\"\naction = \"drop\"\nprobability = 0.5\n");
+        assert_eq!(r.connection_number("default", "d", 10), 1);
+        assert_eq!(r.connection_number("default", "d", 10), 1);
+        assert_eq!(r.connection_number("default", "d", 11), 2);
+        assert_eq!(r.connection_number("default", "other", 12), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -317,9 +317,40 @@ pub struct Rule {
     pub matcher: Matcher,
     /// When the rule became active: on connections older than that, its `after` counts from here.
     pub activated: Instant,
+    /// How many times each device connected since the rule became active (random rules only).
+    numbers: ConnectionNumbers,
 }
 
+/// Per (route, client id), the number of the device's latest connection since the rule became
+/// active, and which connection that was (so asking again for the same connection gives the
+/// same number). At most [`MAX_DEVICES`] devices; past that, new ones count from 1 every time.
+#[derive(Debug, Default)]
+struct ConnectionNumbers(std::sync::Mutex<std::collections::HashMap<(String, String), (u64, u64)>>);
+
+/// Devices a random rule numbers the connections of.
+pub const MAX_DEVICES: usize = 100_000;
+
 impl Rule {
+    /// Whether the rule decides anything at random (a probability below 1, or jitter).
+    pub fn is_random(&self) -> bool {
+        self.probability < 1.0 || matches!(self.action, Action::Delay { jitter, .. } if !jitter.is_zero())
+    }
+
+    /// The number of connection `serial` (unique in the process) among the connections of
+    /// (`route`, `client_id`) since the rule became active: 1, 2, …
+    pub fn connection_number(&self, route: &str, client_id: &str, serial: u64) -> u64 {
+        let mut devices = self.numbers.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (route.to_string(), client_id.to_string());
+        if devices.len() >= MAX_DEVICES && !devices.contains_key(&key) {
+            return 1;
+        }
+        let (last, n) = devices.entry(key).or_insert((serial, 0));
+        if *n == 0 || *last != serial {
+            (*last, *n) = (serial, *n + 1);
+        }
+        *n
+    }
+
     pub fn name(&self) -> &str {
         &self.spec.name
     }
@@ -558,6 +589,7 @@ impl RuleSpec {
                 route: matcher.route,
             },
             activated: Instant::now(),
+            numbers: ConnectionNumbers::default(),
         })
     }
 }

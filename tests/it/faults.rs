@@ -241,12 +241,12 @@ async fn closing_only_the_client_side_leaves_the_broker_half_open_until_its_keep
     assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("proxy", "rst"));
 }
 
-#[tokio::test]
-async fn flaky_pingresp_loses_about_30_percent_and_the_same_device_loses_the_same_ones() {
-    let broker = Mosquitto::start();
+/// How many of 40 PINGREQs each of three successive connections of one device got answered,
+/// through a fresh proxy with the seeded `flaky-pingresp` profile.
+async fn flaky_run(broker: &Mosquitto) -> Vec<usize> {
     let proxy = TestProxy::with_profile(&broker.addr(), "flaky-pingresp").await;
     let mut runs = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut s = proxy.connect().await;
         s.write_all(&connect_v4("flaky-device", 60, None)).await.unwrap();
         expect_packet(&mut s, WAIT, "CONNACK").await;
@@ -267,8 +267,19 @@ async fn flaky_pingresp_loses_about_30_percent_and_the_same_device_loses_the_sam
         runs.push(answered);
         s.write_all(&DISCONNECT).await.unwrap();
     }
-    assert!((20..=36).contains(&runs[0]), "{} of 40 answered at 30 % loss", runs[0]);
-    assert_eq!(runs[0], runs[1], "the seeded profile loses the same PINGRESPs for the same device");
+    runs
+}
+
+#[tokio::test]
+async fn flaky_pingresp_loses_about_30_percent_and_a_seeded_run_repeats_connection_by_connection() {
+    let broker = Mosquitto::start();
+    let (first, second) = (flaky_run(&broker).await, flaky_run(&broker).await);
+    for answered in &first {
+        assert!((20..=36).contains(answered), "{answered} of 40 answered at 30 % loss: {first:?}");
+    }
+    // Each reconnect draws anew (the engine's tests check that the draws differ); the seed
+    // makes a second run draw the same, connection by connection.
+    assert_eq!(first, second, "the seeded profile repeats across runs");
 }
 
 #[tokio::test]

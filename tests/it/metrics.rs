@@ -21,14 +21,14 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-fn route(labels: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+pub(crate) fn route(labels: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut l = vec![("route", "default")];
     l.extend_from_slice(labels);
     l
 }
 
 /// Waits until the monitor has counted what `ready` asks for (it runs on its own task).
-async fn metrics_when(proxy: &TestProxy, ready: impl Fn(&str) -> bool) -> String {
+pub(crate) async fn metrics_when(proxy: &TestProxy, ready: impl Fn(&str) -> bool) -> String {
     for _ in 0..100 {
         let text = proxy.running().metrics();
         if ready(&text) {
