@@ -60,10 +60,10 @@ pub fn of(routes: &[Arc<Route>]) -> Value {
         .map(|r| {
             let s = &r.stats;
             let closes: Vec<Value> = s
-                .closes
+                .closes_by_cause
                 .snapshot()
                 .into_iter()
-                .map(|((by, how), n)| json!({"closed_by": by, "how": how, "count": n}))
+                .map(|((by, how, cause), n)| json!({"closed_by": by, "how": how, "cause": cause, "count": n}))
                 .collect();
             let faults: Vec<Value> = s
                 .faults
@@ -89,11 +89,13 @@ pub fn of(routes: &[Arc<Route>]) -> Value {
                     "expected": s.wills_expected.load(Relaxed),
                     "observed": s.wills_observed.load(Relaxed),
                     "missing": s.wills_missing.load(Relaxed),
+                    "unobservable": s.wills_unobservable.load(Relaxed),
                 },
                 "takeovers": {
                     "closed": s.takeovers.get(&"closed"),
                     "disconnect_0x8e": s.takeovers.get(&"disconnect_0x8e"),
                     "not_enforced": s.takeovers.get(&"not_enforced"),
+                    "preempted": s.takeovers.get(&"preempted"),
                 },
                 "faults": faults,
             })
@@ -123,8 +125,9 @@ pub fn text(summary: &Value) -> String {
             .flatten()
             .map(|c| {
                 format!(
-                    "{} {} by {}",
+                    "{} {} ({} by {})",
                     n(&c["count"]),
+                    c["cause"].as_str().unwrap_or(""),
                     c["how"].as_str().unwrap_or(""),
                     c["closed_by"].as_str().unwrap_or("")
                 )
@@ -147,20 +150,22 @@ pub fn text(summary: &Value) -> String {
         let w = &r["wills"];
         if n(&w["expected"]) > 0 {
             out.push_str(&format!(
-                "  Wills: {} expected, {} observed, {} missing\n",
+                "  Wills: {} expected, {} observed, {} missing, {} unobservable (nothing watched their topic)\n",
                 n(&w["expected"]),
                 n(&w["observed"]),
-                n(&w["missing"])
+                n(&w["missing"]),
+                n(&w["unobservable"])
             ));
         }
         let t = &r["takeovers"];
-        let takeovers = n(&t["closed"]) + n(&t["disconnect_0x8e"]) + n(&t["not_enforced"]);
-        if takeovers > 0 {
+        let outcomes = ["closed", "disconnect_0x8e", "not_enforced", "preempted"];
+        if outcomes.iter().any(|o| n(&t[o]) > 0) {
             out.push_str(&format!(
-                "  takeovers: {} old connection closed, {} with DISCONNECT 0x8E, {} not enforced\n",
+                "  takeovers: {} old connection closed, {} with DISCONNECT 0x8E, {} not enforced, {} preempted\n",
                 n(&t["closed"]),
                 n(&t["disconnect_0x8e"]),
-                n(&t["not_enforced"])
+                n(&t["not_enforced"]),
+                n(&t["preempted"])
             ));
         }
         for f in r["faults"].as_array().into_iter().flatten() {

@@ -545,7 +545,7 @@ fn the_log_tells_what_happened_without_prometheus_or_debug() {
         summary.contains("1 connections (0 open, 0 rejected, 0 failed to reach the broker)"),
         "{summary}"
     );
-    assert!(summary.contains("closes: 1 fin by proxy"), "{summary}");
+    assert!(summary.contains("closes: 1 proxy (fin by proxy)"), "{summary}");
     assert!(summary.contains("fault mute (drop client_to_broker): 3 times"), "{summary}");
 }
 
@@ -584,7 +584,11 @@ async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_
     let ratio = r["broker_detection_ratio"]["median"].as_f64().unwrap();
     assert!((1.4..6.0).contains(&ratio), "mosquitto closes between 1.5 × and about 5 × Keep Alive: {ratio}");
     assert_eq!(r["broker_detection_ratio"]["max"].as_f64(), Some(ratio));
-    assert_eq!(r["wills"], json!({"expected": 1, "observed": 1, "missing": 0}), "{summary}");
+    assert_eq!(
+        r["wills"],
+        json!({"expected": 1, "observed": 1, "missing": 0, "unobservable": 0}),
+        "{summary}"
+    );
     assert!(r["faults"][0]["count"].as_u64().unwrap() >= 1, "{summary}");
     let text = mqtt_chaos::summary::text(&summary);
     assert!(text.contains("broker detected a silent peer 1 times: median"), "{text}");
@@ -610,7 +614,7 @@ async fn the_summary_tells_who_detected_a_silent_client_and_after_how_many_keep_
         }
     }
     assert!(kinds.contains(&"detection") && kinds.contains(&"will"), "{kinds:?}");
-    assert!(text.contains("Wills: 1 expected, 1 observed, 0 missing"), "{text}");
+    assert!(text.contains("Wills: 1 expected, 1 observed, 0 missing, 0 unobservable"), "{text}");
 }
 
 /// `mqtt-chaos ctl watch` as a child process; its stdout lines arrive on the receiver.
