@@ -122,7 +122,7 @@ fn sigterm(child: &Child) {
 #[test]
 fn an_unreachable_upstream_is_reported_at_start_and_its_failures_are_logged_as_json_without_flooding() {
     let listen = format!("127.0.0.1:{}", free_port());
-    let dead = format!("127.0.0.1:{}", free_port());
+    let (_reserved, dead) = dead_address();
     let child = spawn(&["proxy", "--log-format", "json", "--listen", &listen, "--upstream", &dead], &listen);
     // The readiness probe was conn 1; five clients retry against the dead broker.
     for _ in 0..5 {

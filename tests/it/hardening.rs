@@ -293,7 +293,7 @@ async fn rules_that_act_without_a_packet_reach_an_idle_connection_at_once_when_a
 
 #[tokio::test]
 async fn readyz_reports_per_route_whether_the_upstream_was_reachable_at_the_last_dial() {
-    let dead = format!("127.0.0.1:{}", free_port());
+    let (_reserved, dead) = dead_address();
     let probing = || Settings { probe_upstreams: true, ..Settings::default() };
     let proxy = TestProxy::start_with(&dead, probing()).await;
     let admin = serve_admin(&proxy, None).await;

@@ -111,6 +111,15 @@ impl Drop for Prometheus {
 pub use mqtt_chaos::ctl::percent_encode;
 
 /// A free loopback port (bound and released; the caller binds it next).
+/// An address nothing listens on, reserved while the socket lives (bound, never listening), so
+/// no other test can take the port: dials to it are refused.
+pub fn dead_address() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap().to_string();
+    (socket, addr)
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
