@@ -80,6 +80,26 @@ struct Monitor {
     recent: VecDeque<(String, Instant)>,
 }
 
+/// How a takeover ends, as `mqtt_chaos_takeovers_total{outcome}` counts it.
+pub const TAKEOVER_OUTCOMES: [&str; 4] = ["closed", "disconnect_0x8e", "not_enforced", "preempted"];
+
+/// Counts what the first close of a takeover's victim says about the broker: it closed the old
+/// connection (with DISCONNECT 0x8E or not), or something else closed it first (`preempted`).
+fn settle_takeover(conn: &Connection, close: &CloseInfo, t: Takeover) {
+    let stats = &t.route.stats;
+    let outcome = match close.cause {
+        Cause::Takeover if close.disconnect_reason == Some(0x8e) => "disconnect_0x8e",
+        Cause::Takeover => "closed",
+        _ => "preempted",
+    };
+    stats.takeovers.inc(outcome);
+    if close.cause == Cause::Takeover {
+        let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
+        stats.takeover_close_seconds.observe(closed_at.saturating_duration_since(t.at).as_secs_f64());
+    }
+    info!(conn = conn.id, outcome, cause = close.cause.as_str(), "takeover settled");
+}
+
 /// Runs the monitor until `stop`.
 pub async fn run(registry: Arc<Registry>, will_timeout: Duration, stop: CancellationToken) {
     let mut events = registry.subscribe();
@@ -117,8 +137,12 @@ impl Monitor {
                 }
             }
             Event::Takeover { old, at, .. } => {
-                if old.close_info().is_none() {
-                    self.takeovers.insert(old.id, Takeover { route: old.route.clone(), at });
+                let takeover = Takeover { route: old.route.clone(), at };
+                // The victim was open when it was marked, but may have closed since, and its
+                // Closed event may even have been sent first: then it is settled here.
+                match old.close_info() {
+                    Some(close) => settle_takeover(&old, &close, takeover),
+                    None => drop(self.takeovers.insert(old.id, takeover)),
                 }
             }
             Event::Closed(conn) => self.on_closed(&conn),
@@ -161,16 +185,7 @@ impl Monitor {
         stats.closes_by_cause.inc((by, how, cause.as_str()));
         stats.connection_duration.observe(close.at_s);
         if let Some(t) = self.takeovers.remove(&conn.id) {
-            let outcome = match cause {
-                Cause::Takeover if close.disconnect_reason == Some(0x8e) => "disconnect_0x8e",
-                Cause::Takeover => "closed",
-                _ => "preempted",
-            };
-            stats.takeovers.inc(outcome);
-            if cause == Cause::Takeover {
-                stats.takeover_close_seconds.observe(closed_at.saturating_duration_since(t.at).as_secs_f64());
-            }
-            info!(conn = conn.id, outcome, cause = cause.as_str(), "takeover settled");
+            settle_takeover(conn, &close, t);
         }
         let detection = match cause {
             Cause::KeepaliveTimeout => Some(Side::Broker),
@@ -208,7 +223,7 @@ impl Monitor {
         let (Some(will), Some(watch)) = (conn.will(), conn.will_watch()) else { return };
         // The broker publishes a Will only for a connection it accepted that did not end
         // with a normal DISCONNECT.
-        if conn.snapshot().connack.is_none_or(|c| c.code != 0) || close.cause == Cause::Normal {
+        if conn.connack_code() != Some(0) || close.cause == Cause::Normal {
             return; // the record's watch goes with the record
         }
         let stats = &conn.route.stats;
@@ -303,5 +318,81 @@ impl Monitor {
         while self.recent.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > EARLY_WILL) {
             self.recent.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Connack, Connect, FrameHeader};
+    use crate::record::CloseHow;
+
+    /// A connection of `client_id` whose CONNECT passed (filed for takeovers) and was accepted.
+    fn accepted(registry: &Arc<Registry>, route: &Arc<Route>, client_id: &str) -> Arc<Connection> {
+        let conn = registry.open(route.clone(), "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
+        let mut frame = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+        frame.extend((client_id.len() as u16).to_be_bytes());
+        frame.extend(client_id.as_bytes());
+        frame[1] = (frame.len() - 2) as u8;
+        let header = FrameHeader::parse(&frame).unwrap().unwrap();
+        conn.on_connect(&Connect::decode(&frame, &header).unwrap(), 30, None);
+        registry.on_connect(&conn);
+        let connack =
+            Connack { session_present: false, code: 0, server_keep_alive: None, assigned_client_id: None };
+        conn.on_connack(&connack, None);
+        conn
+    }
+
+    #[tokio::test]
+    async fn a_takeover_is_settled_once_whether_the_victims_close_is_read_before_or_after_it() {
+        for close_read_first in [false, true] {
+            let registry = Arc::new(Registry::default());
+            let route = Route::for_test("r");
+            let mut events = registry.subscribe();
+            let mut m = Monitor {
+                registry: registry.clone(),
+                will_timeout: Duration::from_secs(1),
+                takeovers: HashMap::new(),
+                wills: Vec::new(),
+                recent: VecDeque::new(),
+            };
+            let old = accepted(&registry, &route, "twin");
+            let _new = accepted(&registry, &route, "twin");
+            // The broker closes the old connection before the monitor has read anything.
+            assert!(old.note_close(Side::Broker, CloseHow::Fin, None, None, Instant::now()));
+            let mut read = Vec::new();
+            while let Ok(ev) = events.try_recv() {
+                read.push(ev);
+            }
+            let kinds: Vec<_> = read.iter().map(|e| crate::record::event_json(e).unwrap().0).collect();
+            assert_eq!(kinds, ["takeover", "closed"]);
+            if close_read_first {
+                read.reverse();
+            }
+            for ev in read {
+                m.handle(ev);
+            }
+            m.expire(Instant::now() + TAKEOVER_WINDOW + Duration::from_secs(1));
+            let s = &route.stats;
+            assert_eq!(old.close_info().unwrap().cause, Cause::Takeover);
+            assert_eq!(
+                TAKEOVER_OUTCOMES.map(|o| s.takeovers.get(&o)),
+                [1, 0, 0, 0],
+                "closed once, never not_enforced (close read first: {close_read_first})"
+            );
+            assert_eq!(s.broker_detection_ratio.sum(), 0.0, "a takeover is no detection");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_new_connect_is_not_taken_over() {
+        let registry = Arc::new(Registry::default());
+        let route = Route::for_test("r");
+        let gone = accepted(&registry, &route, "solo");
+        gone.note_close(Side::Client, CloseHow::Fin, None, None, Instant::now()); // its socket lingers
+        let mut events = registry.subscribe();
+        let _again = accepted(&registry, &route, "solo");
+        assert!(events.try_recv().is_err(), "no Takeover event");
+        assert!(gone.snapshot().taken_over_s.is_none());
     }
 }

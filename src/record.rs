@@ -137,17 +137,6 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 8] = [
-        Cause::KeepaliveTimeout,
-        Cause::ConnectRefused,
-        Cause::NoConnack,
-        Cause::Takeover,
-        Cause::Normal,
-        Cause::ClientGaveUp,
-        Cause::Abrupt,
-        Cause::Proxy,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::KeepaliveTimeout => "keepalive_timeout",
@@ -487,6 +476,11 @@ impl Connection {
         self.state().keep_alive
     }
 
+    /// The code of the CONNACK forwarded to the client, once one was.
+    pub fn connack_code(&self) -> Option<u8> {
+        self.state().connack.as_ref().map(|c| c.code)
+    }
+
     pub fn close_info(&self) -> Option<CloseInfo> {
         self.state().close.clone()
     }
@@ -582,8 +576,15 @@ impl Connection {
         s.broker_connected = Some(at);
     }
 
-    fn mark_taken_over(&self, at: Instant) {
-        self.state().taken_over.get_or_insert(at);
+    /// Marks the connection taken over at `at`, unless a side closed it already (then it was
+    /// gone before the new CONNECT: no takeover). Whether it was marked.
+    fn mark_taken_over(&self, at: Instant) -> bool {
+        let mut s = self.state();
+        if s.close.is_some() {
+            return false;
+        }
+        s.taken_over.get_or_insert(at);
+        true
     }
 
     /// Adds topic filters the client subscribed to; returns those new to this connection (past
@@ -595,7 +596,14 @@ impl Connection {
         }
         let mut added = Vec::new();
         for f in filters {
-            let f = if s.filters.len() >= MAX_FILTERS { "#".to_string() } else { f };
+            if s.filters.len() >= MAX_FILTERS {
+                let all = "#".to_string();
+                if !s.filters.contains(&all) {
+                    s.filters.push(all.clone());
+                    added.push(all);
+                }
+                break; // `#` stands for the rest of this SUBSCRIBE and every later one
+            }
             if !s.filters.contains(&f) {
                 s.filters.push(f.clone());
                 added.push(f);
@@ -1336,8 +1344,7 @@ impl Registry {
             index.keys.insert(conn.id, key);
             old
         };
-        for old in old.into_iter().filter_map(|id| self.get(id)) {
-            old.mark_taken_over(now);
+        for old in old.into_iter().filter_map(|id| self.get(id)).filter(|old| old.mark_taken_over(now)) {
             tracing::debug!(conn = conn.id, old = old.id, "takeover: the client id is already connected");
             self.emit(Event::Takeover { old, new: conn.id, at: now });
         }

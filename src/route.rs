@@ -298,7 +298,7 @@ impl RouteStats {
             "CONNECTs with a client id already live on the route, by outcome.",
         );
         for r in routes {
-            for outcome in ["closed", "disconnect_0x8e", "not_enforced", "preempted"] {
+            for outcome in crate::monitor::TAKEOVER_OUTCOMES {
                 let n = r.stats.takeovers.get(&outcome);
                 e.sample("mqtt_chaos_takeovers_total", &[("route", &r.name), ("outcome", outcome)], n as f64);
             }
@@ -374,6 +374,21 @@ pub struct Route {
     pub reach: Reach,
     /// What the route's Will observer watches now (`--observe-wills`).
     pub observer: ObserverView,
+}
+
+#[cfg(test)]
+impl Route {
+    /// A route for unit tests: nothing listens on it and nothing is dialled.
+    pub(crate) fn for_test(name: &str) -> Arc<Route> {
+        Arc::new(Route {
+            name: name.into(),
+            listen: "127.0.0.1:1".parse().expect("a literal address"),
+            upstream: "127.0.0.1:2".into(),
+            stats: RouteStats::default(),
+            reach: Default::default(),
+            observer: Default::default(),
+        })
+    }
 }
 
 /// The Will topics the route's observer (`--observe-wills`) is subscribed to while it is

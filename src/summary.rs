@@ -5,6 +5,7 @@
 //! Detection medians and maxima come from [`Samples`]: the exact ratios of the most recent
 //! closes (at most [`SAMPLES`] per route and side), not histogram buckets.
 
+use crate::monitor::TAKEOVER_OUTCOMES;
 use crate::route::Route;
 use serde_json::{Value, json};
 use std::sync::atomic::Ordering::Relaxed;
@@ -91,12 +92,10 @@ pub fn of(routes: &[Arc<Route>]) -> Value {
                     "missing": s.wills_missing.load(Relaxed),
                     "unobservable": s.wills_unobservable.load(Relaxed),
                 },
-                "takeovers": {
-                    "closed": s.takeovers.get(&"closed"),
-                    "disconnect_0x8e": s.takeovers.get(&"disconnect_0x8e"),
-                    "not_enforced": s.takeovers.get(&"not_enforced"),
-                    "preempted": s.takeovers.get(&"preempted"),
-                },
+                "takeovers": TAKEOVER_OUTCOMES
+                    .iter()
+                    .map(|&o| (o.to_string(), json!(s.takeovers.get(&o))))
+                    .collect::<serde_json::Map<_, _>>(),
                 "faults": faults,
             })
         })
@@ -158,8 +157,7 @@ pub fn text(summary: &Value) -> String {
             ));
         }
         let t = &r["takeovers"];
-        let outcomes = ["closed", "disconnect_0x8e", "not_enforced", "preempted"];
-        if outcomes.iter().any(|o| n(&t[o]) > 0) {
+        if TAKEOVER_OUTCOMES.iter().any(|o| n(&t[o]) > 0) {
             out.push_str(&format!(
                 "  takeovers: {} old connection closed, {} with DISCONNECT 0x8E, {} not enforced, {} preempted\n",
                 n(&t["closed"]),

@@ -1,7 +1,7 @@
 //! Pump tests over in-memory streams, with tokio's paused clock.
 
 use super::*;
-use crate::route::{Route, RouteStats};
+use crate::route::Route;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,14 +27,7 @@ fn ctx_and_book(settings: Settings, rules: Vec<&str>) -> (Ctx, crate::fault::Rul
     let book = crate::fault::RuleBook::default();
     book.replace(crate::fault::RuleSet::new(None, Some(1), rules.into_iter().map(rule).collect()));
     let rx = book.subscribe();
-    let route = Arc::new(Route {
-        name: "test".into(),
-        listen: "127.0.0.1:1".parse().unwrap(),
-        upstream: "127.0.0.1:2".into(),
-        stats: RouteStats::default(),
-        reach: Default::default(),
-        observer: Default::default(),
-    });
+    let route = Route::for_test("test");
     let registry = Arc::new(Registry::default());
     let conn = registry.open(route, "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
     let ctx = Ctx {
