@@ -301,14 +301,6 @@ impl Facts {
     /// Whether `rule` applies to this connection: its match, its protocol, and for actions on
     /// the whole connection the probability roll (from the rule's own seeded stream).
     fn state_for(&self, rule: &Arc<Rule>, seed: u64) -> Option<RuleState> {
-        // A random rule draws a new stream for each connection of a device (its first, second, …
-        // since the rule became active), the same one in every run with the same seed.
-        let nth = if rule.is_random() {
-            rule.connection_number(&self.route, &self.client_id, self.serial)
-        } else {
-            1
-        };
-        let mut rng = SplitMix64::new(seed, rule.name(), &self.client_id, nth);
         let c = ConnFacts {
             route: &self.route,
             client_id: &self.client_id,
@@ -316,11 +308,25 @@ impl Facts {
             protocol: self.protocol,
         };
         let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
+        if !rule.matcher.matches(&c) || (mqtt5_only && self.protocol != 5) {
+            return None;
+        }
+        // A random rule draws a new stream for each connection of a device it matches (its
+        // first, second, … since the rule became active), the same one in every run with the
+        // same seed.
+        let nth = if rule.is_random() {
+            rule.connection_number(&self.route, &self.client_id, self.serial)
+        } else {
+            1
+        };
+        let mut rng = SplitMix64::new(seed, rule.name(), &self.client_id, nth);
         let per_connection = !matches!(rule.kind(), ActionKind::Drop | ActionKind::Delay);
-        let applies = rule.matcher.matches(&c)
-            && (!mqtt5_only || self.protocol == 5)
-            && (!per_connection || rng.chance(rule.probability));
-        applies.then(|| RuleState { rule: rule.clone(), count: 0, rng, fired: [false; 2] })
+        (!per_connection || rng.chance(rule.probability)).then(|| RuleState {
+            rule: rule.clone(),
+            count: 0,
+            rng,
+            fired: [false; 2],
+        })
     }
 }
 
@@ -783,6 +789,14 @@ mod tests {
         assert_eq!(r.connection_number("default", "d", 10), 1);
         assert_eq!(r.connection_number("default", "d", 11), 2);
         assert_eq!(r.connection_number("default", "other", 12), 1);
+        // Only devices the rule matches are numbered (the others cost it nothing).
+        let victims = rule(
+            "name = \"v\"\naction = \"drop\"\nprobability = 0.5\nmatch = { client_id = \"victim-*\" }\n",
+        );
+        let (_tx, mut f) = faults(vec![victims.clone()], 1);
+        connect(&mut f, "bystander", 4);
+        assert!(f.rules.is_empty());
+        assert_eq!(victims.connection_number("default", "bystander", u64::MAX), 1, "first time asked");
     }
 
     #[tokio::test(start_paused = true)]
