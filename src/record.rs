@@ -1489,6 +1489,32 @@ mod tests {
         assert_eq!(cause(silent(facts(Proxy, Fin))), "proxy");
     }
 
+    #[tokio::test]
+    async fn subscriptions_count_once_per_connection_and_go_with_its_first_close() {
+        let registry = Arc::new(Registry::default());
+        let route = Route::for_test("r");
+        let open = || registry.open(route.clone(), "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
+        let (a, b) = (open(), open());
+        let filters = |f: &[&str]| f.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+        registry.on_subscribe(&a, filters(&["dev/+", "dev/+"]));
+        registry.on_subscribe(&a, filters(&["dev/+"])); // the same SUBSCRIBE again
+        registry.on_subscribe(&b, filters(&["dev/#"]));
+        assert_eq!(registry.subscribers("r", "dev/1"), 2, "one per connection and filter");
+        assert_eq!(registry.subscribers("other", "dev/1"), 0, "per route");
+        registry.on_unsubscribe(&a, &filters(&["dev/+", "never/subscribed"]));
+        assert_eq!(registry.subscribers("r", "dev/1"), 1);
+        // Past MAX_FILTERS, one `#` watches the rest.
+        let many: Vec<String> = (0..MAX_FILTERS + 5).map(|i| format!("f/{i}")).collect();
+        registry.on_subscribe(&a, many);
+        assert_eq!(a.snapshot().subscriptions, MAX_FILTERS + 1);
+        assert_eq!(registry.subscribers("r", "anything/at/all"), 1);
+        // A first close releases everything, even with the socket still open.
+        a.note_close(Side::Client, CloseHow::Fin, None, None, Instant::now());
+        b.note_close(Side::Broker, CloseHow::Fin, None, None, Instant::now());
+        registry.on_subscribe(&a, filters(&["late/filter"]));
+        assert_eq!(registry.tracked_entries()[1], ("subscriptions", 0));
+    }
+
     #[test]
     fn keepalive_violations_allow_ten_percent_and_100_ms() {
         let ms = Duration::from_millis;

@@ -77,6 +77,15 @@ fn configuration_errors_exit_2_with_file_line_and_column() {
 
     let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--connect-timeout", "soon"]);
     assert_eq!(out.status.code(), Some(2));
+
+    // The closed-connection ring and the observer's version: one past the largest, a wrong name.
+    for (flag, value, says) in
+        [("--closed-history", "1000001", "1000000"), ("--observer-protocol", "4", "3.1.1")]
+    {
+        let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert!(stderr(&out).contains(flag) && stderr(&out).contains(says), "{}", stderr(&out));
+    }
 }
 
 #[test]
