@@ -31,8 +31,9 @@
 //! headers before the connection is closed, so stalled clients cannot pile up.
 
 use crate::fault::{Profile, RuleSet, RuleSpec, profile};
-use crate::record::{CloseHow, Registry};
+use crate::record::Registry;
 use crate::route::Route;
+use crate::vocab::CloseHow;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -68,6 +69,7 @@ const STREAM_CUTOFF: Duration = Duration::from_secs(1);
 pub struct Control {
     pub routes: Vec<Arc<Route>>,
     pub registry: Arc<Registry>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub rules: Arc<crate::fault::RuleBook>,
     pub profiles_dir: PathBuf,
     pub token: Option<String>,
@@ -334,9 +336,11 @@ async fn summary(State(c): State<Control>) -> ApiResult {
     ok(StatusCode::OK, crate::summary::of(&c.routes))
 }
 
-async fn metrics(State(c): State<Control>) -> Response {
-    let text = crate::metrics::render(&c.routes, &c.rule_set(), &c.registry, env!("CARGO_PKG_VERSION"));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+/// The Prometheus text format, or OpenMetrics when the scraper's `Accept` asks for it.
+async fn metrics(State(c): State<Control>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
+    ([(header::CONTENT_TYPE, format.content_type())], c.metrics.encode(format)).into_response()
 }
 
 fn parse_id(id: &str) -> Result<u64, ApiError> {

@@ -14,7 +14,9 @@
 //! | [`session`] | one connection from accept to close: dial, two pumps, connection actions, FIN/RST propagation, the closed record |
 //! | [`server`] | listeners, accept loops, the shutdown tree |
 //! | [`record`] | live connection records, the registry of live connections, record events |
-//! | [`route`] | a named listener → upstream pair and its counters |
+//! | [`route`] | a named listener → upstream pair: its address, reachability and Will observer view |
+//! | [`metrics`] | every Prometheus family, registered in one place; a route's metrics say what happened (`on_close`, `on_batch`, …); the exposition (Prometheus text or OpenMetrics) |
+//! | [`vocab`] | the shared words: `Direction`, `Side`, `CloseHow`, `Cause`, `CloseInfo`, takeover and Will outcomes, a pump's `Batch` (a leaf) |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
 //! | [`summary`] | the headline numbers per route without Prometheus (`/summary`, `ctl summary`, the log at stop) |
 //! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
@@ -40,3 +42,4 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod summary;
+pub mod vocab;

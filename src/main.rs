@@ -337,7 +337,6 @@ async fn shutdown_signal() -> &'static str {
 mod heap {
     use mqtt_chaos::route::Route;
     use std::sync::Arc;
-    use std::sync::atomic::Ordering::Relaxed;
     use std::time::{Duration, Instant};
 
     /// How often to look whether connections closed. A trim walks the free lists of every
@@ -350,8 +349,8 @@ mod heap {
             routes
                 .iter()
                 .map(|r| {
-                    let s = &r.stats;
-                    s.connections_total.load(Relaxed).saturating_sub(s.connections_active.load(Relaxed))
+                    let t = r.metrics.totals();
+                    t.connections.saturating_sub(t.active.max(0) as u64)
                 })
                 .sum()
         };

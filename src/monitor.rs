@@ -2,7 +2,7 @@
 //! whether Wills arrived, what takeovers did.
 //!
 //! One task per proxy follows the [`Registry`]'s events. Everything is decided at a
-//! connection's *first* close (the record has classified it: [`crate::record::Cause`]), not
+//! connection's *first* close (the record has classified it: [`crate::vocab::Cause`]), not
 //! when its last side goes, so a hung device that keeps its socket open does not delay or
 //! distort anything:
 //!
@@ -19,10 +19,9 @@
 //!   observer: an expected Will is observed (also one published moments before the proxy saw
 //!   the close: the broker publishes at the close, on another socket).
 
-use crate::record::{
-    Cause, CloseInfo, Connection, Event, Registry, Side, TAKEOVER_WINDOW, TopicWatch, keepalive_violated,
-};
+use crate::record::{Connection, Event, Registry, TAKEOVER_WINDOW, TopicWatch, keepalive_violated};
 use crate::route::Route;
+use crate::vocab::{Cause, CloseInfo, TakeoverOutcome, WillOutcome};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -53,12 +52,14 @@ impl ExpectedWill {
         self.watch.topic()
     }
 
-    fn settle(self, registry: &Registry, outcome: &'static str, delay_s: Option<f64>) {
+    /// Counts what became of the Will and tells the event subscribers.
+    fn settle(self, registry: &Registry, outcome: WillOutcome, delay_s: Option<f64>) {
+        self.route.metrics.on_will(outcome, delay_s);
         registry.emit(Event::Will {
             conn_id: self.conn_id,
             route: self.route.name.clone(),
             topic: self.topic().to_string(),
-            outcome,
+            outcome: outcome.as_str(),
             delay_s,
             watched_by: self.watched_by.unwrap_or_else(|| "nothing".into()),
         });
@@ -80,24 +81,20 @@ struct Monitor {
     recent: VecDeque<(String, Instant)>,
 }
 
-/// How a takeover ends, as `mqtt_chaos_takeovers_total{outcome}` counts it.
-pub const TAKEOVER_OUTCOMES: [&str; 4] = ["closed", "disconnect_0x8e", "not_enforced", "preempted"];
-
 /// Counts what the first close of a takeover's victim says about the broker: it closed the old
 /// connection (with DISCONNECT 0x8E or not), or something else closed it first (`preempted`).
 fn settle_takeover(conn: &Connection, close: &CloseInfo, t: Takeover) {
-    let stats = &t.route.stats;
     let outcome = match close.cause {
-        Cause::Takeover if close.disconnect_reason == Some(0x8e) => "disconnect_0x8e",
-        Cause::Takeover => "closed",
-        _ => "preempted",
+        Cause::Takeover if close.disconnect_reason == Some(0x8e) => TakeoverOutcome::Disconnect0x8e,
+        Cause::Takeover => TakeoverOutcome::Closed,
+        _ => TakeoverOutcome::Preempted,
     };
-    stats.takeovers.inc(outcome);
-    if close.cause == Cause::Takeover {
+    let closed_after = (close.cause == Cause::Takeover).then(|| {
         let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
-        stats.takeover_close_seconds.observe(closed_at.saturating_duration_since(t.at).as_secs_f64());
-    }
-    info!(conn = conn.id, outcome, cause = close.cause.as_str(), "takeover settled");
+        closed_at.saturating_duration_since(t.at).as_secs_f64()
+    });
+    t.route.metrics.on_takeover(outcome, closed_after);
+    info!(conn = conn.id, outcome = outcome.as_str(), cause = close.cause.as_str(), "takeover settled");
 }
 
 /// Runs the monitor until `stop`.
@@ -132,9 +129,7 @@ impl Monitor {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Connect(conn) => {
-                if let Some(ka) = conn.keep_alive().requested {
-                    conn.route.stats.keepalive_requested.observe(f64::from(ka));
-                }
+                conn.route.metrics.on_connect(conn.keep_alive().requested);
             }
             Event::Takeover { old, at, .. } => {
                 let takeover = Takeover { route: old.route.clone(), at };
@@ -178,56 +173,39 @@ impl Monitor {
     /// A connection's first close: everything about it is decided now.
     fn on_closed(&mut self, conn: &Arc<Connection>) {
         let Some(close) = conn.close_info() else { return };
-        let stats = &conn.route.stats;
+        let metrics = &conn.route.metrics;
         let closed_at = conn.started + Duration::from_secs_f64(close.at_s);
-        let (by, how, cause) = (close.closed_by.as_str(), close.how.as_str(), close.cause);
-        stats.closes.inc((by, how));
-        stats.closes_by_cause.inc((by, how, cause.as_str()));
-        stats.connection_duration.observe(close.at_s);
+        metrics.on_close(&close);
         if let Some(t) = self.takeovers.remove(&conn.id) {
             settle_takeover(conn, &close, t);
         }
-        let detection = match cause {
-            Cause::KeepaliveTimeout => Some(Side::Broker),
-            Cause::ClientGaveUp => Some(Side::Client),
-            _ => None,
-        };
-        if let (Some(side), Some(s), Some(r)) = (detection, close.silence_s, close.silence_ratio) {
-            let (seconds, ratio, samples) = match side {
-                Side::Broker => {
-                    (&stats.broker_detection_seconds, &stats.broker_detection_ratio, &stats.broker_detection)
-                }
-                _ => {
-                    (&stats.client_detection_seconds, &stats.client_detection_ratio, &stats.client_detection)
-                }
-            };
-            seconds.observe(s);
-            ratio.observe(r);
-            samples.push(r);
-            self.registry.emit(Event::Detection { conn: conn.clone(), side, seconds: s, ratio: r });
+        if let (Some(side), Some(seconds), Some(ratio)) =
+            (close.cause.detected_by(), close.silence_s, close.silence_ratio)
+        {
+            self.registry.emit(Event::Detection { conn: conn.clone(), side, seconds, ratio });
         }
         // The client's silence before the close counts like any gap between its packets.
         let client_ka = conn.keep_alive().client_enforced().unwrap_or(0);
         if let Some(last) = conn.last_from_client()
             && keepalive_violated(closed_at.saturating_duration_since(last), client_ka)
         {
-            stats.client_keepalive_violations.fetch_add(1, Relaxed);
+            metrics.on_client_keepalive_violation();
         }
         if let Some(ratio) = conn.client_gap_ratio(closed_at) {
-            stats.client_keepalive_gap_ratio.observe(ratio);
+            metrics.on_client_gap(ratio);
         }
         self.expect_will(conn, &close, closed_at);
     }
 
     fn expect_will(&mut self, conn: &Arc<Connection>, close: &CloseInfo, closed_at: Instant) {
-        let (Some(will), Some(watch)) = (conn.will(), conn.will_watch()) else { return };
+        // The topic stays watched only while the Will is awaited.
+        let (Some(will), Some(watch)) = (conn.will(), conn.take_will_watch()) else { return };
         // The broker publishes a Will only for a connection it accepted that did not end
         // with a normal DISCONNECT.
         if conn.connack_code() != Some(0) || close.cause == Cause::Normal {
-            return; // the record's watch goes with the record
+            return; // and the watch with it: nothing awaits this Will
         }
-        let stats = &conn.route.stats;
-        stats.wills_expected.fetch_add(1, Relaxed);
+        conn.route.metrics.on_will_expected();
         let delay = Duration::from_secs(u64::from(will.delay_interval.unwrap_or(0)));
         let observer = conn.route.observer.watches(&will.topic);
         let subscribers = self.registry.subscribers(&conn.route.name, &will.topic);
@@ -275,12 +253,9 @@ impl Monitor {
     }
 
     fn observed(&mut self, w: ExpectedWill, at: Instant) {
-        let stats = &w.route.stats;
-        stats.wills_observed.fetch_add(1, Relaxed);
         let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
-        stats.will_delay.observe(delay);
         debug!(conn = w.conn_id, topic = %w.topic(), delay_s = delay, "Will observed");
-        w.settle(&self.registry, "observed", Some(delay));
+        w.settle(&self.registry, WillOutcome::Observed, Some(delay));
     }
 
     fn expire(&mut self, now: Instant) {
@@ -288,20 +263,18 @@ impl Monitor {
             std::mem::take(&mut self.wills).into_iter().partition(|w| now >= w.deadline);
         self.wills = waiting;
         for w in due {
-            let stats = &w.route.stats;
-            match &w.watched_by {
+            let outcome = match &w.watched_by {
                 Some(by) => {
-                    stats.wills_missing.fetch_add(1, Relaxed);
                     info!(conn = w.conn_id, topic = %w.topic(), watched_by = %by,
                         "expected Will not seen, although it was watched");
+                    WillOutcome::Missing
                 }
                 None => {
-                    stats.wills_unobservable.fetch_add(1, Relaxed);
                     info!(conn = w.conn_id, topic = %w.topic(),
                         "Will not seen, and nothing could have seen it: no subscription through the proxy matched its topic and the Will observer was not watching it (--observe-wills)");
+                    WillOutcome::Unobservable
                 }
-            }
-            let outcome = if w.watched_by.is_some() { "missing" } else { "unobservable" };
+            };
             w.settle(&self.registry, outcome, None);
         }
         let registry = &self.registry;
@@ -310,7 +283,7 @@ impl Monitor {
             let closed = registry.get(old).is_none_or(|c| c.close_info().is_some());
             let open = closed || now.saturating_duration_since(t.at) < TAKEOVER_WINDOW;
             if !open {
-                t.route.stats.takeovers.inc("not_enforced");
+                t.route.metrics.on_takeover(TakeoverOutcome::NotEnforced, None);
                 info!(conn = old, "takeover not enforced: the broker did not close the old connection");
             }
             open
@@ -325,7 +298,7 @@ impl Monitor {
 mod tests {
     use super::*;
     use crate::codec::{Connack, Connect, FrameHeader};
-    use crate::record::CloseHow;
+    use crate::vocab::{CloseHow, Side};
 
     /// A connection of `client_id` whose CONNECT passed (filed for takeovers) and was accepted.
     fn accepted(registry: &Arc<Registry>, route: &Arc<Route>, client_id: &str) -> Arc<Connection> {
@@ -373,14 +346,14 @@ mod tests {
                 m.handle(ev);
             }
             m.expire(Instant::now() + TAKEOVER_WINDOW + Duration::from_secs(1));
-            let s = &route.stats;
             assert_eq!(old.close_info().unwrap().cause, Cause::Takeover);
             assert_eq!(
-                TAKEOVER_OUTCOMES.map(|o| s.takeovers.get(&o)),
+                route.metrics.totals().takeovers,
                 [1, 0, 0, 0],
                 "closed once, never not_enforced (close read first: {close_read_first})"
             );
-            assert_eq!(s.broker_detection_ratio.sum(), 0.0, "a takeover is no detection");
+            let detections = route.metrics.detections(Side::Broker).describe();
+            assert_eq!(detections["count"], 0, "a takeover is no detection");
         }
     }
 

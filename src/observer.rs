@@ -6,7 +6,9 @@
 //! What it receives is reported as [`Event::WillTopicPublish`]; the monitor counts each expected
 //! Will once, whichever path saw it first, and asks [`crate::route::ObserverView`] whether the
 //! observer was watching a Will that never came. Retained messages (delivered because of the
-//! subscription itself) are ignored. Credentials come from flags, env or a file and are never
+//! subscription itself) are ignored. Every [`PRUNE_EVERY`] it unsubscribes from the topics no
+//! live connection and no awaited Will needs any more, so a fleet that churns Will topics does
+//! not grow its subscriptions for ever. Credentials come from flags, env or a file and are never
 //! logged.
 //!
 //! It speaks MQTT 5 or 3.1.1 (`--observer-protocol`; `auto` tries 5 first and falls back to
@@ -20,7 +22,6 @@ use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
 use rumqttc::{Event as Event4, MqttOptions, Packet as Packet4, QoS};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -42,6 +43,8 @@ pub enum ObserverProtocol {
 /// The first retry after a failure; each further one waits twice as long, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the observer drops the topics nothing watches any more.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(5);
 
 /// How the observer connects.
 #[derive(Clone, Default)]
@@ -138,6 +141,14 @@ impl Requests {
         };
     }
 
+    fn unsubscribe(&self, topic: &str) {
+        // Lost in a full queue, the subscription goes at the next connect (clean session).
+        let _ = match self {
+            Requests::V311(c) => c.try_unsubscribe(topic).map_err(|_| ()),
+            Requests::V5(c) => c.try_unsubscribe(topic).map_err(|_| ()),
+        };
+    }
+
     fn disconnect(&self) {
         let _ = match self {
             Requests::V311(c) => c.try_disconnect().map_err(|_| ()),
@@ -182,6 +193,8 @@ pub async fn run(
     let mut topics: BTreeSet<String> = BTreeSet::new();
     let mut backoff = FIRST_BACKOFF;
     let mut failing = false;
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(route = %route.name, client_id = %client_id, protocol = ?config.protocol,
         "observing Wills with an own connection to the upstream");
     loop {
@@ -196,6 +209,18 @@ pub async fn run(
                         return;
                     }
                     polled = &mut poll => break polled,
+                    _ = prune.tick() => {
+                        // A topic is watched while a live connection has it as its Will, or
+                        // while the monitor awaits a Will on it.
+                        topics.retain(|topic| {
+                            let keep = registry.is_watched(topic);
+                            if !keep {
+                                requests.unsubscribe(topic);
+                                route.observer.unsubscribed(topic);
+                            }
+                            keep
+                        });
+                    }
                     ev = events.recv() => match ev {
                         Ok(Event::Connect(conn)) if Arc::ptr_eq(&conn.route, &route) => {
                             if let Some(will) = conn.will()
@@ -234,7 +259,7 @@ pub async fn run(
             Ok(Polled::Other) => {}
             Err(error) => {
                 route.observer.disconnected();
-                route.stats.observer_connect_failures.fetch_add(1, Relaxed);
+                route.metrics.on_observer_failure();
                 if !failing {
                     warn!(route = %route.name, protocol = requests.version(), %error,
                         "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");

@@ -30,11 +30,11 @@ use crate::codec::{
 };
 use crate::config::{OnMalformed, Settings};
 use crate::fault::{Applied, ConnFaults, Mode, Verdict};
-use crate::record::{Batch, CloseHow, Connection, Direction, Event, Registry, Side};
+use crate::record::{Connection, Event, Registry};
+use crate::vocab::{Batch, CloseHow, Direction, Side};
 use std::collections::VecDeque;
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -554,7 +554,7 @@ impl Inspector<'_> {
                         "Keep Alive rewritten in CONNECT"
                     );
                     self.applied(&applied, Some(PacketType::Connect));
-                    conn.route.stats.keepalive_rewrites.fetch_add(1, Relaxed);
+                    conn.route.metrics.on_keepalive_rewrite();
                 }
                 // Watched while the record lives, and while the monitor awaits the Will.
                 let will_watch = connect.will.as_ref().map(|w| self.ctx.registry.watch_topic(&w.topic));
@@ -577,7 +577,7 @@ impl Inspector<'_> {
                                 debug!(conn = conn.id, rule = applied.rule.name(), from = ?connack.server_keep_alive,
                                     to = value, "Server Keep Alive set in CONNACK");
                                 self.applied(&applied, Some(PacketType::Connack));
-                                conn.route.stats.keepalive_rewrites.fetch_add(1, Relaxed);
+                                conn.route.metrics.on_keepalive_rewrite();
                                 to_client = Some(value);
                                 replacement = Some(bytes);
                             }
@@ -601,8 +601,7 @@ impl Inspector<'_> {
                     None
                 });
                 conn.note_close(dir.sender(), CloseHow::Disconnect, reason, None, now);
-                let reason_label = reason.map_or("none", reason_name);
-                conn.route.stats.disconnect_reasons.inc((dir.as_str(), reason_label));
+                conn.route.metrics.on_disconnect(dir, reason.map_or("none", reason_name));
             }
             (Direction::BrokerToClient, PacketType::Pingresp) => conn.on_pingresp(now),
             (Direction::ClientToBroker, t @ (PacketType::Subscribe | PacketType::Unsubscribe)) => {
@@ -663,7 +662,7 @@ impl Inspector<'_> {
     /// Handles bytes that are not MQTT: relay the rest raw, or end the connection.
     fn malformed(&mut self, reason: String, now: Instant) -> Result<(), PumpEnd> {
         let conn = &self.ctx.conn;
-        conn.route.stats.malformed[self.dir as usize].fetch_add(1, Relaxed);
+        conn.route.metrics.on_malformed(self.dir);
         conn.on_malformed(self.dir, reason.clone());
         match self.ctx.settings.on_malformed {
             OnMalformed::Relay => {

@@ -11,6 +11,7 @@
 
 use crate::codec::{Connack, Connect, PacketType, Protocol, Will, reason_name};
 use crate::route::Route;
+use crate::vocab::{Batch, Cause, CloseHow, CloseInfo, Direction, Side};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -20,136 +21,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// The direction bytes travel. The same strings name it in profiles, metrics, logs and JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    ClientToBroker,
-    BrokerToClient,
-}
-
-impl Direction {
-    pub const BOTH: [Direction; 2] = [Direction::ClientToBroker, Direction::BrokerToClient];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::ClientToBroker => "client_to_broker",
-            Direction::BrokerToClient => "broker_to_client",
-        }
-    }
-
-    /// The side that sends in this direction.
-    pub fn sender(self) -> Side {
-        match self {
-            Direction::ClientToBroker => Side::Client,
-            Direction::BrokerToClient => Side::Broker,
-        }
-    }
-
-    /// The side that receives in this direction.
-    pub fn receiver(self) -> Side {
-        match self {
-            Direction::ClientToBroker => Side::Broker,
-            Direction::BrokerToClient => Side::Client,
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl std::fmt::Display for Direction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Who ended a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    Client,
-    Broker,
-    Proxy,
-}
-
-impl Side {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Broker => "broker",
-            Side::Proxy => "proxy",
-        }
-    }
-}
-
-/// How a connection was ended by the side that ended it first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseHow {
-    /// An MQTT DISCONNECT packet (its reason is in [`CloseInfo::disconnect_reason`]).
-    Disconnect,
-    /// A TCP FIN.
-    Fin,
-    /// A TCP RST.
-    Rst,
-    /// A socket error other than a reset, or an upstream that could not be reached.
-    Error,
-}
-
-impl CloseHow {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseHow::Disconnect => "disconnect",
-            CloseHow::Fin => "fin",
-            CloseHow::Rst => "rst",
-            CloseHow::Error => "error",
-        }
-    }
-}
-
-/// Why a connection ended, judged at its first close. METRICS.md gives the rules; only
-/// `keepalive_timeout` counts as a broker detection and only `client_gave_up` as a client one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Cause {
-    /// The broker closed a peer silent for at least the Keep Alive it enforces, or sent
-    /// DISCONNECT 0x8D.
-    KeepaliveTimeout,
-    /// The broker answered the CONNECT with a refusing CONNACK.
-    ConnectRefused,
-    /// A side closed before any CONNACK (wrong protocol, rejected CONNECT, port checks).
-    NoConnack,
-    /// The broker closed a connection whose client id connected again (within
-    /// [`TAKEOVER_WINDOW`]), or sent DISCONNECT 0x8E.
-    Takeover,
-    /// A DISCONNECT with reason 0x00 or 0x04 (3.x: any DISCONNECT).
-    Normal,
-    /// The client closed without DISCONNECT with a PINGREQ unanswered or after at least its
-    /// Keep Alive of silence.
-    ClientGaveUp,
-    /// Any other close by a side.
-    Abrupt,
-    /// The proxy closed it: a fault rule, the admin API, a timeout, an error, a shutdown.
-    Proxy,
-}
-
-impl Cause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::KeepaliveTimeout => "keepalive_timeout",
-            Cause::ConnectRefused => "connect_refused",
-            Cause::NoConnack => "no_connack",
-            Cause::Takeover => "takeover",
-            Cause::Normal => "normal",
-            Cause::ClientGaveUp => "client_gave_up",
-            Cause::Abrupt => "abrupt",
-            Cause::Proxy => "proxy",
-        }
-    }
-}
 
 /// How long after a takeover CONNECT a broker close of the old connection counts as the
 /// takeover; later, the broker is said not to enforce takeovers.
@@ -190,29 +61,6 @@ pub fn classify(f: &CloseFacts) -> Cause {
         }
         _ => Cause::Abrupt,
     }
-}
-
-/// The first close observed on a connection, and the silence that preceded it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CloseInfo {
-    pub closed_by: Side,
-    pub how: CloseHow,
-    /// Why, as [`classify`] judged it.
-    pub cause: Cause,
-    /// MQTT 5 reason code of the DISCONNECT, if `how` is `disconnect` and the protocol has one.
-    pub disconnect_reason: Option<u8>,
-    /// Human-readable detail: the reason name, the socket error, or why the proxy closed.
-    pub reason: Option<String>,
-    /// Seconds from the start of the connection to the close.
-    pub at_s: f64,
-    /// Time since the last packet the proxy delivered *to the closing side* (client or broker;
-    /// counted from the connection's start if none was delivered).
-    pub silence_s: Option<f64>,
-    /// `silence_s` divided by the Keep Alive the closing side enforces (absent when that is 0
-    /// or unknown).
-    pub silence_ratio: Option<f64>,
-    /// The Keep Alive the closing side enforces, seconds.
-    pub keep_alive_enforced: Option<u16>,
 }
 
 /// Why the proxy itself ended a connection, after or instead of a side's close: the first close
@@ -266,24 +114,6 @@ struct DirStats {
     last_packet: AtomicU64,
     /// Last PINGREQ (client_to_broker) or PINGRESP (broker_to_client), same encoding.
     last_ping: AtomicU64,
-}
-
-/// What a pump counted in one batch, committed to the record after the batch was written.
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    pub packets: [u32; 15],
-    pub bytes: u64,
-    /// Whether a complete packet (or the start of a streamed one) went out.
-    pub any_packet: bool,
-    pub ping: bool,
-}
-
-impl Batch {
-    pub fn count(&mut self, t: PacketType) {
-        self.packets[t.index()] += 1;
-        self.any_packet = true;
-        self.ping |= matches!(t, PacketType::Pingreq | PacketType::Pingresp);
-    }
 }
 
 /// Wakes the tasks of one connection. Cheap (a counter and a `Notify`: idle connections keep
@@ -620,9 +450,10 @@ impl Connection {
         gone
     }
 
-    /// The watch on this connection's Will topic, if it has a Will.
-    pub fn will_watch(&self) -> Option<Arc<TopicWatch>> {
-        self.state().will_watch.clone()
+    /// Takes the watch on this connection's Will topic (if it has a Will) from the record: the
+    /// monitor keeps it while it awaits the Will, or drops it, at the first close.
+    pub fn take_will_watch(&self) -> Option<Arc<TopicWatch>> {
+        self.state().will_watch.take()
     }
 
     /// Records a CONNECT the client sent; `forwarded_keep_alive` is what went to the broker;
@@ -677,7 +508,7 @@ impl Connection {
             tracing::info!(conn = self.id, route = %self.route.name, rule = %rule, action = %action, direction = %direction,
                 "fault applied to this connection (later applications are counted; RUST_LOG=debug logs each)");
         }
-        self.route.stats.faults.inc((rule.to_string(), action, direction));
+        self.route.metrics.on_fault(rule, action, direction);
     }
 
     /// Faults applied so far, by rule name.
@@ -692,17 +523,13 @@ impl Connection {
     /// Records a batch delivered in `dir`, here and on the route.
     pub(crate) fn commit(&self, dir: Direction, batch: &Batch, at: Instant) {
         let d = &self.dirs[dir.index()];
-        let route = &self.route.stats;
-        for ((counter, route_counter), &n) in
-            d.packets.iter().zip(&route.packets[dir.index()]).zip(&batch.packets)
-        {
+        for (counter, &n) in d.packets.iter().zip(&batch.packets) {
             if n > 0 {
                 counter.fetch_add(u64::from(n), Relaxed);
-                route_counter.fetch_add(u64::from(n), Relaxed);
             }
         }
         d.bytes.fetch_add(batch.bytes, Relaxed);
-        route.bytes[dir.index()].fetch_add(batch.bytes, Relaxed);
+        self.route.metrics.on_batch(dir, batch);
         if batch.any_packet {
             let t = self.micros_since_start(at);
             d.last_packet.store(t, Relaxed);
@@ -723,7 +550,7 @@ impl Connection {
     /// A PINGRESP arrived from the broker: the round trip since the PINGREQ forwarded last.
     pub(crate) fn on_pingresp(&self, at: Instant) {
         if let Some(sent) = self.decode_time(self.ping_pending.swap(0, Relaxed)) {
-            self.route.stats.ping_rtt.observe(at.saturating_duration_since(sent).as_secs_f64());
+            self.route.metrics.on_ping_rtt(at.saturating_duration_since(sent).as_secs_f64());
         }
     }
 
@@ -740,7 +567,7 @@ impl Connection {
         self.max_client_gap.fetch_max(gap.as_micros() as u64, Relaxed);
         let keep_alive = self.state().keep_alive.client_enforced().unwrap_or(0);
         if keepalive_violated(gap, keep_alive) {
-            self.route.stats.client_keepalive_violations.fetch_add(1, Relaxed);
+            self.route.metrics.on_client_keepalive_violation();
         }
     }
 

@@ -11,12 +11,13 @@
 
 use crate::config::{RouteConfig, Settings};
 use crate::fault::{ConnFaults, RuleBook, RuleSet};
+use crate::metrics::{Format, Metrics, ScrapeTime};
 use crate::pump::Ctx;
-use crate::record::{CloseHow, Registry};
-use crate::route::{Route, RouteStats};
+use crate::record::Registry;
+use crate::route::Route;
 use crate::session;
+use crate::vocab::CloseHow;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -43,11 +44,17 @@ pub struct Proxy {
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     rules: Arc<RuleBook>,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
     /// Binds every route's listener.
     pub async fn bind(routes: &[RouteConfig], settings: Settings) -> Result<Proxy, BindError> {
+        let registry = Arc::new(Registry::new(settings.closed_history));
+        let waking = registry.clone();
+        let rules = Arc::new(RuleBook::with_waker(Box::new(move |affected| waking.wake(affected))));
+        let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(scrape_time(names, rules.clone(), registry.clone())));
         let mut listeners = Vec::with_capacity(routes.len());
         for r in routes {
             let err = |source| BindError { route: r.name.clone(), listen: r.listen.clone(), source };
@@ -57,16 +64,13 @@ impl Proxy {
                 name: r.name.clone(),
                 listen,
                 upstream: r.upstream.clone(),
-                stats: RouteStats::default(),
+                metrics: metrics.route(&r.name),
                 reach: Default::default(),
                 observer: Default::default(),
             };
             listeners.push((Arc::new(route), listener));
         }
-        let registry = Arc::new(Registry::new(settings.closed_history));
-        let waking = registry.clone();
-        let rules = Arc::new(RuleBook::with_waker(Box::new(move |affected| waking.wake(affected))));
-        Ok(Proxy { listeners, registry, settings: Arc::new(settings), rules })
+        Ok(Proxy { listeners, registry, settings: Arc::new(settings), rules, metrics })
     }
 
     /// Makes `rules` the rules in force (before or after start).
@@ -122,6 +126,7 @@ impl Proxy {
         }
         RunningProxy {
             routes,
+            metrics: self.metrics,
             registry: self.registry,
             settings: self.settings,
             rules: self.rules,
@@ -160,7 +165,7 @@ impl Acceptor {
                     self.spawn_session(socket, peer)
                 }
                 Err(e) => {
-                    self.route.stats.accept_errors.fetch_add(1, Relaxed);
+                    self.route.metrics.on_accept_error();
                     let (pause, log) = errors.failed(Instant::now());
                     if let Some(held_back) = log {
                         warn!(route = %self.route.name, error = %e, more_since_last_line = held_back,
@@ -176,14 +181,13 @@ impl Acceptor {
     }
 
     fn spawn_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr) {
-        let stats = &self.route.stats;
         let limit = self.settings.max_connections;
         let permit = match &self.permits {
             None => None,
             Some(permits) => permits.clone().try_acquire_owned().ok(),
         };
         if self.permits.is_some() && permit.is_none() {
-            let rejected = stats.connections_rejected.fetch_add(1, Relaxed) + 1;
+            let rejected = self.route.metrics.on_rejected();
             // The first refusal and every 1000th are warnings; the rest would flood the log.
             if rejected == 1 || rejected % 1000 == 0 {
                 warn!(route = %self.route.name, client = %peer, limit, rejected,
@@ -194,8 +198,7 @@ impl Acceptor {
             drop(socket);
             return;
         }
-        stats.connections_total.fetch_add(1, Relaxed);
-        stats.connections_active.fetch_add(1, Relaxed);
+        self.route.metrics.on_accepted();
         let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());
         let faults = ConnFaults::new(self.rules.subscribe()).with_local(conn.local_rules.subscribe());
         let ctx = Ctx {
@@ -211,6 +214,31 @@ impl Acceptor {
         // ever open at once, scattered through the heap (measured: it kept the heap from
         // shrinking after a burst of 1,000 connections).
         self.tracker.spawn(session::run(ctx, socket));
+    }
+}
+
+/// What the metrics read from the rules and the registry at each scrape.
+fn scrape_time(
+    routes: Vec<String>,
+    rules: Arc<RuleBook>,
+    registry: Arc<Registry>,
+) -> impl Fn() -> ScrapeTime + Send + Sync + 'static {
+    move || {
+        let rules = rules.current();
+        let applies = |route: &String| {
+            rules
+                .rules
+                .iter()
+                .filter(|rule| rule.matcher.route.as_ref().is_none_or(|n| n.contains(route)))
+                .count() as u64
+        };
+        ScrapeTime {
+            version: env!("CARGO_PKG_VERSION"),
+            profile: rules.profile.clone().unwrap_or_default(),
+            rules_active: routes.iter().map(|r| (r.clone(), applies(r))).collect(),
+            tracked_entries: registry.tracked_entries().to_vec(),
+            event_subscribers_dropped: registry.events_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 }
 
@@ -235,6 +263,7 @@ async fn probe_upstream(route: Arc<Route>, within: Duration) {
 /// A proxy whose accept loops are running.
 pub struct RunningProxy {
     routes: Vec<Arc<Route>>,
+    metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     rules: Arc<RuleBook>,
@@ -271,6 +300,7 @@ impl RunningProxy {
         crate::admin::Control {
             routes: self.routes.clone(),
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
             rules: self.rules.clone(),
             profiles_dir,
             token,
@@ -280,7 +310,7 @@ impl RunningProxy {
 
     /// The metrics in the Prometheus text format.
     pub fn metrics(&self) -> String {
-        crate::metrics::render(&self.routes, &self.rules(), &self.registry, env!("CARGO_PKG_VERSION"))
+        self.metrics.encode(Format::Prometheus)
     }
 
     /// The rules in force.

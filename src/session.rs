@@ -13,9 +13,9 @@ use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
 use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
-use crate::record::{CloseHow, Connection, Direction, Registry, Side};
+use crate::record::{Connection, Registry};
+use crate::vocab::{CloseHow, Direction, Side};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -35,7 +35,7 @@ pub(crate) async fn run(ctx: Ctx, client: TcpStream) {
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".into());
-        conn.route.stats.internal_errors.fetch_add(1, Relaxed);
+        conn.route.metrics.on_internal_error();
         tracing::error!(conn = conn.id, route = %conn.route.name, error = %what,
             "internal error in this connection's session; closing it (other connections are not affected)");
         conn.end_by_proxy("internal_error", format!("internal error: {what}"), CloseHow::Error);
@@ -305,7 +305,7 @@ where
 
 fn upstream_failed(ctx: &Ctx, client: TcpStream, why: String) {
     let conn = &ctx.conn;
-    conn.route.stats.upstream_connect_failures.fetch_add(1, Relaxed);
+    conn.route.metrics.on_upstream_failure();
     if let crate::route::ReachLog::Failed { held_back } =
         conn.route.reach.dialed(Err(why.clone()), Instant::now())
     {
@@ -335,6 +335,6 @@ fn finish(conn: &Arc<Connection>, registry: &Registry) {
             Instant::now(),
         );
     }
-    conn.route.stats.connections_active.fetch_sub(1, Relaxed);
+    conn.route.metrics.on_session_end();
     registry.close(conn);
 }

@@ -2,73 +2,31 @@
 //! peer and after how many Keep Alives, Wills, takeovers and faults by rule. Served as
 //! `GET /summary`, printed by `ctl summary`, and logged when the proxy stops.
 //!
-//! Detection medians and maxima come from [`Samples`]: the exact ratios of the most recent
-//! closes (at most [`SAMPLES`] per route and side), not histogram buckets.
+//! Detection medians and maxima come from [`crate::metrics::Samples`]: the exact ratios of the
+//! most recent closes (at most [`crate::metrics::SAMPLES`] per route and side), not histogram
+//! buckets.
 
-use crate::monitor::TAKEOVER_OUTCOMES;
 use crate::route::Route;
+use crate::vocab::{Side, TakeoverOutcome};
 use serde_json::{Value, json};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
-
-/// Detection ratios kept per route and side for the summary's median.
-pub const SAMPLES: usize = 10_000;
-
-/// The most recent values of a measurement (a ring of [`SAMPLES`]), their count and maximum.
-#[derive(Debug, Default)]
-pub struct Samples(Mutex<SamplesState>);
-
-#[derive(Debug, Default)]
-struct SamplesState {
-    ring: Vec<f64>,
-    next: usize,
-    count: u64,
-    max: Option<f64>,
-}
-
-impl Samples {
-    pub fn push(&self, v: f64) {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if s.ring.len() < SAMPLES {
-            s.ring.push(v);
-        } else {
-            let at = s.next;
-            s.ring[at] = v;
-        }
-        s.next = (s.next + 1) % SAMPLES;
-        s.count += 1;
-        s.max = Some(s.max.map_or(v, |m| m.max(v)));
-    }
-
-    /// `{count, median, max}`, rounded to 3 decimals (median and max null when empty).
-    pub fn describe(&self) -> Value {
-        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sorted = s.ring.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = (!sorted.is_empty()).then(|| {
-            let n = sorted.len();
-            if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
-        });
-        let round = |v: f64| (v * 1000.0).round() / 1000.0;
-        json!({"count": s.count, "median": median.map(round), "max": s.max.map(round)})
-    }
-}
+use std::sync::Arc;
 
 /// The summary of every route, as JSON (`GET /summary`).
 pub fn of(routes: &[Arc<Route>]) -> Value {
     let routes: Vec<Value> = routes
         .iter()
         .map(|r| {
-            let s = &r.stats;
-            let closes: Vec<Value> = s
-                .closes_by_cause
-                .snapshot()
+            let m = &r.metrics;
+            let t = m.totals();
+            let closes: Vec<Value> = m
+                .closes()
                 .into_iter()
-                .map(|((by, how, cause), n)| json!({"closed_by": by, "how": how, "cause": cause, "count": n}))
+                .map(|((by, how, cause), n)| {
+                    json!({"closed_by": by.as_str(), "how": how.as_str(), "cause": cause.as_str(), "count": n})
+                })
                 .collect();
-            let faults: Vec<Value> = s
-                .faults
-                .snapshot()
+            let faults: Vec<Value> = m
+                .faults()
                 .into_iter()
                 .map(|((rule, action, direction), n)| {
                     json!({"rule": rule, "action": action, "direction": direction, "count": n})
@@ -78,23 +36,24 @@ pub fn of(routes: &[Arc<Route>]) -> Value {
                 "route": r.name,
                 "upstream": r.upstream,
                 "connections": {
-                    "total": s.connections_total.load(Relaxed),
-                    "active": s.connections_active.load(Relaxed),
-                    "rejected": s.connections_rejected.load(Relaxed),
-                    "upstream_failures": s.upstream_connect_failures.load(Relaxed),
+                    "total": t.connections,
+                    "active": t.active,
+                    "rejected": t.rejected,
+                    "upstream_failures": t.upstream_failures,
                 },
                 "closes": closes,
-                "broker_detection_ratio": s.broker_detection.describe(),
-                "client_detection_ratio": s.client_detection.describe(),
+                "broker_detection_ratio": m.detections(Side::Broker).describe(),
+                "client_detection_ratio": m.detections(Side::Client).describe(),
                 "wills": {
-                    "expected": s.wills_expected.load(Relaxed),
-                    "observed": s.wills_observed.load(Relaxed),
-                    "missing": s.wills_missing.load(Relaxed),
-                    "unobservable": s.wills_unobservable.load(Relaxed),
+                    "expected": t.wills_expected,
+                    "observed": t.wills_observed,
+                    "missing": t.wills_missing,
+                    "unobservable": t.wills_unobservable,
                 },
-                "takeovers": TAKEOVER_OUTCOMES
+                "takeovers": TakeoverOutcome::ALL
                     .iter()
-                    .map(|&o| (o.to_string(), json!(s.takeovers.get(&o))))
+                    .zip(t.takeovers)
+                    .map(|(o, n)| (o.as_str().to_string(), json!(n)))
                     .collect::<serde_json::Map<_, _>>(),
                 "faults": faults,
             })
@@ -157,7 +116,7 @@ pub fn text(summary: &Value) -> String {
             ));
         }
         let t = &r["takeovers"];
-        if TAKEOVER_OUTCOMES.iter().any(|o| n(&t[o]) > 0) {
+        if TakeoverOutcome::ALL.iter().any(|o| n(&t[o.as_str()]) > 0) {
             out.push_str(&format!(
                 "  takeovers: {} old connection closed, {} with DISCONNECT 0x8E, {} not enforced, {} preempted\n",
                 n(&t["closed"]),
@@ -177,25 +136,4 @@ pub fn text(summary: &Value) -> String {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn samples_give_an_exact_median_and_max_and_keep_only_the_most_recent() {
-        let s = Samples::default();
-        assert_eq!(s.describe(), json!({"count": 0, "median": null, "max": null}));
-        for v in [1.5, 4.1, 1.6] {
-            s.push(v);
-        }
-        assert_eq!(s.describe(), json!({"count": 3, "median": 1.6, "max": 4.1}));
-        s.push(2.0);
-        assert_eq!(s.describe()["median"], json!(1.8), "even count: the mean of the middle two");
-        for _ in 0..SAMPLES {
-            s.push(1.0);
-        }
-        assert_eq!(s.describe(), json!({"count": SAMPLES + 4, "median": 1.0, "max": 4.1}));
-    }
 }

@@ -20,7 +20,7 @@
 
 use super::rule::{Action, ActionKind, CloseMode, ConnFacts, Rule, SideSpec};
 use crate::codec::PacketType;
-use crate::record::Direction;
+use crate::vocab::Direction;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, OnceLock};

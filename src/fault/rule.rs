@@ -6,7 +6,7 @@
 //! (`rules[2].probability`) so a profile loader can turn it into `file:line:col`.
 
 use crate::codec::PacketType;
-use crate::record::Direction;
+use crate::vocab::Direction;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::time::Instant;

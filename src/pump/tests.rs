@@ -250,7 +250,7 @@ async fn drop_discards_only_matching_packets_and_counts_them() {
     let got = received(&mut l.receiver, Duration::from_secs(1)).await;
     assert_eq!(got, [&connect[..], &publish("t", b"x")].concat());
     assert_eq!(ctx.conn.faults()["no-ping"], 2);
-    assert_eq!(ctx.conn.route.stats.fault_count("no-ping"), 2);
+    assert_eq!(ctx.conn.route.metrics.fault_count("no-ping"), 2);
     assert_eq!(
         ctx.conn.packets(Direction::ClientToBroker, PacketType::Pingreq),
         0,
@@ -399,7 +399,7 @@ async fn a_second_connect_is_malformed_and_changes_nothing_the_first_said() {
     assert_eq!(ctx.conn.client_id().as_deref(), Some("first"));
     let s = ctx.conn.snapshot();
     assert!(s.malformed["client_to_broker"].contains("second CONNECT"), "{:?}", s.malformed);
-    assert_eq!(ctx.conn.route.stats.malformed[0].load(Relaxed), 1);
+    assert_eq!(ctx.conn.route.metrics.malformed(Direction::ClientToBroker), 1);
 }
 
 #[tokio::test(start_paused = true)]

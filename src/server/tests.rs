@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::codec::{Splitter, Step};
-use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -96,8 +95,8 @@ async fn a_panic_in_one_connection_closes_only_that_one_and_leaves_no_trace() {
     assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("proxy", "error"));
     assert!(close.reason.unwrap().contains("internal error: injected by a test"));
     assert_eq!(closed.proxy_end().unwrap().cause, "internal_error");
-    assert_eq!(route.stats.internal_errors.load(Relaxed), 1);
-    wait_until("the gauge comes down", || route.stats.connections_active.load(Relaxed) == 1).await;
+    assert_eq!(route.metrics.totals().internal_errors, 1);
+    wait_until("the gauge comes down", || route.metrics.totals().active == 1).await;
     assert_eq!(proxy.registry().len(), 1);
 
     // The other connection goes on, and the freed place under --max-connections 2 is usable.
@@ -106,7 +105,7 @@ async fn a_panic_in_one_connection_closes_only_that_one_and_leaves_no_trace() {
     let mut next = TcpStream::connect(route.listen).await.unwrap();
     next.write_all(&connect_packet("next")).await.unwrap();
     assert_eq!(read_exactly(&mut next, 4).await, [0x20, 0x02, 0x00, 0x00]);
-    assert_eq!(route.stats.connections_rejected.load(Relaxed), 0);
+    assert_eq!(route.metrics.totals().rejected, 0);
     assert!(proxy.metrics().contains("mqtt_chaos_internal_errors_total{route=\"r\"} 1"));
     drop((healthy, next));
     proxy.shutdown().await;
@@ -139,7 +138,7 @@ async fn max_connections_is_one_pool_for_every_route() {
         }
     }
     assert_eq!(served, 4);
-    let rejected: u64 = proxy.routes().iter().map(|r| r.stats.connections_rejected.load(Relaxed)).sum();
+    let rejected: u64 = proxy.routes().iter().map(|r| r.metrics.totals().rejected).sum();
     assert_eq!(rejected, 8);
     drop(clients);
     proxy.shutdown().await;

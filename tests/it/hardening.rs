@@ -6,10 +6,10 @@ use crate::admin::{assert_error, call, serve_admin};
 use crate::harness::*;
 use mqtt_chaos::config::Settings;
 use mqtt_chaos::ctl::Client;
+use mqtt_chaos::vocab::Direction;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -40,7 +40,7 @@ async fn assert_all_closed(proxy: &TestProxy) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(proxy.running().registry().is_empty(), "{} still open", proxy.running().registry().len());
-    assert_eq!(proxy.running().routes()[0].stats.connections_active.load(Relaxed), 0);
+    assert_eq!(proxy.running().routes()[0].metrics.totals().active, 0);
 }
 
 #[tokio::test]
@@ -148,8 +148,8 @@ async fn a_client_that_sends_connect_twice_leaves_nothing_behind_and_takes_nobod
     assert_all_closed(&proxy).await;
     // The harness's own event receiver is not read in this test: it would keep the records.
     proxy.events = proxy.running().registry().subscribe();
-    let stats = &proxy.running().routes()[0].stats;
-    assert_eq!(stats.malformed[0].load(Relaxed), 100, "each second CONNECT counted as malformed");
+    let metrics = &proxy.running().routes()[0].metrics;
+    assert_eq!(metrics.malformed(Direction::ClientToBroker), 100, "each second CONNECT counted as malformed");
     assert_indexes_empty(&proxy, Duration::from_secs(5)).await;
 
     // A later client with the first id is no takeover of a connection that is long gone.

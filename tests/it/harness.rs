@@ -2,8 +2,9 @@
 //! packet builders, a scripted fake broker, and waiting for connection records.
 
 use mqtt_chaos::config::{RouteConfig, Settings};
-use mqtt_chaos::record::{CloseInfo, Connection, Event};
+use mqtt_chaos::record::{Connection, Event};
 use mqtt_chaos::server::{Proxy, RunningProxy};
+use mqtt_chaos::vocab::CloseInfo;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

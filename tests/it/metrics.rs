@@ -169,19 +169,41 @@ async fn a_normal_disconnect_expects_no_will() {
     assert_eq!(sample(&m, "mqtt_chaos_keepalive_requested_seconds_count", &route(&[])), Some(1.0));
 }
 
-#[tokio::test]
-async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types() {
-    let proxy = TestProxy::start("127.0.0.1:1").await;
-    let exposed: std::collections::BTreeMap<String, String> = proxy
-        .running()
-        .metrics()
+/// The families a scrape shows, by the name of their samples (counters with `_total`), and type.
+fn families(exposition: &str) -> std::collections::BTreeMap<String, String> {
+    exposition
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| {
             let (name, kind) = l.split_once(' ').unwrap();
-            (name.to_string(), kind.to_string())
+            // OpenMetrics names a counter family without the `_total` its samples carry.
+            let name = match kind {
+                "counter" if !name.ends_with("_total") => format!("{name}_total"),
+                _ => name.to_string(),
+            };
+            (name, kind.to_string())
         })
-        .collect();
+        .collect()
+}
+
+/// A proxy on which one of everything has happened: a rule applied, a DISCONNECT, a close (a
+/// family whose labels come from events has no series, and is not shown, before its first).
+async fn proxy_with_history(broker: &Mosquitto) -> TestProxy {
+    let mut proxy = TestProxy::start(&broker.addr()).await;
+    proxy.set_rules("[[rules]]\nname = \"late\"\naction = \"delay\"\ndirection = \"client_to_broker\"\npackets = [\"CONNECT\"]\nlatency = \"1ms\"\n");
+    let mut c = proxy.connected("documented", 30).await;
+    c.write_all(&DISCONNECT).await.unwrap();
+    assert_eq!(read_to_end(&mut c, WAIT).await.1, Ending::Eof);
+    proxy.next_closed(WAIT).await;
+    metrics_when(&proxy, |m| m.contains("mqtt_chaos_closes_total{")).await;
+    proxy
+}
+
+#[tokio::test]
+async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types() {
+    let broker = Mosquitto::start();
+    let proxy = proxy_with_history(&broker).await;
+    let exposed = families(&proxy.running().metrics());
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/METRICS.md")).unwrap();
     let documented: std::collections::BTreeMap<String, String> = doc
         .lines()
@@ -192,7 +214,58 @@ async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types()
         })
         .collect();
     assert_eq!(exposed, documented, "METRICS.md and /metrics disagree");
-    assert!(exposed.len() >= 26, "{exposed:?}");
+    assert!(exposed.len() >= 35, "{exposed:?}");
+}
+
+/// `GET /metrics` over a plain HTTP/1.1 connection with `accept`: the Content-Type and the body.
+async fn scrape(admin: std::net::SocketAddr, accept: Option<&str>) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: test\r\n{accept}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_string(&mut s, &mut reply))
+        .await
+        .expect("the admin API answers in time")
+        .unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_string))
+        .unwrap();
+    (content_type, body.to_string())
+}
+
+#[tokio::test]
+async fn a_scraper_that_asks_for_openmetrics_gets_it_with_the_same_families_and_values() {
+    let broker = Mosquitto::start();
+    let proxy = proxy_with_history(&broker).await;
+    let admin = crate::admin::serve_admin(&proxy, None).await;
+    // What Prometheus 2.x sends, and a plain client.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (open_type, open) = scrape(admin, Some(prometheus_accept)).await;
+    let (text_type, text) = scrape(admin, None).await;
+    assert_eq!(open_type, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert_eq!(text_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(open.ends_with("# EOF\n"), "OpenMetrics ends with # EOF:\n{open}");
+    assert!(!text.contains("# EOF"), "the text format has no # EOF:\n{text}");
+    assert!(open.contains("# TYPE mqtt_chaos_connections counter\n"), "{open}");
+    assert!(text.contains("# TYPE mqtt_chaos_connections_total counter\n"), "{text}");
+    assert_eq!(families(&open), families(&text));
+    for (name, labels) in [
+        ("mqtt_chaos_connections_total", route(&[])),
+        ("mqtt_chaos_faults_total", route(&[("rule", "late")])),
+        ("mqtt_chaos_closes_total", route(&[("by", "client"), ("how", "disconnect"), ("cause", "normal")])),
+    ] {
+        assert_eq!(sample(&open, name, &labels), Some(1.0), "{name} in\n{open}");
+        assert_eq!(sample(&text, name, &labels), Some(1.0), "{name} in\n{text}");
+    }
+    // A scraper that prefers the text format, or refuses OpenMetrics, gets the text format.
+    for accept in ["text/plain;q=0.9,application/openmetrics-text;q=0.5", "application/openmetrics-text;q=0"]
+    {
+        assert_eq!(scrape(admin, Some(accept)).await.0, text_type, "Accept: {accept}");
+    }
 }
 
 fn observing() -> mqtt_chaos::config::Settings {

@@ -3,7 +3,6 @@
 use crate::harness::*;
 use crate::metrics::sample;
 use mqtt_chaos::config::Settings;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -21,7 +20,7 @@ async fn assert_no_leak(proxy: &TestProxy) {
         "live connections left: {}",
         proxy.running().registry().len()
     );
-    assert_eq!(proxy.running().routes()[0].stats.connections_active.load(Relaxed), 0);
+    assert_eq!(proxy.running().routes()[0].metrics.totals().active, 0);
 }
 
 #[tokio::test]
@@ -106,7 +105,7 @@ async fn a_broker_that_dies_and_comes_back_needs_no_proxy_restart() {
     let mut early = proxy.connect().await;
     assert_eq!(read_to_end(&mut early, WAIT).await.1, Ending::Eof);
     proxy.next_closed(WAIT).await;
-    assert!(proxy.running().routes()[0].stats.upstream_connect_failures.load(Relaxed) >= 1);
+    assert!(proxy.running().routes()[0].metrics.totals().upstream_failures >= 1);
 
     broker.restart();
     let mut back = proxy.connect().await;
@@ -177,7 +176,7 @@ async fn a_client_that_connects_and_sends_nothing_is_recorded_when_it_leaves() {
     drop(c);
     let (conn, close) = proxy.next_closed(WAIT).await;
     assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("client", "fin"));
-    assert_eq!((conn.protocol(), conn.bytes(mqtt_chaos::record::Direction::ClientToBroker)), (None, 0));
+    assert_eq!((conn.protocol(), conn.bytes(mqtt_chaos::vocab::Direction::ClientToBroker)), (None, 0));
     assert_no_leak(&proxy).await;
 }
 

@@ -186,3 +186,38 @@ async fn the_will_observer_backs_off_while_the_broker_refuses_it() {
     let failures = sample(&m, "mqtt_chaos_observer_connect_failures_total", &route(&[])).unwrap();
     assert_eq!(failures, attempts.len() as f64, "{m}");
 }
+
+#[tokio::test]
+async fn the_will_observer_unsubscribes_from_topics_nothing_watches_any_more() {
+    let broker = Mosquitto::start();
+    let mut proxy = TestProxy::start_with(&broker.addr(), observing(ObserverProtocol::Auto)).await;
+    let route = proxy.running().routes()[0].clone();
+    let watched = |topic: &str| route.observer.watches(topic);
+    // One device leaves politely (no Will expected: its topic is needed no more), one stays.
+    let mut leaving = proxy.connect().await;
+    leaving.write_all(&connect_v4("leaving", 30, Some(("status/leaving", "gone")))).await.unwrap();
+    expect_packet(&mut leaving, WAIT, "CONNACK").await;
+    let mut staying = proxy.connect().await;
+    staying.write_all(&connect_v4("staying", 30, Some(("status/staying", "gone")))).await.unwrap();
+    expect_packet(&mut staying, WAIT, "CONNACK").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(watched("status/leaving") && watched("status/staying")) {
+        assert!(tokio::time::Instant::now() < deadline, "the observer subscribed to both Will topics");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leaving.write_all(&DISCONNECT).await.unwrap();
+    assert_eq!(read_to_end(&mut leaving, WAIT).await.1, Ending::Eof);
+    proxy.next_closed(WAIT).await;
+    let deadline = tokio::time::Instant::now() + mqtt_chaos::observer::PRUNE_EVERY + WAIT;
+    while watched("status/leaving") {
+        assert!(tokio::time::Instant::now() < deadline, "the observer still watches a topic nobody needs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(watched("status/staying"), "a live connection's Will topic stays watched");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !broker.log().contains("Received UNSUBSCRIBE from mqtt-chaos-observer-default") {
+        assert!(tokio::time::Instant::now() < deadline, "mosquitto got no UNSUBSCRIBE:\n{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(staying);
+}

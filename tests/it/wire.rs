@@ -3,7 +3,7 @@
 
 use crate::harness::*;
 use mqtt_chaos::config::Settings;
-use mqtt_chaos::record::Direction;
+use mqtt_chaos::vocab::Direction;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -263,9 +263,8 @@ async fn unreachable_upstream_closes_the_client_promptly_and_is_counted() {
     let (_, close) = proxy.next_closed(WAIT).await;
     assert_eq!((close.closed_by.as_str(), close.how.as_str()), ("proxy", "error"));
     assert!(close.reason.as_deref().unwrap().starts_with("upstream connect failed: "), "{close:?}");
-    let stats = &proxy.running().routes()[0].stats;
-    assert_eq!(stats.upstream_connect_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(stats.connections_active.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let totals = proxy.running().routes()[0].metrics.totals();
+    assert_eq!((totals.upstream_failures, totals.active), (1, 0));
 }
 
 #[tokio::test]
@@ -315,8 +314,7 @@ async fn garbage_from_a_client_is_relayed_raw_so_mosquitto_answers_as_without_th
     let s = conn.snapshot();
     assert_eq!(s.malformed["client_to_broker"], "first packet from the client is PUBACK, not CONNECT");
     assert_eq!(s.client_to_broker.bytes, garbage.len() as u64, "every byte was relayed");
-    let stats = &proxy.running().routes()[0].stats;
-    assert_eq!(stats.malformed[0].load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(proxy.running().routes()[0].metrics.malformed(Direction::ClientToBroker), 1);
 }
 
 #[tokio::test]
