@@ -15,6 +15,8 @@
 //!
 //! Every run is bounded in time and traffic. The result is markdown tables.
 
+mod order;
+
 use clap::Parser;
 use mqtt_chaos::codec::{PacketType, Splitter, Step, encode_varint};
 use std::path::PathBuf;
@@ -57,6 +59,12 @@ struct Args {
     /// mqtt-chaos`); ratios need `haproxy` among them.
     #[arg(long, value_name = "RELAY")]
     only: Vec<String>,
+    /// Trials per cell of the arrival-order measurement (direct, haproxy, mqtt-chaos; 0: skip it).
+    #[arg(long, default_value_t = 200)]
+    order_trials: usize,
+    /// Measure only arrival order (no throughput, round trips, idle connections or churn).
+    #[arg(long)]
+    order_only: bool,
 }
 
 /// A profile of `n` rules that match no connection (client-id patterns, the costlier kind to
@@ -426,8 +434,6 @@ async fn main() {
         Box::new(|| chaos("mqtt-chaos 20 inert rules", &args.proxy, &sink_addr, Some(&twenty))),
         Box::new(|| chaos("mqtt-chaos 10,000 inert rules", &args.proxy, &sink_addr, Some(&ten_thousand))),
     ];
-    let payloads = [16, 1024, 64 * 1024];
-    let mut rows = Vec::new();
     let names = [
         "direct",
         "haproxy",
@@ -437,7 +443,55 @@ async fn main() {
         "mqtt-chaos 20 inert rules",
         "mqtt-chaos 10,000 inert rules",
     ];
-    for (make, name) in relays.iter().zip(names) {
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let mut table = String::new();
+    if !args.order_only {
+        table = measure(&args, &relays, &names, &sink_stats).await;
+        if args.churn > 0 {
+            eprintln!("measuring rule churn");
+            table.push_str(&churn(&args, &sink_addr, &ten_thousand).await);
+        }
+    }
+    if args.order_trials > 0 {
+        let upstream = Arc::new(order::OrderSink::new());
+        let up = upstream.addr.clone();
+        let ordered: [(&str, Box<dyn Fn() -> Relay>); 3] = [
+            (
+                "direct",
+                Box::new(|| Relay { name: "direct".into(), addr: up.clone(), child: None, _dir: None }),
+            ),
+            ("haproxy", Box::new(|| haproxy(&up, 0))),
+            ("mqtt-chaos", Box::new(|| chaos("mqtt-chaos", &args.proxy, &up, None))),
+        ];
+        let mut rows = Vec::new();
+        for (name, make) in &ordered {
+            if !wanted(name) {
+                continue;
+            }
+            let relay = make();
+            eprintln!("measuring arrival order through {name}");
+            let (upstream, addr, trials) = (upstream.clone(), relay.addr.clone(), args.order_trials);
+            let measured = tokio::task::spawn_blocking(move || upstream.measure(&addr, trials));
+            rows.push((name.to_string(), measured.await.unwrap()));
+        }
+        table.push_str(&order::render(&rows, args.order_trials));
+    }
+    println!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table).unwrap();
+    }
+}
+
+/// Throughput, round trips and idle connections through each relay, as a markdown table.
+async fn measure(
+    args: &Args,
+    relays: &[Box<dyn Fn() -> Relay + '_>],
+    names: &[&str],
+    sink_stats: &SinkStats,
+) -> String {
+    let payloads = [16, 1024, 64 * 1024];
+    let mut rows = Vec::new();
+    for (make, &name) in relays.iter().zip(names) {
         if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
             continue;
         }
@@ -464,15 +518,7 @@ async fn main() {
         drop(relay);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut table = render(&rows, &args);
-    if args.churn > 0 {
-        eprintln!("measuring rule churn");
-        table.push_str(&churn(&args, &sink_addr, &ten_thousand).await);
-    }
-    println!("{table}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).unwrap();
-    }
+    render(&rows, args)
 }
 
 fn render(rows: &[Row], args: &Args) -> String {

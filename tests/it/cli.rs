@@ -2,7 +2,7 @@
 
 use crate::harness::*;
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 fn run(args: &[&str]) -> Output {
@@ -101,28 +101,6 @@ fn a_listen_address_in_use_exits_1_naming_the_route() {
     );
 }
 
-/// Starts the binary and waits until it listens on `listen`. The admin API is off: parallel
-/// tests would compete for its default port.
-fn spawn(args: &[&str], listen: &str) -> Child {
-    let mut child = Command::new(binary())
-        .args(args)
-        .args(["--admin", "none"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(listen).is_ok() {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    panic!("the proxy did not listen on {listen}:\n{}", stderr(&out));
-}
-
 fn sigterm(child: &Child) {
     let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
     assert!(ok, "kill -TERM failed");
@@ -132,7 +110,8 @@ fn sigterm(child: &Child) {
 fn an_unreachable_upstream_is_reported_at_start_and_its_failures_are_logged_as_json_without_flooding() {
     let listen = format!("127.0.0.1:{}", free_port());
     let (_reserved, dead) = dead_address();
-    let child = spawn(&["proxy", "--log-format", "json", "--listen", &listen, "--upstream", &dead], &listen);
+    let child =
+        spawn_binary(&["proxy", "--log-format", "json", "--listen", &listen, "--upstream", &dead], &listen);
     // The readiness probe was conn 1; five clients retry against the dead broker.
     for _ in 0..5 {
         let mut s = std::net::TcpStream::connect(&listen).unwrap();
@@ -168,7 +147,7 @@ fn an_unreachable_upstream_is_reported_at_start_and_its_failures_are_logged_as_j
 fn sigterm_lets_connections_finish_within_the_grace_period_then_closes_them() {
     let broker = Mosquitto::start();
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = spawn(
+    let child = spawn_binary(
         &["proxy", "--listen", &listen, "--upstream", &broker.addr(), "--shutdown-grace", "1500ms"],
         &listen,
     );
@@ -197,7 +176,7 @@ fn sigterm_lets_connections_finish_within_the_grace_period_then_closes_them() {
 #[test]
 fn sigterm_with_no_connections_exits_at_once() {
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = spawn(&["proxy", "--listen", &listen, "--upstream", "127.0.0.1:1"], &listen);
+    let child = spawn_binary(&["proxy", "--listen", &listen, "--upstream", "127.0.0.1:1"], &listen);
     std::thread::sleep(Duration::from_millis(200)); // let the readiness probe's session end
     let signalled = Instant::now();
     sigterm(&child);
@@ -325,7 +304,7 @@ fn a_profile_named_on_the_command_line_is_active_from_the_start_even_outside_the
     let broker = Mosquitto::start();
     let listen = format!("127.0.0.1:{}", free_port());
     let dir = std::path::Path::new("/nonexistent/profiles"); // the built-in profile is found
-    let child = spawn(
+    let child = spawn_binary(
         &[
             "proxy",
             "--listen",
@@ -351,4 +330,42 @@ fn a_profile_named_on_the_command_line_is_active_from_the_start_even_outside_the
     let log = stderr(&out);
     assert!(log.contains("profile active") && log.contains("keepalive-disable"), "{log}");
     assert!(broker.log().lines().any(|l| l.contains("as from-cli") && l.contains("k0")), "{}", broker.log());
+}
+
+/// What racy test suites rely on (Paho's `test_request_response`, `test_subscribe_options`): a
+/// SUBSCRIBE one client sends just before another client's PUBLISH is in force at the broker when
+/// the PUBLISH arrives. The binary serves sockets in the order they became ready (main.rs).
+#[tokio::test]
+async fn a_subscribe_sent_just_before_another_clients_publish_is_in_force_when_the_publish_arrives() {
+    use tokio::io::AsyncWriteExt;
+    const WAIT: Duration = Duration::from_secs(5);
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn_binary(&["proxy", "--listen", &listen, "--upstream", &broker.addr()], &listen);
+    let connected = |id: &'static str| {
+        let listen = listen.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            s.write_all(&connect_v4(id, 60, None)).await.unwrap();
+            expect_packet(&mut s, WAIT, "CONNACK").await;
+            s
+        }
+    };
+    let mut publisher = connected("order-publisher").await;
+    let mut subscriber = connected("order-subscriber").await;
+    for trial in 1..=50u16 {
+        let topic = format!("order/{trial}");
+        subscriber.write_all(&subscribe_v4(trial, &topic, 0)).await.unwrap();
+        publisher.write_all(&publish_v4(&topic, b"x")).await.unwrap();
+        expect_packet(&mut subscriber, WAIT, "SUBACK").await;
+        let got = tokio::time::timeout(Duration::from_secs(1), read_packet(&mut subscriber)).await;
+        assert!(
+            matches!(&got, Ok(Ok(p)) if p[0] == 0x30),
+            "trial {trial}: the PUBLISH overtook the SUBSCRIBE sent before it ({got:?})"
+        );
+    }
+    drop((publisher, subscriber));
+    sigterm(&child);
+    assert!(child.wait_with_output().unwrap().status.success());
 }

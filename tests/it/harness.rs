@@ -602,6 +602,28 @@ impl ProxyProcess {
 }
 
 /// The proxy binary built for these tests.
+/// Starts the binary and waits until it listens on `listen`. The admin API is off: parallel
+/// tests would compete for its default port.
+pub fn spawn_binary(args: &[&str], listen: &str) -> Child {
+    let mut child = Command::new(binary())
+        .args(args)
+        .args(["--admin", "none"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!("the proxy did not listen on {listen}:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mqtt-chaos"))
 }

@@ -8,6 +8,7 @@ mod dashboard;
 mod faults;
 mod hardening;
 mod harness;
+mod interop;
 mod keepalive;
 mod large;
 mod lifecycle;
