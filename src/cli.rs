@@ -192,6 +192,13 @@ pub struct ProxyArgs {
         value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub closed_history: u32,
 
+    /// Event loops forwarding connections, one thread each (1 to 256). With 1 (the default),
+    /// packets of different connections reach the broker in the order they arrived; more loops
+    /// use more cores, and keep that order only among connections on the same loop.
+    #[arg(long, env = "MQTT_CHAOS_THREADS", default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+
     /// How long after a connection's close (plus its Will Delay Interval) its Will may take to be seen.
     #[arg(long, env = "MQTT_CHAOS_WILL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub will_timeout: Duration,
@@ -292,6 +299,7 @@ impl ProxyArgs {
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,
             closed_history: self.closed_history as usize,
+            event_loops: usize::from(self.threads),
             observe_wills,
             probe_upstreams: true,
         })

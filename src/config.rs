@@ -53,6 +53,10 @@ pub struct Settings {
     pub closed_history: usize,
     /// `--observe-wills`: subscribe to Will topics with an own client on each upstream.
     pub observe_wills: Option<crate::observer::ObserverConfig>,
+    /// Event loops, one thread each (`--threads`). With one, packets of different connections
+    /// reach the broker in the order they arrived; with more, only those of connections on the
+    /// same loop (the kernel spreads new connections over the loops).
+    pub event_loops: usize,
     /// Dial each upstream once at start and log whether it answered (the binary does; embedders
     /// and tests whose scripted broker counts its connections may not want the extra dial).
     pub probe_upstreams: bool,
@@ -70,6 +74,7 @@ impl Default for Settings {
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,
             closed_history: crate::record::CLOSED_HISTORY,
+            event_loops: 1,
             observe_wills: None,
             probe_upstreams: false,
         }

@@ -325,7 +325,7 @@ fn serve_admin_apart(
     app: axum::Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("mqtt-chaos-admin".into()).spawn(move || {
+    std::thread::Builder::new().name("mqtt-chaos-api".into()).spawn(move || {
         let served = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::from_std(listener)?;

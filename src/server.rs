@@ -20,7 +20,7 @@ use crate::vocab::CloseHow;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -41,6 +41,9 @@ pub struct BindError {
 /// Bound listeners, ready to start.
 pub struct Proxy {
     listeners: Vec<(Arc<Route>, TcpListener)>,
+    /// With more than one event loop (`--threads`): per further loop, its own listener of each
+    /// route on the same address (`SO_REUSEPORT`: the kernel spreads new connections).
+    more_loops: Vec<Vec<(Arc<Route>, std::net::TcpListener)>>,
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     rules: Arc<RuleBook>,
@@ -56,9 +59,15 @@ impl Proxy {
         let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(scrape_time(names, rules.clone(), registry.clone())));
         let mut listeners = Vec::with_capacity(routes.len());
+        let loops = settings.event_loops.max(1);
+        let mut more_loops: Vec<Vec<_>> = (1..loops).map(|_| Vec::new()).collect();
         for r in routes {
             let err = |source| BindError { route: r.name.clone(), listen: r.listen.clone(), source };
-            let listener = TcpListener::bind(r.listen.as_str()).await.map_err(err)?;
+            let (listener, more) = if loops == 1 {
+                (TcpListener::bind(r.listen.as_str()).await.map_err(err)?, Vec::new())
+            } else {
+                bind_shared(&r.listen, loops).await.map_err(err)?
+            };
             let listen = listener.local_addr().map_err(err)?;
             let route = Route {
                 name: r.name.clone(),
@@ -68,9 +77,13 @@ impl Proxy {
                 reach: Default::default(),
                 observer: Default::default(),
             };
-            listeners.push((Arc::new(route), listener));
+            let route = Arc::new(route);
+            for (lot, l) in more_loops.iter_mut().zip(more) {
+                lot.push((route.clone(), l));
+            }
+            listeners.push((route, listener));
         }
-        Ok(Proxy { listeners, registry, settings: Arc::new(settings), rules, metrics })
+        Ok(Proxy { listeners, more_loops, registry, settings: Arc::new(settings), rules, metrics })
     }
 
     /// Makes `rules` the rules in force (before or after start).
@@ -106,23 +119,37 @@ impl Proxy {
         let routes = self.routes();
         let limit = self.settings.max_connections;
         let permits = (limit > 0).then(|| Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))));
+        let shared = Accepting {
+            registry: self.registry.clone(),
+            settings: self.settings.clone(),
+            connections: connections.clone(),
+            tracker: tracker.clone(),
+            rules: self.rules.clone(),
+            permits,
+        };
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
             info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
             if self.settings.probe_upstreams {
                 tokio::spawn(probe_upstream(route.clone(), self.settings.connect_timeout));
             }
-            let acceptor = Acceptor {
-                route,
-                listener,
-                registry: self.registry.clone(),
-                settings: self.settings.clone(),
-                connections: connections.clone(),
-                tracker: tracker.clone(),
-                rules: self.rules.clone(),
-                permits: permits.clone(),
-            };
+            let acceptor = Acceptor { route, listener, shared: shared.clone() };
             accept_loops.push(tokio::spawn(acceptor.run(accept_stop.clone())));
+        }
+        let mut loop_threads = Vec::new();
+        for (n, listeners) in self.more_loops.into_iter().enumerate() {
+            let (shared, stop) = (shared.clone(), accept_stop.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("mqtt-chaos-l{}", n + 2))
+                .spawn(move || more_loop(listeners, shared, stop));
+            match spawned {
+                Ok(thread) => loop_threads.push(thread),
+                // Its listeners are closed with it: the kernel gives their share to the others.
+                Err(e) => warn!(error = %e, "cannot start one more event loop; running with fewer"),
+            }
+        }
+        if !loop_threads.is_empty() {
+            info!(event_loops = loop_threads.len() + 1, "connections spread over event loops (--threads)");
         }
         RunningProxy {
             routes,
@@ -134,14 +161,15 @@ impl Proxy {
             connections,
             tracker,
             accept_loops,
+            loop_threads,
             monitor: (monitor, monitor_stop),
         }
     }
 }
 
-struct Acceptor {
-    route: Arc<Route>,
-    listener: TcpListener,
+/// What every accept loop shares.
+#[derive(Clone)]
+struct Accepting {
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     connections: CancellationToken,
@@ -149,6 +177,12 @@ struct Acceptor {
     rules: Arc<RuleBook>,
     /// `--max-connections`, shared by every route's accept loop (none: no limit).
     permits: Option<Arc<Semaphore>>,
+}
+
+struct Acceptor {
+    route: Arc<Route>,
+    listener: TcpListener,
+    shared: Accepting,
 }
 
 impl Acceptor {
@@ -181,12 +215,12 @@ impl Acceptor {
     }
 
     fn spawn_session(&self, socket: tokio::net::TcpStream, peer: SocketAddr) {
-        let limit = self.settings.max_connections;
-        let permit = match &self.permits {
+        let limit = self.shared.settings.max_connections;
+        let permit = match &self.shared.permits {
             None => None,
             Some(permits) => permits.clone().try_acquire_owned().ok(),
         };
-        if self.permits.is_some() && permit.is_none() {
+        if self.shared.permits.is_some() && permit.is_none() {
             let rejected = self.route.metrics.on_rejected();
             // The first refusal and every 1000th are warnings; the rest would flood the log.
             if rejected == 1 || rejected % 1000 == 0 {
@@ -199,12 +233,12 @@ impl Acceptor {
             return;
         }
         self.route.metrics.on_accepted();
-        let conn = self.registry.open(self.route.clone(), peer, self.connections.child_token());
-        let faults = ConnFaults::new(self.rules.subscribe()).with_local(conn.local_rules.subscribe());
+        let conn = self.shared.registry.open(self.route.clone(), peer, self.shared.connections.child_token());
+        let faults = ConnFaults::new(self.shared.rules.subscribe()).with_local(conn.local_rules.subscribe());
         let ctx = Ctx {
             conn,
-            registry: self.registry.clone(),
-            settings: self.settings.clone(),
+            registry: self.shared.registry.clone(),
+            settings: self.shared.settings.clone(),
             faults: Mutex::new(faults),
             stop: CancellationToken::new(),
             _permit: permit,
@@ -213,8 +247,63 @@ impl Acceptor {
         // keep a slot (with its formatted fields) in the subscriber's slab for every connection
         // ever open at once, scattered through the heap (measured: it kept the heap from
         // shrinking after a burst of 1,000 connections).
-        self.tracker.spawn(session::run(ctx, socket));
+        self.shared.tracker.spawn(session::run(ctx, socket));
     }
+}
+
+/// Binds `loops` listeners to `listen` with `SO_REUSEPORT` (the first one decides the port when
+/// it is 0): one for this event loop, the others, unregistered, for the loops to come.
+async fn bind_shared(
+    listen: &str,
+    loops: usize,
+) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
+    let addr = tokio::net::lookup_host(listen).await?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{listen} resolves to no address"))
+    })?;
+    let listener = |addr: SocketAddr| {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    let first = listener(addr)?;
+    let bound = first.local_addr()?;
+    let more = (1..loops).map(|_| listener(bound)?.into_std()).collect::<std::io::Result<_>>()?;
+    Ok((first, more))
+}
+
+/// One more event loop (`--threads`): a current-thread runtime on this thread, accepting on its
+/// own listener of each route; the connections it accepts live on it until they end, and it
+/// ends when the proxy has stopped accepting and every connection has finished.
+fn more_loop(
+    listeners: Vec<(Arc<Route>, std::net::TcpListener)>,
+    shared: Accepting,
+    stop: CancellationToken,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "cannot start one more event loop; running with fewer");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut accept_loops = Vec::new();
+        for (route, listener) in listeners {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let acceptor = Acceptor { route, listener, shared: shared.clone() };
+                    accept_loops.push(tokio::spawn(acceptor.run(stop.clone())));
+                }
+                Err(e) => warn!(route = %route.name, error = %e, "an event loop cannot accept on this route"),
+            }
+        }
+        for task in accept_loops {
+            let _ = task.await;
+        }
+        shared.tracker.wait().await;
+    });
 }
 
 /// What the metrics read from the rules and the registry at each scrape.
@@ -271,6 +360,8 @@ pub struct RunningProxy {
     connections: CancellationToken,
     tracker: TaskTracker,
     accept_loops: Vec<JoinHandle<()>>,
+    /// The further event loops (`--threads`): each ends when every connection has finished.
+    loop_threads: Vec<std::thread::JoinHandle<()>>,
     monitor: (JoinHandle<()>, CancellationToken),
 }
 
@@ -360,6 +451,9 @@ impl RunningProxy {
             }
             self.connections.cancel();
             self.tracker.wait().await;
+        }
+        for thread in self.loop_threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         // Let the monitor take in the last closes before it stops.
         tokio::task::yield_now().await;

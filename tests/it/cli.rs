@@ -78,10 +78,14 @@ fn configuration_errors_exit_2_with_file_line_and_column() {
     let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", "--connect-timeout", "soon"]);
     assert_eq!(out.status.code(), Some(2));
 
-    // The closed-connection ring and the observer's version: one past the largest, a wrong name.
-    for (flag, value, says) in
-        [("--closed-history", "1000001", "1000000"), ("--observer-protocol", "4", "3.1.1")]
-    {
+    // The closed-connection ring, the event loops, the observer's version: one past the largest
+    // (or below the least), a wrong name.
+    for (flag, value, says) in [
+        ("--closed-history", "1000001", "1000000"),
+        ("--threads", "257", "1..=256"),
+        ("--threads", "0", "1..=256"),
+        ("--observer-protocol", "4", "3.1.1"),
+    ] {
         let out = run(&["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");
         assert!(stderr(&out).contains(flag) && stderr(&out).contains(says), "{}", stderr(&out));
@@ -368,4 +372,60 @@ async fn a_subscribe_sent_just_before_another_clients_publish_is_in_force_when_t
     drop((publisher, subscriber));
     sigterm(&child);
     assert!(child.wait_with_output().unwrap().status.success());
+}
+
+/// Voluntary context switches of the proxy's thread called `name` (it sleeps in epoll between
+/// events: each wake-up is one).
+fn thread_wakeups(pid: u32, name: &str) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != name {
+            return None;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn with_two_threads_connections_are_served_by_both_event_loops() {
+    use tokio::io::AsyncWriteExt;
+    const WAIT: Duration = Duration::from_secs(5);
+    let broker = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = spawn_binary(
+        &["proxy", "--threads", "2", "--listen", &listen, "--upstream", &broker.addr()],
+        &listen,
+    );
+    let before = thread_wakeups(child.id(), "mqtt-chaos-l2").expect("a second event loop thread");
+    // 40 clients (40 source ports: the kernel spreads them over both loops' listeners), each
+    // subscribing to its own topic and getting back what it publishes, 20 times.
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(&connect_v4(&format!("spread-{i}"), 60, None)).await.unwrap();
+        expect_packet(&mut s, WAIT, "CONNACK").await;
+        s.write_all(&subscribe_v4(1, &format!("spread/{i}"), 0)).await.unwrap();
+        expect_packet(&mut s, WAIT, "SUBACK").await;
+        clients.push(s);
+    }
+    for round in 0..20 {
+        for (i, s) in clients.iter_mut().enumerate() {
+            let publish = publish_v4(&format!("spread/{i}"), format!("{round}").as_bytes());
+            s.write_all(&publish).await.unwrap();
+            assert_eq!(expect_packet(s, WAIT, "PUBLISH").await, publish, "client {i}, round {round}");
+        }
+    }
+    let after = thread_wakeups(child.id(), "mqtt-chaos-l2").unwrap();
+    assert!(
+        after >= before + 100,
+        "the second event loop woke {} times for 40 × 20 round trips",
+        after - before
+    );
+    drop(clients);
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("event_loops=2"), "{}", stderr(&out));
 }
