@@ -1,5 +1,5 @@
 //! The measurements' one home: every Prometheus family the proxy exports is declared in
-//! [`Families::register`] with its name, help, type and typed label set, and each route holds a
+//! `Families::register` with its name, help, type and typed label set, and each route holds a
 //! [`RouteMetrics`] that says what happened (`on_close`, `on_batch`, …). Nothing else in the
 //! crate touches a counter, so adding a metric is a change to this file (and METRICS.md).
 //!

@@ -3,7 +3,9 @@
 //! [`Proxy::bind`] opens every route's listener (so a bad address fails before anything runs);
 //! [`Proxy::start`] spawns one accept loop per route and returns a [`RunningProxy`], whose
 //! [`shutdown`](RunningProxy::shutdown) stops accepting, waits up to the grace period for the
-//! connections to finish, then closes the rest.
+//! connections to finish, then closes the rest. With more than one event loop (`--threads N`),
+//! every route gets N listeners on its address (`SO_REUSEPORT`) and `start` runs N − 1 of them
+//! on threads of their own (`more_loop`); a connection lives on the loop that accepted it.
 //!
 //! Shutdown tree: `accept_stop` ends the accept loops; `connections` is the parent of every
 //! connection's own token (cancelling one connection closes only it); a [`TaskTracker`] knows
