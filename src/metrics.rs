@@ -529,6 +529,9 @@ pub struct Totals {
     pub takeovers: [u64; 4],
 }
 
+/// A route's fault counters by rule, then (action, direction).
+type FaultCounters = BTreeMap<String, Vec<(&'static str, &'static str, Counter)>>;
+
 /// One route's metrics: handles to its series, and a method for each thing that happens.
 #[derive(Debug)]
 pub struct RouteMetrics {
@@ -565,7 +568,8 @@ pub struct RouteMetrics {
     /// The route's series of `closes` and `faults`, kept for the summary (a family cannot be
     /// listed by route).
     closes: Mutex<BTreeMap<(Side, CloseHow, Cause), Counter>>,
-    faults: Mutex<BTreeMap<(String, &'static str, &'static str), Counter>>,
+    /// By rule, then (action, direction): a rule already counted is found without allocating.
+    faults: Mutex<FaultCounters>,
     /// Exact detection ratios of recent closes, for the summary's medians.
     broker_detection: Samples,
     client_detection: Samples,
@@ -676,15 +680,16 @@ impl RouteMetrics {
     /// A rule was applied; `direction` is `both` for actions on the whole connection.
     pub fn on_fault(&self, rule: &str, action: &'static str, direction: &'static str) {
         let mut faults = lock(&self.faults);
-        let key = (rule.to_string(), action, direction);
-        if let Some(counter) = faults.get(&key) {
+        let counted =
+            faults.get(rule).and_then(|v| v.iter().find(|(a, d, _)| (*a, *d) == (action, direction)));
+        if let Some((_, _, counter)) = counted {
             counter.inc();
             return;
         }
-        let labels = FaultLabels { route: self.route.clone(), rule: key.0.clone(), action, direction };
+        let labels = FaultLabels { route: self.route.clone(), rule: rule.to_string(), action, direction };
         let counter = self.families.faults.get_or_create_owned(&labels);
         counter.inc();
-        faults.insert(key, counter);
+        faults.entry(rule.to_string()).or_default().push((action, direction, counter));
     }
 
     /// A CONNECT or CONNACK Keep Alive was rewritten.
@@ -799,12 +804,16 @@ impl RouteMetrics {
 
     /// Fault applications by (rule, action, direction).
     pub fn faults(&self) -> Vec<((String, &'static str, &'static str), u64)> {
-        lock(&self.faults).iter().map(|(k, c)| (k.clone(), c.get())).collect()
+        let faults = lock(&self.faults);
+        let each = faults
+            .iter()
+            .flat_map(|(rule, v)| v.iter().map(move |(a, d, c)| ((rule.clone(), *a, *d), c.get())));
+        each.collect()
     }
 
     /// How often `rule` was applied on this route, summed over actions and directions.
     pub fn fault_count(&self, rule: &str) -> u64 {
-        lock(&self.faults).iter().filter(|((r, _, _), _)| r == rule).map(|(_, c)| c.get()).sum()
+        lock(&self.faults).get(rule).map_or(0, |v| v.iter().map(|(_, _, c)| c.get()).sum())
     }
 
     /// How often the bytes in `dir` stopped being MQTT.

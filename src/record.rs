@@ -497,9 +497,16 @@ impl Connection {
         let rule = applied.rule.name();
         let first = {
             let mut s = self.state();
-            let n = s.faults.entry(rule.to_string()).or_default();
-            *n += 1;
-            *n == 1
+            match s.faults.get_mut(rule) {
+                Some(n) => {
+                    *n += 1;
+                    false
+                }
+                None => {
+                    s.faults.insert(rule.to_string(), 1);
+                    true
+                }
+            }
         };
         let direction = applied.direction.map_or("both", Direction::as_str);
         let action = applied.rule.kind().as_str();
@@ -565,6 +572,11 @@ impl Connection {
         let Some(previous) = self.decode_time(self.last_from_client.swap(now, Relaxed)) else { return };
         let gap = at.saturating_duration_since(previous);
         self.max_client_gap.fetch_max(gap.as_micros() as u64, Relaxed);
+        // No Keep Alive (1 s at least) is broken by a shorter gap: a streaming client's batches
+        // never take the record's lock here.
+        if !keepalive_violated(gap, 1) {
+            return;
+        }
         let keep_alive = self.state().keep_alive.client_enforced().unwrap_or(0);
         if keepalive_violated(gap, keep_alive) {
             self.route.metrics.on_client_keepalive_violation();
