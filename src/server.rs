@@ -253,8 +253,8 @@ impl Acceptor {
     }
 }
 
-/// Binds `loops` listeners to `listen` with `SO_REUSEPORT` (the first one decides the port when
-/// it is 0): one for this event loop, the others, unregistered, for the loops to come.
+/// Binds `loops` listeners to `listen` with `SO_REUSEPORT`: one for this event loop, the
+/// others, unregistered, for the loops to come.
 async fn bind_shared(
     listen: &str,
     loops: usize,
@@ -269,9 +269,12 @@ async fn bind_shared(
         socket.bind(addr)?;
         socket.listen(1024)
     };
+    // Sockets that all set SO_REUSEPORT share an address, even across processes of one user: a
+    // second proxy would silently take half the clients. A plain bind first fails if anything
+    // listens there (and picks the port when it is 0); the group then binds what it left free.
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
     let first = listener(addr)?;
-    let bound = first.local_addr()?;
-    let more = (1..loops).map(|_| listener(bound)?.into_std()).collect::<std::io::Result<_>>()?;
+    let more = (1..loops).map(|_| listener(addr)?.into_std()).collect::<std::io::Result<_>>()?;
     Ok((first, more))
 }
 

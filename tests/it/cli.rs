@@ -92,6 +92,38 @@ fn configuration_errors_exit_2_with_file_line_and_column() {
     }
 }
 
+/// Listeners of several event loops share their address (`SO_REUSEPORT`), which would let a
+/// second proxy of the same user join them silently and take half the clients: it must fail as
+/// if the address were simply taken, also when it uses several event loops itself, and also
+/// when only the running one does.
+#[test]
+fn a_second_proxy_on_the_address_of_one_with_several_event_loops_exits_1() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let first =
+        spawn_binary(&["proxy", "--threads", "2", "--listen", &listen, "--upstream", "127.0.0.1:1"], &listen);
+    for threads in ["2", "1"] {
+        let mut second = Command::new(binary())
+            .args(["proxy", "--threads", threads, "--admin", "none", "--listen", &listen])
+            .args(["--upstream", "127.0.0.1:1"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while second.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(5) {
+                let _ = second.kill();
+                panic!("--threads {threads}: the second proxy joined the address and is running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = second.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "--threads {threads}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("cannot listen on {listen}")), "{}", stderr(&out));
+    }
+    sigterm(&first);
+    assert!(first.wait_with_output().unwrap().status.success());
+}
+
 #[test]
 fn a_listen_address_in_use_exits_1_naming_the_route() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
