@@ -40,6 +40,141 @@ pub enum Command {
     Ctl(CtlArgs),
     /// List the profiles `--profile NAME` finds: the files in --profiles-dir and the built-in ones.
     Profiles(ProfilesArgs),
+    /// Tell how a broker handles dead connections: Keep Alive, half-open, takeover, Wills. Without
+    /// --broker it starts an embedded broker. Exit 0: nothing fails; 1: something fails; 2: bad
+    /// usage or an unreachable broker.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The broker: mqtt://HOST:PORT, HOST:PORT or HOST (port 1883). Without it the probe starts
+    /// an embedded broker (rumqttd) on free loopback ports.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+
+    /// Username for every CONNECT the probe sends.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_USERNAME", value_name = "USER")]
+    pub username: Option<String>,
+
+    /// File with the password (one line; or set MQTT_CHAOS_PROBE_PASSWORD). Never printed.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// MQTT versions to probe, comma-separated: 3.1.1, 5.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_PROTOCOL", default_value = "3.1.1,5", value_name = "LIST")]
+    pub protocol: String,
+
+    /// The Keep Alive k the scenarios use, seconds (1–3600).
+    #[arg(long, env = "MQTT_CHAOS_PROBE_KEEPALIVE", default_value_t = 2, value_name = "SECS")]
+    pub keepalive: u16,
+
+    /// Scenarios to run, comma-separated (default: all): keepalive, ping-resets, half-open,
+    /// keepalive-zero, takeover, server-keepalive, will-delay, rewrite.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_SCENARIOS", value_name = "LIST")]
+    pub scenarios: Option<String>,
+
+    /// Runs of each scenario (1–100), all at once; the report gives min/median/max.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_REPEAT", default_value_t = 1, value_name = "N")]
+    pub repeat: u32,
+
+    /// How long past what the specification allows to wait for a close or a Will before calling
+    /// it missing, seconds (1–3600).
+    #[arg(long, env = "MQTT_CHAOS_PROBE_TIMEOUT", default_value_t = 20, value_name = "SECS")]
+    pub timeout: u64,
+
+    /// Write the report as JSON (schema 1, PROBE.md).
+    #[arg(long, env = "MQTT_CHAOS_PROBE_JSON", value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the report as JUnit XML: one test case per scenario × protocol.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_JUNIT", value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+
+    /// Write the report as Markdown.
+    #[arg(long, env = "MQTT_CHAOS_PROBE_MARKDOWN", value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+
+    /// Exit 1 when something deviates, too (not only when something fails).
+    #[arg(long, env = "MQTT_CHAOS_PROBE_STRICT")]
+    pub strict: bool,
+}
+
+impl ProbeArgs {
+    /// The probe's options, checked; errors name the flag.
+    pub fn options(&self) -> Result<crate::probe::Options, String> {
+        use crate::codec::Protocol;
+        use crate::probe::{Scenario, parse_broker_url};
+        let broker = self.broker.as_deref().map(parse_broker_url).transpose()?;
+        let mut protocols = Vec::new();
+        for p in self.protocol.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let p = match p {
+                "3.1.1" | "4" => Protocol::V311,
+                "5" | "5.0" => Protocol::V5,
+                other => {
+                    return Err(format!("--protocol: unknown MQTT version {other:?}; use 3.1.1, 5 or both"));
+                }
+            };
+            if !protocols.contains(&p) {
+                protocols.push(p);
+            }
+        }
+        protocols.sort_by_key(|p| p.level());
+        if protocols.is_empty() {
+            return Err("--protocol: name at least one of 3.1.1, 5".into());
+        }
+        let scenarios = match self.scenarios.as_deref().map(str::trim) {
+            None | Some("" | "all") => Scenario::ALL.to_vec(),
+            Some(list) => {
+                let mut out = Vec::new();
+                for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let s = Scenario::parse(id).ok_or_else(|| {
+                        let all: Vec<_> = Scenario::ALL.iter().map(|s| s.id()).collect();
+                        format!("--scenarios: unknown scenario {id:?}; the scenarios are {}", all.join(", "))
+                    })?;
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+                out.sort();
+                out
+            }
+        };
+        if !(1..=3600).contains(&self.keepalive) {
+            return Err(format!("--keepalive {}: must be 1 to 3600 seconds", self.keepalive));
+        }
+        if !(1..=100).contains(&self.repeat) {
+            return Err(format!("--repeat {}: must be 1 to 100", self.repeat));
+        }
+        if !(1..=3600).contains(&self.timeout) {
+            return Err(format!("--timeout {}: must be 1 to 3600 seconds", self.timeout));
+        }
+        let password =
+            password("--password-file", self.password_file.as_deref(), "MQTT_CHAOS_PROBE_PASSWORD")?
+                .map(String::into_bytes);
+        Ok(crate::probe::Options {
+            broker,
+            username: self.username.clone(),
+            password,
+            protocols,
+            keepalive: self.keepalive,
+            scenarios,
+            repeat: self.repeat,
+            timeout: Duration::from_secs(self.timeout),
+            strict: self.strict,
+        })
+    }
+}
+
+/// A password from `file` (its content without the final line ending; `flag` names it in the
+/// error), else from the environment variable `env`. Never printed.
+fn password(flag: &str, file: Option<&std::path::Path>, env: &str) -> Result<Option<String>, String> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|p| Some(p.trim_end_matches(['\r', '\n']).to_string()))
+            .map_err(|e| format!("{flag} {}: {e}", path.display())),
+        None => Ok(std::env::var(env).ok()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -246,15 +381,11 @@ impl ProxyArgs {
     /// The settings the flags describe. Errors are user-facing (an unreadable password file).
     pub fn settings(&self) -> Result<Settings, String> {
         let observe_wills = if self.observe_wills {
-            let password = match &self.observer_password_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| format!("--observer-password-file {}: {e}", path.display()))?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string(),
-                ),
-                None => std::env::var("MQTT_CHAOS_OBSERVER_PASSWORD").ok(),
-            };
+            let password = password(
+                "--observer-password-file",
+                self.observer_password_file.as_deref(),
+                "MQTT_CHAOS_OBSERVER_PASSWORD",
+            )?;
             Some(crate::observer::ObserverConfig {
                 client_id: self.observer_client_id.clone(),
                 username: self.observer_username.clone(),

@@ -18,6 +18,7 @@
 //! | [`metrics`] | every Prometheus family, registered in one place; a route's metrics say what happened (`on_close`, `on_batch`, …); the exposition (Prometheus text or OpenMetrics) |
 //! | [`vocab`] | the shared words: `Direction`, `Side`, `CloseHow`, `Cause`, `CloseInfo`, takeover and Will outcomes, a pump's `Batch` (a leaf) |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
+//! | [`probe`] | `mqtt-chaos probe`: scenarios run through the in-process proxy against a broker (or the embedded one), verdicts against the specification, the report |
 //! | [`summary`] | the headline numbers per route without Prometheus (`/summary`, `ctl summary`, the log at stop) |
 //! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
 //! | [`names`] | the one rule for rule, profile and route names (length, no control characters) |
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod names;
 pub mod observer;
+pub mod probe;
 pub mod pump;
 pub mod record;
 pub mod route;

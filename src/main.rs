@@ -6,7 +6,7 @@
 #![deny(unsafe_code)]
 
 use clap::Parser;
-use mqtt_chaos::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, LogFormat, ProxyArgs};
+use mqtt_chaos::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, LogFormat, ProbeArgs, ProxyArgs};
 use mqtt_chaos::fault::profile;
 use mqtt_chaos::server::Proxy;
 use std::io::IsTerminal;
@@ -15,7 +15,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The probe's report is the output; the proxy's connection log and the embedded broker's
+    // (which logs every disconnect as an error) would bury it. RUST_LOG still decides.
+    let default_level = if matches!(cli.command, Command::Probe(_)) { "warn,rumqttd=off" } else { "info" };
+    init_logging(cli.log_format, default_level);
     // One event loop on one thread: it serves sockets in the order the kernel reports them
     // ready, so packets from different connections reach the broker in the order they arrived
     // (a test suite's SUBSCRIBE on one client, then a PUBLISH on another, stays in that order).
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => runtime.block_on(proxy(*args)),
         Command::Check(args) => check(&args),
         Command::Ctl(args) => runtime.block_on(ctl(args)),
+        Command::Probe(args) => runtime.block_on(probe(args)),
         Command::Profiles(args) => {
             let listing = mqtt_chaos::fault::profile::listing(&args.profiles_dir);
             if args.json {
@@ -213,8 +217,8 @@ fn check(args: &CheckArgs) -> ExitCode {
     if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -316,6 +320,68 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     // The headline answer, for whoever watches the terminal rather than Prometheus.
     eprint!("summary:\n{}", mqtt_chaos::summary::text(&mqtt_chaos::summary::of(running_routes.as_slice())));
     ExitCode::SUCCESS
+}
+
+/// `mqtt-chaos probe`: runs the scenarios, prints the report, writes the files asked for.
+async fn probe(args: ProbeArgs) -> ExitCode {
+    use mqtt_chaos::probe::{self, progress::Progress, report};
+    let opts = match args.options() {
+        Ok(opts) => opts,
+        Err(message) => {
+            eprintln!("mqtt-chaos: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    // Output files are opened first: a path that cannot be written fails now, not after a minute.
+    let mut outputs = Vec::new();
+    for (flag, path, form) in [
+        ("--json", &args.json, report::json as fn(&report::Report) -> String),
+        ("--junit", &args.junit, report::junit),
+        ("--markdown", &args.markdown, report::markdown),
+    ] {
+        if let Some(path) = path {
+            match std::fs::File::create(path) {
+                Ok(file) => outputs.push((flag, path, file, form)),
+                Err(e) => {
+                    eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    let target = match &opts.broker {
+        Some(b) => format!("the broker at {b}"),
+        None => format!("an embedded broker ({})", probe::embedded::IMPLEMENTATION),
+    };
+    let n = opts.scenarios.len();
+    println!(
+        "mqtt-chaos probe: {n} scenario{} × MQTT {} against {target}, Keep Alive {} s",
+        if n == 1 { "" } else { "s" },
+        opts.protocols.iter().map(|&p| report::protocol_name(p)).collect::<Vec<_>>().join(" and "),
+        opts.keepalive
+    );
+    let progress = Progress::new(std::io::stdout().is_terminal());
+    let result = tokio::select! {
+        r = probe::run(&opts, &progress) => r,
+        () = progress.tick() => unreachable!("the progress display never ends"),
+    };
+    progress.clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqtt-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("\n{}", report::text(&report));
+    for (flag, path, mut file, form) in outputs {
+        use std::io::Write;
+        if let Err(e) = file.write_all(form(&report).as_bytes()) {
+            eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::from(probe::exit_code(&report))
 }
 
 /// Serves the admin API on a thread and event loop of its own: a scrape, a profile change or a

@@ -310,8 +310,13 @@ mod tests {
         let header = FrameHeader::parse(&frame).unwrap().unwrap();
         conn.on_connect(&Connect::decode(&frame, &header).unwrap(), 30, None);
         registry.on_connect(&conn);
-        let connack =
-            Connack { session_present: false, code: 0, server_keep_alive: None, assigned_client_id: None };
+        let connack = Connack {
+            session_present: false,
+            code: 0,
+            server_keep_alive: None,
+            assigned_client_id: None,
+            reason_string: None,
+        };
         conn.on_connack(&connack, None);
         conn
     }

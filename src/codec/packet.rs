@@ -193,6 +193,8 @@ pub struct Connack {
     pub server_keep_alive: Option<u16>,
     /// MQTT 5 Assigned Client Identifier (0x12).
     pub assigned_client_id: Option<String>,
+    /// MQTT 5 Reason String (0x1F).
+    pub reason_string: Option<String>,
 }
 
 /// A DISCONNECT. Before MQTT 5 it has no reason; `e0 00` in 5.0 means reason 0x00.
@@ -419,6 +421,7 @@ impl Connack {
             code,
             server_keep_alive: None,
             assigned_client_id: None,
+            reason_string: None,
         };
         if protocol == Protocol::V5 && r.remaining() > 0 {
             for prop in r.properties()? {
@@ -426,6 +429,9 @@ impl Connack {
                     (0x13, PropValue::U16(v)) => connack.server_keep_alive = Some(v),
                     (0x12, PropValue::Bytes(b)) => {
                         connack.assigned_client_id = Some(String::from_utf8_lossy(b).into_owned())
+                    }
+                    (0x1f, PropValue::Bytes(b)) => {
+                        connack.reason_string = Some(String::from_utf8_lossy(b).into_owned())
                     }
                     _ => {}
                 }

@@ -1,0 +1,406 @@
+//! `mqtt-chaos probe`: one command that tells how a broker handles dead connections.
+//!
+//! It finds out which MQTT versions the broker accepts (a CONNECT straight to it), starts the
+//! proxy in process (the same [`Proxy`] as `mqtt-chaos proxy`) in front of it with one rule per
+//! scenario (matched by client id), subscribes a Will watcher straight to the broker, and runs
+//! every scenario × protocol × repeat at once with raw clients through the proxy. Closes are
+//! read from the proxy's connection records, Wills from the watcher; [`judge`] turns them into
+//! verdicts, [`report`] into the table, Markdown, JSON and JUnit.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `client.rs` | raw MQTT clients on the project's codec; the Will watcher |
+//! | `scenario.rs` | the scenarios: what each client does, which rule, one run's judgement |
+//! | `judge.rs` | verdicts and tolerances, pure |
+//! | `report.rs` | adding runs up; the report's forms (JSON schema 1 in PROBE.md) |
+//! | `embedded.rs` | the embedded broker (rumqttd) |
+//! | `progress.rs` | one line per scenario as it starts and ends; a live status line on a terminal |
+
+pub mod client;
+pub mod embedded;
+pub mod judge;
+pub mod progress;
+pub mod report;
+pub mod scenario;
+
+use crate::codec::Protocol;
+use crate::codec::encode::ConnectSpec;
+use crate::config::{RouteConfig, Settings};
+use crate::fault::{RuleSet, RuleSpec, compile_rules};
+use crate::server::Proxy;
+use client::{Handshake, RawClient, Sightings};
+use judge::{Tolerance, Verdict};
+use progress::Progress;
+use report::{Broker, Refused, Report, Row, protocol_name};
+pub use scenario::Scenario;
+use scenario::{Closes, Ctx};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What to probe and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `host:port` of the broker; `None` starts the embedded one.
+    pub broker: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+    /// In report order.
+    pub protocols: Vec<Protocol>,
+    pub keepalive: u16,
+    pub scenarios: Vec<Scenario>,
+    pub repeat: u32,
+    /// How long past what the specification allows to wait for a close or a Will.
+    pub timeout: Duration,
+    pub strict: bool,
+}
+
+/// Why the probe could not run (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot reach the broker at {address}: {cause}")]
+    Unreachable { address: String, cause: String },
+    #[error("the broker at {address} refused the probe: {how}")]
+    Refused { address: String, how: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883) → `host:port`.
+pub fn parse_broker_url(url: &str) -> Result<String, String> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
+            return Err(format!(
+                "--broker {url}: {scheme}:// needs TLS or WebSocket, which this build does not speak yet; use mqtt://HOST:PORT"
+            ));
+        }
+        Some((scheme, _)) => {
+            return Err(format!("--broker {url}: unknown scheme {scheme:?}; use mqtt://HOST:PORT"));
+        }
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        return Err(format!("--broker {url}: expected mqtt://HOST:PORT"));
+    }
+    let has_port = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) => {
+            port.parse::<u16>().map_err(|_| format!("--broker {url}: invalid port {port:?}"))?;
+            true
+        }
+        _ => false,
+    };
+    Ok(if has_port {
+        rest.to_string()
+    } else if rest.contains(':') && !rest.starts_with('[') {
+        format!("[{rest}]:1883")
+    } else {
+        format!("{rest}:1883")
+    })
+}
+
+/// Runs the probe; the report says what the broker did.
+pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeError> {
+    let began = Instant::now();
+    let tol = Tolerance::default();
+    let (targets, address, implementation) = match &opts.broker {
+        Some(addr) => {
+            (opts.protocols.iter().map(|&p| (p, addr.clone())).collect::<HashMap<_, _>>(), addr.clone(), None)
+        }
+        None => {
+            let e = embedded::start().map_err(ProbeError::Setup)?;
+            let t = HashMap::from([(Protocol::V311, e.v4.to_string()), (Protocol::V5, e.v5.to_string())]);
+            let address = format!("{} (MQTT 3.1.1), {} (MQTT 5)", e.v4, e.v5);
+            (t, address, Some(embedded::IMPLEMENTATION.to_string()))
+        }
+    };
+    let run_id = run_id();
+    let prefix = format!("mcp{run_id}");
+    let mut broker = Broker {
+        address: address.clone(),
+        embedded: opts.broker.is_none(),
+        implementation,
+        protocols: Vec::new(),
+        refused: Vec::new(),
+        server_keepalive: None,
+        assigned_client_id: None,
+        reason_strings: Vec::new(),
+    };
+    let mut accepted = Vec::new();
+    for &p in &opts.protocols {
+        match identify(&targets[&p], p, opts, &prefix).await? {
+            Ok(connack) => {
+                accepted.push(p);
+                broker.protocols.push(protocol_name(p));
+                if p == Protocol::V5 {
+                    broker.server_keepalive = connack.server_keep_alive;
+                    broker.assigned_client_id = connack.assigned_client_id;
+                    broker.reason_strings.extend(connack.reason_string);
+                }
+            }
+            Err(how) => broker.refused.push(Refused { protocol: protocol_name(p), how }),
+        }
+    }
+    if accepted.is_empty() {
+        let how =
+            broker.refused.iter().map(|r| format!("MQTT {}: {}", r.protocol, r.how)).collect::<Vec<_>>();
+        return Err(ProbeError::Refused { address, how: how.join("; ") });
+    }
+
+    // The proxy: one route per accepted protocol (the embedded broker has one port for each).
+    let routes: Vec<RouteConfig> = accepted
+        .iter()
+        .map(|&p| RouteConfig {
+            name: format!("probe-mqtt{}", p.level()),
+            listen: "127.0.0.1:0".into(),
+            upstream: targets[&p].clone(),
+        })
+        .collect();
+    let proxy = Proxy::bind(&routes, Settings { shutdown_grace: Duration::ZERO, ..Settings::default() })
+        .await
+        .map_err(|e| ProbeError::Setup(e.to_string()))?;
+    let specs: Vec<RuleSpec> = opts
+        .scenarios
+        .iter()
+        .filter_map(|s| s.rule(&prefix, opts.keepalive))
+        .map(|v| serde_json::from_value(v).expect("the probe's rules are valid specs"))
+        .collect();
+    let rules =
+        compile_rules(&specs, "probe").map_err(|e| ProbeError::Setup(format!("the probe's rules: {e}")))?;
+    proxy.set_rules(RuleSet::new(Some("probe".into()), None, rules));
+    let running = proxy.start();
+    let closes = Arc::new(Closes::default());
+    tokio::spawn(closes.clone().follow(running.registry().clone()));
+    let proxy_addrs: HashMap<Protocol, String> =
+        accepted.iter().zip(running.routes()).map(|(&p, r)| (p, r.listen.to_string())).collect();
+
+    // The Will watcher: a subscriber straight to the broker (one per broker address).
+    let topic_root = format!("mqtt-chaos/probe/{run_id}");
+    let sightings = Arc::new(Sightings::default());
+    let mut watched: Vec<&String> = Vec::new();
+    let mut watchers = Vec::new();
+    for &p in &accepted {
+        let addr = &targets[&p];
+        if watched.contains(&addr) {
+            continue;
+        }
+        watched.push(addr);
+        let mut connect = ConnectSpec::new(p, format!("{prefix}w{}", watchers.len()), 60);
+        connect.username.clone_from(&opts.username);
+        connect.password.clone_from(&opts.password);
+        let filter = format!("{topic_root}/#");
+        let task = client::watch(addr, connect, &filter, sightings.clone())
+            .await
+            .map_err(|e| ProbeError::Setup(format!("the Will watcher on {addr}: {e}")))?;
+        watchers.push(task);
+    }
+
+    let ctx = Ctx {
+        k: opts.keepalive,
+        tol,
+        timeout: opts.timeout,
+        proxy: proxy_addrs,
+        closes,
+        sightings,
+        prefix,
+        topic_root,
+        username: opts.username.clone(),
+        password: opts.password.clone(),
+        reason_strings: Default::default(),
+    };
+    let mut plan: Vec<(Scenario, Protocol)> = Vec::new();
+    for &s in &opts.scenarios {
+        for &p in &opts.protocols {
+            if !(s.mqtt5_only() && p != Protocol::V5) {
+                plan.push((s, p));
+            }
+        }
+    }
+    progress.plan(plan.iter().filter(|(_, p)| accepted.contains(p)).count());
+    let jobs = plan.iter().map(|&(s, p)| {
+        let (ctx, accepted, broker) = (&ctx, &accepted, &broker);
+        async move {
+            if !accepted.contains(&p) {
+                let why = broker
+                    .refused
+                    .iter()
+                    .find(|r| r.protocol == protocol_name(p))
+                    .map_or("", |r| r.how.as_str());
+                return report::not_run(
+                    s,
+                    p,
+                    opts.keepalive,
+                    &tol,
+                    format!("the broker does not accept MQTT {} ({why})", protocol_name(p)),
+                );
+            }
+            let label = format!("{} (MQTT {})", s.id(), protocol_name(p));
+            progress.start(&label);
+            let runs =
+                futures_util::future::join_all((1..=opts.repeat).map(|i| scenario::run(ctx, s, p, i))).await;
+            let row = report::row(s, p, opts.keepalive, &tol, &runs);
+            progress.finish(&label, row.verdict, &row.detail);
+            row
+        }
+    });
+    let results: Vec<Row> = futures_util::future::join_all(jobs).await;
+    for task in watchers {
+        task.abort();
+    }
+    running.shutdown().await;
+    for r in std::mem::take(&mut *ctx.reason_strings.lock().expect("reason strings lock")) {
+        if !broker.reason_strings.contains(&r) {
+            broker.reason_strings.push(r);
+        }
+    }
+    let summary = report::Summary::of(&results);
+    Ok(Report {
+        schema: report::SCHEMA,
+        version: env!("CARGO_PKG_VERSION"),
+        broker,
+        keepalive: opts.keepalive,
+        repeat: opts.repeat,
+        timeout_s: opts.timeout.as_secs_f64(),
+        strict: opts.strict,
+        tolerance: tol,
+        results,
+        summary,
+        duration_s: (began.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    })
+}
+
+/// The exit code a report asks for: 1 when something fails (or deviates, with `--strict`).
+pub fn exit_code(r: &Report) -> u8 {
+    let failing = |v: Verdict| v == Verdict::Fails || (r.strict && v == Verdict::Deviates);
+    u8::from(r.results.iter().any(|row| failing(row.verdict)))
+}
+
+/// Four hex digits that keep this run's client ids and Will topics apart from other runs'.
+fn run_id() -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{:04x}", (nanos ^ std::process::id().rotate_left(16)) & 0xffff)
+}
+
+/// A CONNECT straight to the broker: `Ok(CONNACK)` if accepted, `Err(how)` if this version is
+/// refused; a broker that cannot be reached or refuses the credentials stops the probe.
+async fn identify(
+    addr: &str,
+    protocol: Protocol,
+    opts: &Options,
+    prefix: &str,
+) -> Result<Result<crate::codec::Connack, String>, ProbeError> {
+    let within = opts.timeout.min(Duration::from_secs(10));
+    // MQTT 5 with an empty client id shows the id the broker assigns; some refuse it (0x85).
+    let ids: &[&str] = if protocol == Protocol::V5 { &["", "id"] } else { &["id"] };
+    let mut last = String::new();
+    for id in ids {
+        let mut c = RawClient::open(addr, protocol, within)
+            .await
+            .map_err(|e| ProbeError::Unreachable { address: addr.to_string(), cause: e.to_string() })?;
+        let client_id =
+            if id.is_empty() { String::new() } else { format!("{prefix}{id}{}", protocol.level()) };
+        let mut connect = ConnectSpec::new(protocol, client_id, opts.keepalive);
+        connect.username.clone_from(&opts.username);
+        connect.password.clone_from(&opts.password);
+        let h = c
+            .handshake(&connect, Instant::now() + within)
+            .await
+            .map_err(|e| ProbeError::Unreachable { address: addr.to_string(), cause: e.to_string() })?;
+        match h {
+            Handshake::Accepted(connack) => {
+                c.disconnect().await;
+                return Ok(Ok(connack));
+            }
+            Handshake::Refused(connack) if matches!(connack.code, 0x04 | 0x05 | 0x86 | 0x87) => {
+                let hint = if opts.username.is_some() {
+                    "check --username and --password-file"
+                } else {
+                    "it may need --username and --password-file"
+                };
+                return Err(ProbeError::Refused {
+                    address: addr.to_string(),
+                    how: format!(
+                        "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
+                        protocol_name(protocol),
+                        connack.code,
+                        connack.reason_string.map(|r| format!(": {r}")).unwrap_or_default()
+                    ),
+                });
+            }
+            Handshake::Refused(connack) if connack.code == 0x85 && id.is_empty() => {
+                last = "an empty client id refused (0x85)".into();
+            }
+            other => {
+                last = scenario::refusal(&other);
+                if let Handshake::Refused(connack) = other {
+                    if let Some(r) = connack.reason_string {
+                        last.push_str(&format!(" ({r})"));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    Ok(Err(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_take_the_mqtt_forms_and_refuse_what_this_build_cannot_speak() {
+        assert_eq!(parse_broker_url("mqtt://broker.local:1884").unwrap(), "broker.local:1884");
+        assert_eq!(parse_broker_url("tcp://10.1.2.3:1883/").unwrap(), "10.1.2.3:1883");
+        assert_eq!(parse_broker_url("broker.local").unwrap(), "broker.local:1883");
+        assert_eq!(parse_broker_url("127.0.0.1:18830").unwrap(), "127.0.0.1:18830");
+        assert_eq!(parse_broker_url("mqtt://[::1]:1884").unwrap(), "[::1]:1884");
+        assert_eq!(parse_broker_url("[::1]").unwrap(), "[::1]:1883");
+        assert_eq!(parse_broker_url("::1").unwrap(), "[::1]:1883");
+        assert!(parse_broker_url("mqtts://b:8883").unwrap_err().contains("mqtts:// needs TLS"));
+        assert!(parse_broker_url("wss://b/mqtt").unwrap_err().contains("WebSocket"));
+        assert!(parse_broker_url("http://b").unwrap_err().contains("unknown scheme \"http\""));
+        assert!(parse_broker_url("b:99999").unwrap_err().contains("invalid port"));
+        assert!(parse_broker_url("mqtt://b:1883/path").is_err());
+        assert!(parse_broker_url("").is_err());
+    }
+
+    #[test]
+    fn the_exit_code_is_1_for_fails_and_for_deviates_only_when_strict() {
+        let tol = Tolerance::default();
+        let row = |v: Verdict| {
+            let mut r = report::not_run(Scenario::Keepalive, Protocol::V311, 2, &tol, String::new());
+            r.verdict = v;
+            r
+        };
+        let report = |rows: Vec<Row>, strict: bool| Report {
+            schema: report::SCHEMA,
+            version: "test",
+            broker: Broker {
+                address: "b:1883".into(),
+                embedded: false,
+                implementation: None,
+                protocols: vec!["3.1.1"],
+                refused: Vec::new(),
+                server_keepalive: None,
+                assigned_client_id: None,
+                reason_strings: Vec::new(),
+            },
+            keepalive: 2,
+            repeat: 1,
+            timeout_s: 20.0,
+            strict,
+            tolerance: tol,
+            summary: report::Summary::of(&rows),
+            results: rows,
+            duration_s: 1.0,
+        };
+        assert_eq!(exit_code(&report(vec![row(Verdict::Conforms), row(Verdict::NotApplicable)], false)), 0);
+        assert_eq!(exit_code(&report(vec![row(Verdict::Deviates)], false)), 0);
+        assert_eq!(exit_code(&report(vec![row(Verdict::Deviates)], true)), 1);
+        assert_eq!(exit_code(&report(vec![row(Verdict::Conforms), row(Verdict::Fails)], false)), 1);
+    }
+}

@@ -1,0 +1,812 @@
+//! `mqtt-chaos probe` through the binary: against the embedded broker, against mosquitto, and
+//! against a scripted broker for each verdict (one that never enforces Keep Alive, one that
+//! closes early, one that sends DISCONNECT 0x8D and 0x8E, one that rejects Keep Alive 0, a
+//! 3.1.1-only one, one that needs a username). The JSON report is validated against
+//! PROBE.schema.json, the JUnit report parsed as XML.
+
+use crate::harness::{Mosquitto, binary, dead_address};
+use mqtt_chaos::codec::{
+    Connect, FrameHeader, PacketType, Protocol, Publish, Splitter, Step, TopicFilters, filter_matches,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------------------------
+// Running the probe
+
+struct Probe {
+    out: Output,
+    json: Value,
+    junit: String,
+    markdown: String,
+}
+
+impl Probe {
+    fn code(&self) -> i32 {
+        self.out.status.code().unwrap_or(-1)
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+
+    /// The result for `scenario` × `protocol`.
+    fn result(&self, scenario: &str, protocol: &str) -> &Value {
+        self.json["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["scenario"] == scenario && r["protocol"] == protocol)
+            .unwrap_or_else(|| panic!("no result for {scenario} {protocol} in {}", self.stdout()))
+    }
+
+    fn verdict(&self, scenario: &str, protocol: &str) -> String {
+        self.result(scenario, protocol)["verdict"].as_str().unwrap().to_string()
+    }
+
+    fn case<'a>(&'a self, scenario: &str, protocol: &str, case: &str) -> &'a Value {
+        self.result(scenario, protocol)["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["case"] == case)
+            .unwrap_or_else(|| panic!("no case {case} of {scenario} {protocol}"))
+    }
+}
+
+/// Runs `mqtt-chaos probe ARGS --json --junit --markdown` (off the test's runtime), checks the
+/// JSON against the schema and the JUnit report's counts against the JSON.
+async fn probe(args: &[&str]) -> Probe {
+    probe_env(args, &[]).await
+}
+
+async fn probe_env(args: &[&str], env: &[(&str, &str)]) -> Probe {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, junit, markdown) =
+        (dir.path().join("r.json"), dir.path().join("r.xml"), dir.path().join("r.md"));
+    let mut cmd = Command::new(binary());
+    cmd.arg("probe").args(args);
+    cmd.arg("--json").arg(&json).arg("--junit").arg(&junit).arg("--markdown").arg(&markdown);
+    cmd.envs(env.iter().copied()).env_remove("RUST_LOG").stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let report = read(&json);
+    if report.is_empty() {
+        return Probe { out, json: Value::Null, junit: String::new(), markdown: String::new() };
+    }
+    let json: Value =
+        serde_json::from_str(&report).unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{report}"));
+    let errors = validate(&json, &schema(), &schema(), "$");
+    assert!(
+        errors.is_empty(),
+        "the report does not match PROBE.schema.json:\n{}\n{report}",
+        errors.join("\n")
+    );
+    let p = Probe { out, json, junit: read(&junit), markdown: read(&markdown) };
+    check_junit(&p);
+    p
+}
+
+/// The JUnit report parses as XML and has one test case per result, failures for `fails`
+/// (and `deviates` with --strict), skipped for `n/a`.
+fn check_junit(p: &Probe) {
+    let doc =
+        roxmltree::Document::parse(&p.junit).unwrap_or_else(|e| panic!("JUnit is not XML: {e}\n{}", p.junit));
+    let results = p.json["results"].as_array().unwrap();
+    let strict = p.json["strict"].as_bool().unwrap();
+    let count = |v: &str| results.iter().filter(|r| r["verdict"] == v).count();
+    let failing = count("fails") + if strict { count("deviates") } else { 0 };
+    let suites = doc.root_element();
+    assert_eq!(suites.tag_name().name(), "testsuites");
+    assert_eq!(suites.attribute("tests"), Some(results.len().to_string().as_str()));
+    assert_eq!(suites.attribute("failures"), Some(failing.to_string().as_str()));
+    assert_eq!(suites.attribute("skipped"), Some(count("n/a").to_string().as_str()));
+    let cases: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("testcase")).collect();
+    assert_eq!(cases.len(), results.len());
+    for (case, r) in cases.iter().zip(results) {
+        let name = format!("{} (MQTT {})", r["scenario"].as_str().unwrap(), r["protocol"].as_str().unwrap());
+        assert_eq!(case.attribute("name"), Some(name.as_str()));
+        let failed = case.children().any(|n| n.has_tag_name("failure"));
+        let skipped = case.children().any(|n| n.has_tag_name("skipped"));
+        let v = r["verdict"].as_str().unwrap();
+        assert_eq!(failed, v == "fails" || (strict && v == "deviates"), "{name}: {v}");
+        assert_eq!(skipped, v == "n/a", "{name}: {v}");
+    }
+    assert_eq!(doc.descendants().filter(|n| n.has_tag_name("failure")).count(), failing);
+    // The Markdown report has one table row per result.
+    let rows = p.markdown.lines().filter(|l| l.starts_with("| `")).count();
+    assert_eq!(rows, results.len(), "{}", p.markdown);
+}
+
+fn ratio_median(r: &Value) -> f64 {
+    r["ratio"]["median"].as_f64().unwrap_or_else(|| panic!("no ratio in {r}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against real brokers
+
+#[tokio::test]
+async fn the_embedded_broker_is_probed_in_one_command() {
+    let p = probe(&[]).await;
+    let out = p.stdout();
+    // rumqttd 0.20 publishes the new connection's Will on a takeover: a MUST broken, so exit 1.
+    assert_eq!(p.code(), 1, "{out}\n{}", p.stderr());
+    assert!(out.contains("broker: embedded rumqttd 0.20 on 127."), "{out}");
+    assert_eq!(p.json["broker"]["embedded"], true);
+    assert_eq!(p.json["broker"]["protocols"], serde_json::json!(["3.1.1", "5"]));
+    assert_eq!(
+        p.json["results"].as_array().unwrap().len(),
+        14,
+        "6 scenarios × 2 versions + 2 for MQTT 5 only"
+    );
+    for v in ["3.1.1", "5"] {
+        // rumqttd enforces Keep Alive to the millisecond and publishes the Will at once.
+        for s in ["keepalive", "half-open", "ping-resets", "rewrite"] {
+            let r = p.result(s, v);
+            assert_eq!(r["verdict"], "conforms", "{s} {v}: {r}");
+            let ratio = ratio_median(r);
+            assert!((1.45..1.6).contains(&ratio), "{s} {v}: {ratio}");
+            assert_eq!(r["close_how"], "fin");
+        }
+        assert_eq!(p.result("keepalive", v)["will_published"], true);
+        // It closes a Keep Alive 0 CONNECT without CONNACK.
+        assert_eq!(p.verdict("keepalive-zero", v), "deviates");
+        assert!(p.result("keepalive-zero", v)["detail"].as_str().unwrap().contains("rejected at CONNECT"));
+        // Takeover: the old connection is closed, and the new one's Will is published.
+        let clean = p.case("takeover", v, "clean");
+        assert_eq!(clean["old_closed"], true);
+        assert_eq!(clean["verdict"], "fails");
+        assert!(clean["detail"].as_str().unwrap().contains("new connection's Will was published"), "{clean}");
+    }
+    assert_eq!(p.verdict("will-delay", "5"), "conforms");
+    assert_eq!(p.case("server-keepalive", "5", "keepalive-k")["server_keepalive"], Value::Null);
+    assert!(p.json["duration_s"].as_f64().unwrap() < 60.0);
+    assert!(!p.stderr().contains("panicked"), "rumqttd's panics stay out of the output:\n{}", p.stderr());
+}
+
+#[tokio::test]
+async fn mosquitto_is_probed_and_its_coarse_timer_shows() {
+    let m = Mosquitto::start();
+    let url = format!("mqtt://{}", m.addr());
+    let p = probe(&["--broker", &url, "--repeat", "2"]).await;
+    let out = p.stdout();
+    assert_eq!(p.code(), 0, "mosquitto 2.0 fails no MUST:\n{out}\n{}", p.stderr());
+    assert_eq!(p.json["broker"]["embedded"], false);
+    assert_eq!(p.json["broker"]["address"], m.addr());
+    assert!(p.json["broker"]["assigned_client_id"].as_str().is_some_and(|id| id.starts_with("auto-")));
+    for v in ["3.1.1", "5"] {
+        for s in ["keepalive", "half-open", "rewrite"] {
+            let r = p.result(s, v);
+            assert_eq!(r["runs"], 2);
+            // Its Keep Alive check runs every few seconds: anywhere from about 1.5 × to 5 ×.
+            let (lo, hi) = (r["ratio"]["min"].as_f64().unwrap(), r["ratio"]["max"].as_f64().unwrap());
+            assert!(lo >= 1.0 && hi <= 5.5, "{s} {v}: {lo}–{hi}");
+            assert!(["conforms", "deviates"].contains(&r["verdict"].as_str().unwrap()), "{s} {v}: {r}");
+            // Just a FIN: no DISCONNECT 0x8D.
+            assert_eq!(r["close_how"], "fin", "{s} {v}: {r}");
+            assert_eq!(r["disconnect_reason"], Value::Null);
+        }
+        assert_eq!(p.result("keepalive", v)["will_published"], true);
+        assert_eq!(p.verdict("keepalive-zero", v), "conforms", "Keep Alive 0 stays open");
+        let clean = p.case("takeover", v, "clean");
+        assert_eq!(clean["old_closed"], true);
+        assert!(clean["close_after_s"]["max"].as_f64().unwrap() < 0.5, "{clean}");
+        assert_eq!(clean["close_how"], "fin", "no DISCONNECT 0x8E before 2.0.15: {clean}");
+        assert_eq!(clean["will_published"], true, "mosquitto publishes the old Will of a clean session");
+        assert_eq!(
+            p.case("takeover", v, "persistent")["will_published"],
+            false,
+            "but not of a persistent one"
+        );
+    }
+    assert_eq!(p.verdict("takeover", "5"), "deviates", "MQTT 5 asks for DISCONNECT 0x8E");
+    assert_eq!(p.verdict("takeover", "3.1.1"), "conforms");
+    assert_eq!(p.result("keepalive-zero", "5")["server_keepalive"], 65535);
+    assert!(out.contains("SCENARIO") && out.contains("keepalive         3.1.1"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against scripted brokers, one behaviour each
+
+#[tokio::test]
+async fn a_broker_that_never_enforces_keepalive_fails() {
+    let b = MiniBroker::start(Behaviour { keepalive: None, ..Behaviour::default() }).await;
+    let p = probe(&[
+        "--broker",
+        &b.addr,
+        "--keepalive",
+        "1",
+        "--timeout",
+        "2",
+        "--scenarios",
+        "keepalive,ping-resets",
+    ])
+    .await;
+    assert_eq!(p.code(), 1, "{}", p.stdout());
+    for v in ["3.1.1", "5"] {
+        let r = p.result("keepalive", v);
+        assert_eq!(r["verdict"], "fails");
+        assert!(r["detail"].as_str().unwrap().contains("never closed"), "{r}");
+        assert_eq!(r["close_after_s"], Value::Null);
+        assert_eq!(p.verdict("ping-resets", v), "fails");
+    }
+    assert_eq!(p.json["summary"]["fails"], 4);
+    // --strict changes nothing about fails; deviates alone would not fail without it.
+    assert!(p.stdout().contains("0 conforms, 0 deviates, 4 fails, 0 n/a"), "{}", p.stdout());
+}
+
+#[tokio::test]
+async fn a_broker_that_closes_early_deviates_and_strict_makes_it_fail() {
+    let b = MiniBroker::start(Behaviour { keepalive: Some(1.0), ..Behaviour::default() }).await;
+    let args =
+        ["--broker", &b.addr, "--keepalive", "2", "--timeout", "2", "--scenarios", "keepalive,half-open"];
+    let p = probe(&args).await;
+    assert_eq!(p.code(), 0, "deviates alone does not fail the run: {}", p.stdout());
+    for v in ["3.1.1", "5"] {
+        for s in ["keepalive", "half-open"] {
+            let r = p.result(s, v);
+            assert_eq!(r["verdict"], "deviates", "{r}");
+            assert!(r["detail"].as_str().unwrap().contains("early"), "{r}");
+            let ratio = ratio_median(r);
+            assert!((0.95..1.3).contains(&ratio), "{s} {v}: {ratio}");
+            assert_eq!(r["will_published"], true);
+        }
+    }
+    let strict = probe(&[&args[..], &["--strict"]].concat()).await;
+    assert_eq!(strict.code(), 1, "{}", strict.stdout());
+    assert_eq!(strict.json["strict"], true);
+}
+
+#[tokio::test]
+async fn disconnect_reasons_0x8d_and_0x8e_are_reported() {
+    let b = MiniBroker::start(Behaviour {
+        keepalive_reason: Some(0x8d),
+        takeover_reason: Some(0x8e),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = probe(&[
+        "--broker",
+        &b.addr,
+        "--keepalive",
+        "1",
+        "--timeout",
+        "2",
+        "--scenarios",
+        "keepalive,takeover",
+    ])
+    .await;
+    assert_eq!(p.code(), 0, "{}", p.stdout());
+    let ka = p.result("keepalive", "5");
+    assert_eq!(
+        (&ka["verdict"], &ka["close_how"], &ka["disconnect_reason"]),
+        (&"conforms".into(), &"disconnect".into(), &0x8d.into())
+    );
+    assert!(ka["detail"].as_str().unwrap().contains("DISCONNECT 0x8D (keep_alive_timeout)"), "{ka}");
+    let to = p.result("takeover", "5");
+    assert_eq!((&to["verdict"], &to["disconnect_reason"]), (&"conforms".into(), &0x8e.into()), "{to}");
+    // MQTT 3.1.1 has no reasons: a plain close.
+    assert_eq!(p.result("keepalive", "3.1.1")["close_how"], "fin");
+    assert_eq!(p.verdict("takeover", "3.1.1"), "conforms");
+}
+
+#[tokio::test]
+async fn a_broker_that_rejects_keepalive_zero_deviates() {
+    let b = MiniBroker::start(Behaviour { reject_keepalive_zero: true, ..Behaviour::default() }).await;
+    let p = probe(&["--broker", &b.addr, "--keepalive", "1", "--scenarios", "keepalive-zero"]).await;
+    assert_eq!(p.code(), 0);
+    for (v, code) in [("3.1.1", "0x02"), ("5", "0x82")] {
+        let r = p.result("keepalive-zero", v);
+        assert_eq!(r["verdict"], "deviates", "{r}");
+        let said = format!("rejected at CONNECT: CONNECT refused with CONNACK code {code}");
+        assert!(r["detail"].as_str().unwrap().contains(&said), "{r}");
+    }
+    // And one that accepts it keeps it open: conforms.
+    let b = MiniBroker::start(Behaviour::default()).await;
+    let p = probe(&["--broker", &b.addr, "--keepalive", "1", "--scenarios", "keepalive-zero"]).await;
+    assert_eq!(p.verdict("keepalive-zero", "3.1.1"), "conforms");
+}
+
+#[tokio::test]
+async fn mqtt5_rows_are_not_applicable_on_a_311_only_broker() {
+    let b = MiniBroker::start(Behaviour { mqtt5: false, ..Behaviour::default() }).await;
+    let p = probe(&[
+        "--broker",
+        &b.addr,
+        "--keepalive",
+        "1",
+        "--timeout",
+        "2",
+        "--scenarios",
+        "keepalive,will-delay",
+    ])
+    .await;
+    assert_eq!(p.code(), 0, "{}", p.stdout());
+    assert_eq!(p.json["broker"]["protocols"], serde_json::json!(["3.1.1"]));
+    assert_eq!(p.json["broker"]["refused"][0]["protocol"], "5");
+    assert_eq!(p.verdict("keepalive", "3.1.1"), "conforms");
+    for s in ["keepalive", "will-delay"] {
+        let r = p.result(s, "5");
+        assert_eq!(r["verdict"], "n/a");
+        assert!(r["detail"].as_str().unwrap().contains("does not accept MQTT 5"), "{r}");
+    }
+    assert!(p.stdout().contains("refused 5: CONNECT refused with CONNACK code 0x01"), "{}", p.stdout());
+}
+
+#[tokio::test]
+async fn a_broker_that_needs_a_username_works_with_credentials_never_printed() {
+    let secret = "s3cr3t-pw-9f2";
+    let b = MiniBroker::start(Behaviour {
+        credentials: Some(("probe-user".into(), secret.into())),
+        ..Behaviour::default()
+    })
+    .await;
+    let without = probe(&["--broker", &b.addr, "--scenarios", "keepalive"]).await;
+    assert_eq!(without.code(), 2);
+    let err = without.stderr();
+    assert!(err.contains(&b.addr) && err.contains("not authorized") && err.contains("--username"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let args =
+        ["--broker", &b.addr, "--keepalive", "1", "--timeout", "2", "--scenarios", "keepalive,takeover"];
+    let with_file = probe(
+        &[&args[..], &["--username", "probe-user", "--password-file", file.to_str().unwrap()]].concat(),
+    )
+    .await;
+    assert_eq!(with_file.code(), 0, "{}\n{}", with_file.stdout(), with_file.stderr());
+    assert_eq!(with_file.verdict("keepalive", "5"), "conforms");
+    let with_env = probe_env(
+        &[&args[..], &["--username", "probe-user"]].concat(),
+        &[("MQTT_CHAOS_PROBE_PASSWORD", secret)],
+    )
+    .await;
+    assert_eq!(with_env.verdict("takeover", "3.1.1"), "conforms", "{}", with_env.stdout());
+    for p in [&without, &with_file, &with_env] {
+        let all = format!("{}{}{}{}{}", p.stdout(), p.stderr(), p.json, p.junit, p.markdown);
+        assert!(!all.contains(secret), "the password was printed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage, unreachable brokers, output on a terminal
+
+#[tokio::test]
+async fn bad_usage_and_an_unreachable_broker_exit_2_with_the_reason() {
+    let (_held, dead) = dead_address();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--broker".into(), dead.clone()], "cannot reach the broker at"),
+        (vec!["--keepalive".into(), "0".into()], "--keepalive 0: must be 1 to 3600"),
+        (vec!["--repeat".into(), "101".into()], "--repeat 101"),
+        (
+            vec!["--scenarios".into(), "keepalive,nope".into()],
+            "unknown scenario \"nope\"; the scenarios are keepalive, ping-resets",
+        ),
+        (vec!["--protocol".into(), "3.1".into()], "--protocol: unknown MQTT version"),
+        (vec!["--broker".into(), "mqtts://127.0.0.1:8883".into()], "mqtts:// needs TLS"),
+        (vec!["--password-file".into(), "/nonexistent/pw".into()], "--password-file /nonexistent/pw"),
+        (vec!["--json".into(), "/nonexistent/dir/r.json".into()], "--json /nonexistent/dir/r.json"),
+    ];
+    for (args, message) in cases {
+        let out = tokio::task::spawn_blocking({
+            let args = args.clone();
+            move || Command::new(binary()).arg("probe").args(&args).stdin(Stdio::null()).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        if args[1] == dead {
+            assert!(err.contains(&dead) && err.contains("refused"), "names the address and the cause: {err}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn progress_is_live_on_a_terminal_and_plain_lines_elsewhere() {
+    let b = MiniBroker::start(Behaviour::default()).await;
+    let args = format!(
+        "{} probe --broker {} --keepalive 1 --protocol 5 --scenarios keepalive",
+        binary().display(),
+        b.addr
+    );
+    // `script` runs the probe on a pseudo-terminal (util-linux, in every Debian).
+    let tty = tokio::task::spawn_blocking(move || {
+        Command::new("script").args(["-qec", &args, "/dev/null"]).stdin(Stdio::null()).output()
+    })
+    .await
+    .unwrap()
+    .expect("`script` (util-linux) runs the probe on a terminal: apt-get install -y bsdutils");
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        shown.contains("\r\x1b[2K") && shown.contains("0/1 done, running: keepalive (MQTT 5)"),
+        "{shown:?}"
+    );
+    let plain =
+        probe(&["--broker", &b.addr, "--keepalive", "1", "--protocol", "5", "--scenarios", "keepalive"])
+            .await;
+    let out = plain.stdout();
+    assert!(!out.contains('\x1b'), "no escape codes when stdout is not a terminal: {out:?}");
+    assert!(
+        out.contains("started   keepalive (MQTT 5)\n")
+            && out.contains("finished  keepalive (MQTT 5): conforms"),
+        "{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scripted broker with one behaviour to vary
+
+#[derive(Clone)]
+struct Behaviour {
+    /// Close a client silent for this many × its Keep Alive (`None`: never).
+    keepalive: Option<f64>,
+    /// MQTT 5: DISCONNECT with this reason before a Keep Alive close.
+    keepalive_reason: Option<u8>,
+    /// MQTT 5: DISCONNECT with this reason to a connection taken over.
+    takeover_reason: Option<u8>,
+    /// Refuse Keep Alive 0 with CONNACK 0x02 (3.1.1) / 0x82 (5).
+    reject_keepalive_zero: bool,
+    /// Accept MQTT 5 (else CONNACK 0x01, unacceptable protocol version).
+    mqtt5: bool,
+    /// Require this username and password (else CONNACK 0x05 / 0x87).
+    credentials: Option<(String, String)>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            keepalive: Some(1.5),
+            keepalive_reason: None,
+            takeover_reason: None,
+            reject_keepalive_zero: false,
+            mqtt5: true,
+            credentials: None,
+        }
+    }
+}
+
+/// A small broker: CONNACK, PINGRESP, SUBACK, takeover, Keep Alive per [`Behaviour`], Wills
+/// published at once to matching subscribers on any close without DISCONNECT.
+struct MiniBroker {
+    addr: String,
+}
+
+enum Cmd {
+    Deliver(Vec<u8>),
+    TakenOver,
+}
+
+#[derive(Default)]
+struct Shared {
+    next_id: u64,
+    /// Live connections by client id: (connection number, commands).
+    clients: HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>,
+    /// Subscriptions: (filter, protocol, commands).
+    subscriptions: Vec<(String, Protocol, mpsc::UnboundedSender<Cmd>)>,
+}
+
+impl MiniBroker {
+    async fn start(behaviour: Behaviour) -> MiniBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s, behaviour.clone(), shared.clone()));
+            }
+        });
+        MiniBroker { addr }
+    }
+}
+
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    mqtt_chaos::codec::encode_varint(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+fn connack(p: Protocol, code: u8) -> Vec<u8> {
+    if p == Protocol::V5 { frame(0x20, &[0, code, 0]) } else { frame(0x20, &[0, code]) }
+}
+
+fn disconnect_with(reason: u8) -> Vec<u8> {
+    frame(0xe0, &[reason, 0])
+}
+
+/// A PUBLISH of `topic` QoS 0 (the Will's payload does not matter to the probe).
+fn publish(p: Protocol, topic: &str) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    if p == Protocol::V5 {
+        body.push(0);
+    }
+    body.extend_from_slice(b"gone");
+    frame(0x30, &body)
+}
+
+async fn serve(mut s: TcpStream, b: Behaviour, shared: Arc<Mutex<Shared>>) {
+    let mut buf = Vec::new();
+    let splitter = Splitter::new(64 * 1024);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut me: Option<(String, u64, Protocol, u16, Option<String>)> = None;
+    let mut last = Instant::now();
+    let mut chunk = [0u8; 4096];
+    // Whether the connection ended in a way that publishes the Will.
+    let publish_will;
+    loop {
+        while let Step::Frame(h) = splitter.peek(&buf) {
+            let f: Vec<u8> = buf.drain(..h.frame_len()).collect();
+            last = Instant::now();
+            match handle(&mut s, &f, &h, &b, &shared, &tx, &mut me).await {
+                Flow::Go => {}
+                Flow::Stop { will } => {
+                    end(&shared, &me, will);
+                    return;
+                }
+            }
+        }
+        let keepalive = me.as_ref().map_or(0, |m| m.3);
+        let due = b
+            .keepalive
+            .filter(|_| keepalive > 0)
+            .map(|f| last + Duration::from_secs_f64(f * f64::from(keepalive)));
+        tokio::select! {
+            n = s.read(&mut chunk) => match n {
+                Ok(0) | Err(_) => { publish_will = true; break; }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            },
+            cmd = rx.recv() => match cmd {
+                Some(Cmd::Deliver(p)) => { let _ = s.write_all(&p).await; }
+                Some(Cmd::TakenOver) | None => {
+                    if let (Some(r), Some((_, _, Protocol::V5, _, _))) = (b.takeover_reason, &me) {
+                        let _ = s.write_all(&disconnect_with(r)).await;
+                    }
+                    publish_will = true;
+                    break;
+                }
+            },
+            () = tokio::time::sleep_until(due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if due.is_some() => {
+                if let (Some(r), Some((_, _, Protocol::V5, _, _))) = (b.keepalive_reason, &me) {
+                    let _ = s.write_all(&disconnect_with(r)).await;
+                }
+                publish_will = true;
+                break;
+            }
+        }
+    }
+    end(&shared, &me, publish_will);
+}
+
+enum Flow {
+    Go,
+    Stop { will: bool },
+}
+
+async fn handle(
+    s: &mut TcpStream,
+    f: &[u8],
+    h: &FrameHeader,
+    b: &Behaviour,
+    shared: &Arc<Mutex<Shared>>,
+    tx: &mpsc::UnboundedSender<Cmd>,
+    me: &mut Option<(String, u64, Protocol, u16, Option<String>)>,
+) -> Flow {
+    let protocol = me.as_ref().map_or(Protocol::V311, |m| m.2);
+    match h.packet_type {
+        PacketType::Connect => {
+            let Ok(c) = Connect::decode(f, h) else { return Flow::Stop { will: false } };
+            let refuse = |code5: u8, code4: u8| if c.protocol == Protocol::V5 { code5 } else { code4 };
+            let code = if c.protocol == Protocol::V5 && !b.mqtt5 {
+                Some(0x01)
+            } else if b.credentials.as_ref().is_some_and(|(u, pw)| {
+                c.username.as_deref() != Some(u.as_str())
+                    || !c.password_present
+                    || !f.ends_with(pw.as_bytes())
+            }) {
+                Some(refuse(0x87, 0x05))
+            } else if b.reject_keepalive_zero && c.keep_alive == 0 {
+                Some(refuse(0x82, 0x02))
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                let p = if code == 0x01 { Protocol::V311 } else { c.protocol };
+                let _ = s.write_all(&connack(p, code)).await;
+                return Flow::Stop { will: false };
+            }
+            let id = if c.client_id.is_empty() { "assigned".to_string() } else { c.client_id.clone() };
+            let old = {
+                let mut sh = shared.lock().unwrap();
+                sh.next_id += 1;
+                let n = sh.next_id;
+                *me =
+                    Some((id.clone(), n, c.protocol, c.keep_alive, c.will.as_ref().map(|w| w.topic.clone())));
+                sh.clients.insert(id, (n, tx.clone()))
+            };
+            if let Some((_, old)) = old {
+                let _ = old.send(Cmd::TakenOver);
+            }
+            let _ = s.write_all(&connack(c.protocol, 0)).await;
+        }
+        PacketType::Pingreq => {
+            let _ = s.write_all(&[0xd0, 0]).await;
+        }
+        PacketType::Subscribe => {
+            let id = [f[usize::from(h.header_len)], f[usize::from(h.header_len) + 1]];
+            if let Ok(filters) = TopicFilters::decode(f, h, protocol, true) {
+                let mut sh = shared.lock().unwrap();
+                for filter in filters.0 {
+                    sh.subscriptions.push((filter, protocol, tx.clone()));
+                }
+            }
+            let body =
+                if protocol == Protocol::V5 { vec![id[0], id[1], 0, 0] } else { vec![id[0], id[1], 0] };
+            let _ = s.write_all(&frame(0x90, &body)).await;
+        }
+        PacketType::Disconnect => return Flow::Stop { will: false },
+        PacketType::Publish => {
+            let _ = Publish::decode(f, h, protocol);
+        }
+        _ => {}
+    }
+    Flow::Go
+}
+
+/// The connection ended: leave the client table (unless taken over) and publish the Will.
+fn end(shared: &Arc<Mutex<Shared>>, me: &Option<(String, u64, Protocol, u16, Option<String>)>, will: bool) {
+    let Some((id, n, _, _, topic)) = me else { return };
+    let mut sh = shared.lock().unwrap();
+    if sh.clients.get(id).is_some_and(|(m, _)| m == n) {
+        sh.clients.remove(id);
+    }
+    if let (true, Some(topic)) = (will, topic) {
+        sh.subscriptions.retain(|(_, _, tx)| !tx.is_closed());
+        for (filter, p, tx) in &sh.subscriptions {
+            if filter_matches(filter, topic) {
+                let _ = tx.send(Cmd::Deliver(publish(*p, topic)));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A JSON Schema validator for the keywords PROBE.schema.json uses (and no others: a keyword it
+// does not know fails the check, so the schema cannot silently outgrow it).
+
+fn schema() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/PROBE.schema.json")).unwrap();
+    serde_json::from_str(&text).expect("PROBE.schema.json is JSON")
+}
+
+fn validate(v: &Value, s: &Value, root: &Value, at: &str) -> Vec<String> {
+    const KNOWN: [&str; 15] = [
+        "$schema",
+        "$id",
+        "$defs",
+        "$ref",
+        "title",
+        "description",
+        "type",
+        "required",
+        "properties",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+    ];
+    let mut errors = Vec::new();
+    let s = s.as_object().expect("a schema is an object");
+    for k in s.keys() {
+        assert!(
+            KNOWN.contains(&k.as_str()),
+            "PROBE.schema.json uses {k}, which the test's validator does not know"
+        );
+    }
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/$defs/").expect("only local $refs");
+        return validate(v, &root["$defs"][name], root, at);
+    }
+    if let Some(types) = s.get("type") {
+        let types: Vec<&str> = match types {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().map(|t| t.as_str().unwrap()).collect(),
+            _ => panic!("bad type in schema"),
+        };
+        let ok = types.iter().any(|t| match *t {
+            "null" => v.is_null(),
+            "boolean" => v.is_boolean(),
+            "string" => v.is_string(),
+            "number" => v.is_number(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "array" => v.is_array(),
+            "object" => v.is_object(),
+            other => panic!("unknown type {other}"),
+        });
+        if !ok {
+            errors.push(format!("{at}: {v} is not of type {types:?}"));
+            return errors;
+        }
+    }
+    if let Some(c) = s.get("const") {
+        if v != c {
+            errors.push(format!("{at}: {v} is not {c}"));
+        }
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            errors.push(format!("{at}: {v} is not one of {e:?}"));
+        }
+    }
+    if let Some(n) = v.as_f64() {
+        if s.get("minimum").and_then(Value::as_f64).is_some_and(|m| n < m) {
+            errors.push(format!("{at}: {n} is below the minimum"));
+        }
+        if s.get("maximum").and_then(Value::as_f64).is_some_and(|m| n > m) {
+            errors.push(format!("{at}: {n} is above the maximum"));
+        }
+    }
+    if let Some(o) = v.as_object() {
+        for r in s.get("required").and_then(Value::as_array).into_iter().flatten() {
+            if !o.contains_key(r.as_str().unwrap()) {
+                errors.push(format!("{at}: {r} is missing"));
+            }
+        }
+        let props = s.get("properties").and_then(Value::as_object);
+        for (k, val) in o {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => errors.extend(validate(val, ps, root, &format!("{at}.{k}"))),
+                None if s.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                    errors.push(format!("{at}: {k} is not in the schema"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(a), Some(items)) = (v.as_array(), s.get("items")) {
+        for (i, item) in a.iter().enumerate() {
+            errors.extend(validate(item, items, root, &format!("{at}[{i}]")));
+        }
+    }
+    errors
+}
+
+#[test]
+fn the_schema_validator_rejects_what_the_schema_forbids() {
+    let s = schema();
+    let good = serde_json::json!({"scenario": "keepalive", "protocol": "5", "verdict": "conforms", "expectation": "e",
+        "detail": "d", "runs": 1, "close_after_s": {"min": 3.0, "median": 3.0, "max": 3.0}, "ratio": null,
+        "close_how": "fin", "disconnect_reason": null, "will_published": true, "will_delay_s": null,
+        "old_closed": null, "server_keepalive": null});
+    assert_eq!(validate(&good, &s["$defs"]["result"], &s, "$"), Vec::<String>::new());
+    for (field, bad) in [
+        ("verdict", serde_json::json!("maybe")),
+        ("protocol", serde_json::json!("3.1")),
+        ("close_after_s", serde_json::json!({"min": 1.0})),
+        ("disconnect_reason", serde_json::json!(300)),
+        ("surprise", serde_json::json!(1)),
+    ] {
+        let mut doc = good.clone();
+        doc[field] = bad;
+        assert!(!validate(&doc, &s["$defs"]["result"], &s, "$").is_empty(), "{field} should be rejected");
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("runs");
+    assert!(!validate(&missing, &s["$defs"]["result"], &s, "$").is_empty());
+}
