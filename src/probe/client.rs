@@ -243,7 +243,18 @@ pub async fn watch(
     c.send(&encode::subscribe(protocol, 1, filter, 0)).await.map_err(|e| e.to_string())?;
     loop {
         match c.next(deadline).await {
-            Next::Packet(h, _) if h.packet_type == PacketType::Suback => break,
+            Next::Packet(h, frame) if h.packet_type == PacketType::Suback => {
+                // The last byte is the one filter's return (3.1.1) or reason (5) code.
+                match frame.last() {
+                    Some(&code) if code < 0x80 => break,
+                    code => {
+                        return Err(format!(
+                            "the broker refused the Will watcher's subscription to {filter} (SUBACK code {:#04x}); the probe must be allowed to subscribe to the topics it publishes Wills on",
+                            code.copied().unwrap_or_default()
+                        ));
+                    }
+                }
+            }
             Next::Packet(..) => {}
             Next::Ended(e) => return Err(format!("the broker closed the Will watcher ({e:?})")),
             Next::Quiet => return Err("the Will watcher's SUBSCRIBE was not answered within 10 s".into()),

@@ -167,12 +167,13 @@ impl Stats {
         Some(Stats { min: round(v[0]), median: round(median), max: round(v[n - 1]) })
     }
 
-    /// `3.00 s` for one value or equal values, `2.98–3.41 s (median 3.02)` otherwise.
+    /// `3.00 s` for one value or values equal as shown, `2.98–3.41 s (median 3.02)` otherwise.
     pub fn words(&self, unit: &str) -> String {
-        if self.min == self.max {
-            format!("{:.2}{unit}", self.median)
+        let (min, max) = (format!("{:.2}", self.min), format!("{:.2}", self.max));
+        if min == max {
+            format!("{min}{unit}")
         } else {
-            format!("{:.2}–{:.2}{unit} (median {:.2})", self.min, self.max, self.median)
+            format!("{min}–{max}{unit} (median {:.2})", self.median)
         }
     }
 }
@@ -236,5 +237,6 @@ mod tests {
         assert_eq!(Stats::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
         assert_eq!(Stats::of(&[3.0]).unwrap().words(" s"), "3.00 s");
         assert_eq!(Stats::of(&[3.0, 3.5]).unwrap().words(" s"), "3.00–3.50 s (median 3.25)");
+        assert_eq!(Stats::of(&[3.001, 3.004]).unwrap().words(" s"), "3.00 s", "equal as shown");
     }
 }

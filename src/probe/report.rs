@@ -68,17 +68,33 @@ pub struct Case {
     pub measured: Measured,
 }
 
-/// The measured fields; `null` where they do not apply or nothing was seen.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Measured {
-    pub close_after_s: Option<Stats>,
-    pub ratio: Option<Stats>,
+/// The measured fields; `null` where they do not apply or nothing was seen. `N` is one run's
+/// value (`f64`) or the runs' min/median/max ([`Stats`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured<N = Stats> {
+    pub close_after_s: Option<N>,
+    pub ratio: Option<N>,
     pub close_how: Option<CloseHow>,
     pub disconnect_reason: Option<u8>,
     pub will_published: Option<bool>,
-    pub will_delay_s: Option<Stats>,
+    pub will_delay_s: Option<N>,
     pub old_closed: Option<bool>,
     pub server_keepalive: Option<u16>,
+}
+
+impl<N> Default for Measured<N> {
+    fn default() -> Self {
+        Measured {
+            close_after_s: None,
+            ratio: None,
+            close_how: None,
+            disconnect_reason: None,
+            will_published: None,
+            will_delay_s: None,
+            old_closed: None,
+            server_keepalive: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -194,7 +210,7 @@ fn case(name: &'static str, runs: &[&CaseRun]) -> Case {
         let seen: Vec<bool> = runs.iter().filter_map(|r| f(r)).collect();
         (!seen.is_empty()).then(|| seen.iter().all(|&b| b))
     };
-    let mut hows: Vec<CloseHow> = runs.iter().filter_map(|r| r.close_how).collect();
+    let mut hows: Vec<CloseHow> = runs.iter().filter_map(|r| r.measured.close_how).collect();
     hows.sort();
     let close_how = hows.iter().max_by_key(|h| hows.iter().filter(|x| x == h).count()).copied();
     Case {
@@ -202,14 +218,14 @@ fn case(name: &'static str, runs: &[&CaseRun]) -> Case {
         verdict: worst.verdict,
         detail,
         measured: Measured {
-            close_after_s: values(|r| r.close_after_s),
-            ratio: values(|r| r.ratio),
+            close_after_s: values(|r| r.measured.close_after_s),
+            ratio: values(|r| r.measured.ratio),
             close_how,
-            disconnect_reason: runs.iter().find_map(|r| r.disconnect_reason),
-            will_published: all(|r| r.will_published),
-            will_delay_s: values(|r| r.will_delay_s),
-            old_closed: all(|r| r.old_closed),
-            server_keepalive: runs.iter().find_map(|r| r.server_keepalive),
+            disconnect_reason: runs.iter().find_map(|r| r.measured.disconnect_reason),
+            will_published: all(|r| r.measured.will_published),
+            will_delay_s: values(|r| r.measured.will_delay_s),
+            old_closed: all(|r| r.measured.old_closed),
+            server_keepalive: runs.iter().find_map(|r| r.measured.server_keepalive),
         },
     }
 }
@@ -512,9 +528,9 @@ mod tests {
 
     fn run(case: &'static str, verdict: Verdict, close: Option<f64>) -> CaseRun {
         let mut r = CaseRun::new(case, Judged::new(verdict, format!("{case} {verdict:?}")));
-        r.close_after_s = close;
-        r.ratio = close.map(|c| c / 2.0);
-        r.close_how = close.map(|_| CloseHow::Fin);
+        r.measured.close_after_s = close;
+        r.measured.ratio = close.map(|c| c / 2.0);
+        r.measured.close_how = close.map(|_| CloseHow::Fin);
         r
     }
 

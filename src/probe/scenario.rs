@@ -8,10 +8,10 @@
 
 use super::client::{Ended, Handshake, Pinging, RawClient, Sightings};
 use super::judge::{self, CloseSeen, Judged, Tolerance, Verdict};
+use super::report::Measured;
 use crate::codec::Protocol;
 use crate::codec::encode::{ConnectSpec, WillSpec};
 use crate::record::{Connection, Event, Registry};
-use crate::vocab::CloseHow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -174,37 +174,19 @@ pub struct CaseRun {
     /// Empty for a scenario's only case.
     pub case: &'static str,
     pub judged: Judged,
-    pub close_after_s: Option<f64>,
-    pub ratio: Option<f64>,
-    pub close_how: Option<CloseHow>,
-    pub disconnect_reason: Option<u8>,
-    pub will_published: Option<bool>,
-    pub will_delay_s: Option<f64>,
-    pub old_closed: Option<bool>,
-    pub server_keepalive: Option<u16>,
+    pub measured: Measured<f64>,
 }
 
 impl CaseRun {
     pub(crate) fn new(case: &'static str, judged: Judged) -> CaseRun {
-        CaseRun {
-            case,
-            judged,
-            close_after_s: None,
-            ratio: None,
-            close_how: None,
-            disconnect_reason: None,
-            will_published: None,
-            will_delay_s: None,
-            old_closed: None,
-            server_keepalive: None,
-        }
+        CaseRun { case, judged, measured: Measured::default() }
     }
 
     fn with_close(mut self, c: &CloseSeen, keep_alive: u16) -> CaseRun {
-        self.close_after_s = Some(c.silence_s);
-        self.ratio = (keep_alive > 0).then(|| c.silence_s / f64::from(keep_alive));
-        self.close_how = Some(c.how);
-        self.disconnect_reason = c.disconnect_reason;
+        self.measured.close_after_s = Some(c.silence_s);
+        self.measured.ratio = (keep_alive > 0).then(|| c.silence_s / f64::from(keep_alive));
+        self.measured.close_how = Some(c.how);
+        self.measured.disconnect_reason = c.disconnect_reason;
         self
     }
 }
@@ -408,8 +390,8 @@ async fn silent_with_will(ctx: &Ctx, scenario: Scenario, protocol: Protocol, run
     };
     let mut case = out.0;
     let delay = ctx.will_delay(&topic, closed_at, closed_at + ctx.timeout).await;
-    case.will_published = Some(delay.is_some());
-    case.will_delay_s = delay;
+    case.measured.will_published = Some(delay.is_some());
+    case.measured.will_delay_s = delay;
     case.judged = case.judged.and(judge::will(0.0, delay, &ctx.tol));
     case
 }
@@ -519,7 +501,7 @@ async fn keepalive_zero(ctx: &Ctx, protocol: Protocol, run: u32) -> CaseRun {
             Judged::new(Verdict::NotApplicable, "not measured: the proxy has no record of the close"),
         ),
     };
-    case.server_keepalive = connack.server_keep_alive;
+    case.measured.server_keepalive = connack.server_keep_alive;
     if let Some(s) = connack.server_keep_alive {
         case.judged.detail.push_str(&format!(" (CONNACK announced Server Keep Alive {s})"));
     }
@@ -570,7 +552,7 @@ async fn takeover(ctx: &Ctx, protocol: Protocol, run: u32, clean: bool) -> CaseR
                 format!("old connection still open {} s after the new CONNECT", ctx.timeout.as_secs()),
             ),
         );
-        c.old_closed = Some(false);
+        c.measured.old_closed = Some(false);
         old.disconnect().await;
         c
     } else {
@@ -600,12 +582,12 @@ async fn takeover(ctx: &Ctx, protocol: Protocol, run: u32, clean: bool) -> CaseR
                     Judged::new(Verdict::Conforms, words)
                 };
                 let mut c = CaseRun::new(case_name, judged);
-                c.close_after_s = Some(after);
-                c.close_how = Some(seen.how);
-                c.disconnect_reason = seen.disconnect_reason;
-                c.old_closed = Some(true);
-                c.will_published = Some(old_will.is_some());
-                c.will_delay_s = old_will;
+                c.measured.close_after_s = Some(after);
+                c.measured.close_how = Some(seen.how);
+                c.measured.disconnect_reason = seen.disconnect_reason;
+                c.measured.old_closed = Some(true);
+                c.measured.will_published = Some(old_will.is_some());
+                c.measured.will_delay_s = old_will;
                 c
             }
         }
@@ -678,7 +660,7 @@ async fn server_keepalive(ctx: &Ctx, run: u32, case: &'static str, keep_alive: u
         r.judged.detail = format!("{said}; {}", r.judged.detail);
         r
     };
-    out.server_keepalive = announced;
+    out.measured.server_keepalive = announced;
     out
 }
 
@@ -714,8 +696,8 @@ async fn will_delay(ctx: &Ctx, run: u32, expiry: u32) -> CaseRun {
     let delay = ctx.will_delay(&topic, closed_at, until).await;
     let mut out = CaseRun::new(case, judge::will(expected, delay, &ctx.tol));
     out.judged.detail = format!("Session Expiry {expiry}: {}", out.judged.detail);
-    out.will_published = Some(delay.is_some());
-    out.will_delay_s = delay;
+    out.measured.will_published = Some(delay.is_some());
+    out.measured.will_delay_s = delay;
     out
 }
 

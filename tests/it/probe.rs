@@ -129,6 +129,18 @@ fn check_junit(p: &Probe) {
     assert_eq!(rows, results.len(), "{}", p.markdown);
 }
 
+impl MiniBroker {
+    /// The probe of this broker: `--keepalive 1 --timeout 2 --scenarios SCENARIOS`, then `extra`.
+    async fn probe(&self, scenarios: &str, extra: &[&str]) -> Probe {
+        self.probe_env(scenarios, extra, &[]).await
+    }
+
+    async fn probe_env(&self, scenarios: &str, extra: &[&str], env: &[(&str, &str)]) -> Probe {
+        let args = ["--broker", &self.addr, "--keepalive", "1", "--timeout", "2", "--scenarios", scenarios];
+        probe_env(&[&args[..], extra].concat(), env).await
+    }
+}
+
 fn ratio_median(r: &Value) -> f64 {
     r["ratio"]["median"].as_f64().unwrap_or_else(|| panic!("no ratio in {r}"))
 }
@@ -222,17 +234,7 @@ async fn mosquitto_is_probed_and_its_coarse_timer_shows() {
 #[tokio::test]
 async fn a_broker_that_never_enforces_keepalive_fails() {
     let b = MiniBroker::start(Behaviour { keepalive: None, ..Behaviour::default() }).await;
-    let p = probe(&[
-        "--broker",
-        &b.addr,
-        "--keepalive",
-        "1",
-        "--timeout",
-        "2",
-        "--scenarios",
-        "keepalive,ping-resets",
-    ])
-    .await;
+    let p = b.probe("keepalive,ping-resets", &[]).await;
     assert_eq!(p.code(), 1, "{}", p.stdout());
     for v in ["3.1.1", "5"] {
         let r = p.result("keepalive", v);
@@ -276,17 +278,7 @@ async fn disconnect_reasons_0x8d_and_0x8e_are_reported() {
         ..Behaviour::default()
     })
     .await;
-    let p = probe(&[
-        "--broker",
-        &b.addr,
-        "--keepalive",
-        "1",
-        "--timeout",
-        "2",
-        "--scenarios",
-        "keepalive,takeover",
-    ])
-    .await;
+    let p = b.probe("keepalive,takeover", &[]).await;
     assert_eq!(p.code(), 0, "{}", p.stdout());
     let ka = p.result("keepalive", "5");
     assert_eq!(
@@ -304,7 +296,7 @@ async fn disconnect_reasons_0x8d_and_0x8e_are_reported() {
 #[tokio::test]
 async fn a_broker_that_rejects_keepalive_zero_deviates() {
     let b = MiniBroker::start(Behaviour { reject_keepalive_zero: true, ..Behaviour::default() }).await;
-    let p = probe(&["--broker", &b.addr, "--keepalive", "1", "--scenarios", "keepalive-zero"]).await;
+    let p = b.probe("keepalive-zero", &[]).await;
     assert_eq!(p.code(), 0);
     for (v, code) in [("3.1.1", "0x02"), ("5", "0x82")] {
         let r = p.result("keepalive-zero", v);
@@ -314,24 +306,14 @@ async fn a_broker_that_rejects_keepalive_zero_deviates() {
     }
     // And one that accepts it keeps it open: conforms.
     let b = MiniBroker::start(Behaviour::default()).await;
-    let p = probe(&["--broker", &b.addr, "--keepalive", "1", "--scenarios", "keepalive-zero"]).await;
+    let p = b.probe("keepalive-zero", &[]).await;
     assert_eq!(p.verdict("keepalive-zero", "3.1.1"), "conforms");
 }
 
 #[tokio::test]
 async fn mqtt5_rows_are_not_applicable_on_a_311_only_broker() {
     let b = MiniBroker::start(Behaviour { mqtt5: false, ..Behaviour::default() }).await;
-    let p = probe(&[
-        "--broker",
-        &b.addr,
-        "--keepalive",
-        "1",
-        "--timeout",
-        "2",
-        "--scenarios",
-        "keepalive,will-delay",
-    ])
-    .await;
+    let p = b.probe("keepalive,will-delay", &[]).await;
     assert_eq!(p.code(), 0, "{}", p.stdout());
     assert_eq!(p.json["broker"]["protocols"], serde_json::json!(["3.1.1"]));
     assert_eq!(p.json["broker"]["refused"][0]["protocol"], "5");
@@ -360,24 +342,45 @@ async fn a_broker_that_needs_a_username_works_with_credentials_never_printed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pw");
     std::fs::write(&file, format!("{secret}\n")).unwrap();
-    let args =
-        ["--broker", &b.addr, "--keepalive", "1", "--timeout", "2", "--scenarios", "keepalive,takeover"];
-    let with_file = probe(
-        &[&args[..], &["--username", "probe-user", "--password-file", file.to_str().unwrap()]].concat(),
-    )
-    .await;
+    let with_file = b
+        .probe("keepalive,takeover", &["--username", "probe-user", "--password-file", file.to_str().unwrap()])
+        .await;
     assert_eq!(with_file.code(), 0, "{}\n{}", with_file.stdout(), with_file.stderr());
     assert_eq!(with_file.verdict("keepalive", "5"), "conforms");
-    let with_env = probe_env(
-        &[&args[..], &["--username", "probe-user"]].concat(),
-        &[("MQTT_CHAOS_PROBE_PASSWORD", secret)],
-    )
-    .await;
+    let with_env = b
+        .probe_env(
+            "keepalive,takeover",
+            &["--username", "probe-user"],
+            &[("MQTT_CHAOS_PROBE_PASSWORD", secret)],
+        )
+        .await;
     assert_eq!(with_env.verdict("takeover", "3.1.1"), "conforms", "{}", with_env.stdout());
     for p in [&without, &with_file, &with_env] {
         let all = format!("{}{}{}{}{}", p.stdout(), p.stderr(), p.json, p.junit, p.markdown);
         assert!(!all.contains(secret), "the password was printed");
     }
+}
+
+#[tokio::test]
+async fn a_reset_is_reported_as_rst() {
+    let b = MiniBroker::start(Behaviour { keepalive_rst: true, ..Behaviour::default() }).await;
+    let p = b.probe("keepalive", &["--protocol", "3.1.1"]).await;
+    let r = p.result("keepalive", "3.1.1");
+    assert_eq!((&r["verdict"], &r["close_how"]), (&"conforms".into(), &"rst".into()), "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("with RST"), "{r}");
+}
+
+#[tokio::test]
+async fn a_broker_that_refuses_the_will_watcher_stops_the_probe_with_the_reason() {
+    let b = MiniBroker::start(Behaviour { refuse_subscriptions: true, ..Behaviour::default() }).await;
+    let p = probe(&["--broker", &b.addr, "--scenarios", "keepalive"]).await;
+    assert_eq!(p.code(), 2, "{}", p.stdout());
+    let err = p.stderr();
+    assert!(
+        err.contains("refused the Will watcher's subscription to mqtt-chaos/probe/")
+            && err.contains("SUBACK code 0x80"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,6 +467,10 @@ struct Behaviour {
     mqtt5: bool,
     /// Require this username and password (else CONNACK 0x05 / 0x87).
     credentials: Option<(String, String)>,
+    /// Close a Keep Alive timeout with a reset instead of a FIN.
+    keepalive_rst: bool,
+    /// Refuse every subscription (SUBACK 0x80 / 0x87).
+    refuse_subscriptions: bool,
 }
 
 impl Default for Behaviour {
@@ -475,6 +482,8 @@ impl Default for Behaviour {
             reject_keepalive_zero: false,
             mqtt5: true,
             credentials: None,
+            keepalive_rst: false,
+            refuse_subscriptions: false,
         }
     }
 }
@@ -584,6 +593,9 @@ async fn serve(mut s: TcpStream, b: Behaviour, shared: Arc<Mutex<Shared>>) {
                 if let (Some(r), Some((_, _, Protocol::V5, _, _))) = (b.keepalive_reason, &me) {
                     let _ = s.write_all(&disconnect_with(r)).await;
                 }
+                if b.keepalive_rst {
+                    s.set_zero_linger().unwrap();
+                }
                 publish_will = true;
                 break;
             }
@@ -648,14 +660,19 @@ async fn handle(
         }
         PacketType::Subscribe => {
             let id = [f[usize::from(h.header_len)], f[usize::from(h.header_len) + 1]];
-            if let Ok(filters) = TopicFilters::decode(f, h, protocol, true) {
+            let code = match (b.refuse_subscriptions, protocol) {
+                (false, _) => 0,
+                (true, Protocol::V5) => 0x87,
+                (true, _) => 0x80,
+            };
+            if let (0, Ok(filters)) = (code, TopicFilters::decode(f, h, protocol, true)) {
                 let mut sh = shared.lock().unwrap();
                 for filter in filters.0 {
                     sh.subscriptions.push((filter, protocol, tx.clone()));
                 }
             }
             let body =
-                if protocol == Protocol::V5 { vec![id[0], id[1], 0, 0] } else { vec![id[0], id[1], 0] };
+                if protocol == Protocol::V5 { vec![id[0], id[1], 0, code] } else { vec![id[0], id[1], code] };
             let _ = s.write_all(&frame(0x90, &body)).await;
         }
         PacketType::Disconnect => return Flow::Stop { will: false },
