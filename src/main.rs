@@ -354,12 +354,17 @@ async fn probe(args: ProbeArgs) -> ExitCode {
         None => format!("an embedded broker ({})", probe::embedded::IMPLEMENTATION),
     };
     let n = opts.scenarios.len();
-    println!(
-        "mqtt-chaos probe: {n} scenario{} × MQTT {} against {target}, Keep Alive {} s",
+    // Written without println!: a closed pipe (`probe | head`) must not panic the probe.
+    let say = |text: String| {
+        use std::io::Write;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    };
+    say(format!(
+        "mqtt-chaos probe: {n} scenario{} × MQTT {} against {target}, Keep Alive {} s\n",
         if n == 1 { "" } else { "s" },
         opts.protocols.iter().map(|&p| report::protocol_name(p)).collect::<Vec<_>>().join(" and "),
         opts.keepalive
-    );
+    ));
     let progress = Progress::new(std::io::stdout().is_terminal());
     let result = tokio::select! {
         r = probe::run(&opts, &progress) => r,
@@ -373,7 +378,7 @@ async fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    print!("\n{}", report::text(&report));
+    say(format!("\n{}", report::text(&report)));
     for (flag, path, mut file, form) in outputs {
         use std::io::Write;
         if let Err(e) = file.write_all(form(&report).as_bytes()) {
