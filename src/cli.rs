@@ -275,13 +275,17 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Address to accept MQTT clients on, e.g. 127.0.0.1:1884.
+    /// Address to accept MQTT clients on: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS).
     #[arg(long, env = "MQTT_CHAOS_LISTEN", conflicts_with = "config", requires = "upstream")]
     pub listen: Option<String>,
 
-    /// Broker to forward to, host:port (a host name is resolved at every connection).
+    /// Broker to forward to: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS); a host name
+    /// is resolved at every connection.
     #[arg(long, env = "MQTT_CHAOS_UPSTREAM", conflicts_with = "config", requires = "listen")]
     pub upstream: Option<String>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Name of the route given by --listen/--upstream (a label in logs and metrics).
     #[arg(long, env = "MQTT_CHAOS_NAME", conflicts_with = "config", default_value = "default")]
@@ -377,6 +381,58 @@ pub struct ProxyArgs {
     pub profiles_dir: PathBuf,
 }
 
+/// TLS options of the route given by --listen/--upstream (in a routes file: the same names with
+/// `_`, per route).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain the mqtts listener presents.
+    #[arg(long, env = "MQTT_CHAOS_TLS_CERT", value_name = "FILE", conflicts_with = "config")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (never logged).
+    #[arg(long, env = "MQTT_CHAOS_TLS_KEY", value_name = "FILE", conflicts_with = "config")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(long, env = "MQTT_CHAOS_TLS_CLIENT_CA", value_name = "FILE", conflicts_with = "config")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Trust these CAs (PEM) for the broker's certificate (default: the platform's root store).
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CA", value_name = "FILE", conflicts_with = "config")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// PEM client certificate chain the proxy presents to the broker.
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CERT", value_name = "FILE", conflicts_with = "config")]
+    pub upstream_cert: Option<PathBuf>,
+
+    /// PEM private key of --upstream-cert (never logged).
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_KEY", value_name = "FILE", conflicts_with = "config")]
+    pub upstream_key: Option<PathBuf>,
+
+    /// SNI and verification name, when it differs from the upstream host.
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_SERVER_NAME", value_name = "NAME", conflicts_with = "config")]
+    pub upstream_server_name: Option<String>,
+
+    /// Do not verify the broker's certificate (a warning at start and on every connection's record).
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_INSECURE", conflicts_with = "config")]
+    pub upstream_insecure: bool,
+}
+
+impl TlsArgs {
+    pub fn options(&self) -> crate::tls::TlsOptions {
+        crate::tls::TlsOptions {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            upstream_ca: self.upstream_ca.clone(),
+            upstream_cert: self.upstream_cert.clone(),
+            upstream_key: self.upstream_key.clone(),
+            upstream_server_name: self.upstream_server_name.clone(),
+            upstream_insecure: self.upstream_insecure,
+        }
+    }
+}
+
 impl ProxyArgs {
     /// The settings the flags describe. Errors are user-facing (an unreadable password file).
     pub fn settings(&self) -> Result<Settings, String> {
@@ -451,8 +507,11 @@ impl ProxyArgs {
             return Err("nothing to proxy: give --listen ADDR --upstream HOST:PORT, or --config FILE".into());
         };
         config::validate_name(&self.name).map_err(|m| format!("--name: {m}"))?;
-        config::validate_host_port("--listen", listen)?;
-        config::validate_host_port("--upstream", upstream)?;
-        Ok(vec![RouteConfig { name: self.name.clone(), listen: listen.clone(), upstream: upstream.clone() }])
+        let (listen_transport, listen) = config::parse_address("--listen", listen)?;
+        let (upstream_transport, upstream) = config::parse_address("--upstream", upstream)?;
+        let tls =
+            crate::tls::RouteTls::load(self.tls.options(), listen_transport, upstream_transport, &upstream)
+                .map_err(|e| e.to_string())?;
+        Ok(vec![RouteConfig { name: self.name.clone(), listen, upstream, tls }])
     }
 }

@@ -85,10 +85,53 @@ impl Default for Settings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     pub name: String,
-    /// `address:port` to bind; a host name is resolved once at start.
+    /// `address:port` to bind (the scheme stripped); a host name is resolved once at start.
     pub listen: String,
-    /// `host:port` of the broker; resolved at every dial.
+    /// `host:port` of the broker (the scheme stripped); resolved at every dial.
     pub upstream: String,
+    /// TLS for the sides given as `mqtts://`, loaded at start.
+    pub tls: crate::tls::RouteTls,
+}
+
+impl RouteConfig {
+    /// A plain TCP route.
+    pub fn tcp(
+        name: impl Into<String>,
+        listen: impl Into<String>,
+        upstream: impl Into<String>,
+    ) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            listen: listen.into(),
+            upstream: upstream.into(),
+            tls: Default::default(),
+        }
+    }
+}
+
+/// An address as given on `--listen`, `--upstream` or in a routes file: `HOST:PORT` or
+/// `mqtt://HOST:PORT` (plain TCP), `mqtts://HOST:PORT` (TLS). Returns the transport and
+/// `HOST:PORT`.
+pub fn parse_address(what: &str, value: &str) -> Result<(crate::transport::Transport, String), String> {
+    use crate::transport::Transport;
+    let (transport, rest) = match value.split_once("://") {
+        None => (Transport::Tcp, value),
+        Some(("mqtt" | "tcp", rest)) => (Transport::Tcp, rest),
+        Some(("mqtts" | "ssl", rest)) => (Transport::Tls, rest),
+        Some(("ws" | "wss", _)) => {
+            return Err(format!(
+                "{what} {value:?}: MQTT over WebSocket (ws://, wss://) is not supported yet; use mqtt:// or mqtts://"
+            ));
+        }
+        Some((scheme, _)) => {
+            return Err(format!(
+                "invalid {what} address {value:?}: unknown scheme {scheme:?}; use HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT"
+            ));
+        }
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    validate_host_port(what, rest)?;
+    Ok((transport, rest.to_string()))
 }
 
 /// A configuration error with its location, printed as `file:line:col: message` (or
@@ -140,6 +183,14 @@ struct RouteEntry {
     name: Spanned<String>,
     listen: Spanned<String>,
     upstream: Spanned<String>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    tls_client_ca: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<String>>,
+    upstream_cert: Option<Spanned<String>>,
+    upstream_key: Option<Spanned<String>>,
+    upstream_server_name: Option<Spanned<String>>,
+    upstream_insecure: Option<Spanned<bool>>,
 }
 
 /// Reads a configuration file: its name as errors show it, and its text.
@@ -175,19 +226,47 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
     for entry in parsed.route {
         let err = |field: &Spanned<String>, msg: String| ConfigError::at(file, text, field.span().start, msg);
         validate_name(entry.name.get_ref()).map_err(|m| err(&entry.name, m))?;
-        validate_host_port("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
-        validate_host_port("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
+        let (upstream_transport, upstream) =
+            parse_address("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
+        let (listen_transport, listen) =
+            parse_address("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
         if routes.iter().any(|r| &r.name == entry.name.get_ref()) {
             return Err(err(&entry.name, format!("duplicate route name {:?}", entry.name.get_ref())));
         }
-        if let Some(r) = routes.iter().find(|r| &r.listen == entry.listen.get_ref()) {
+        if let Some(r) = routes.iter().find(|r| r.listen == listen) {
             return Err(err(&entry.listen, format!("route {:?} already listens on {}", r.name, r.listen)));
         }
-        routes.push(RouteConfig {
-            name: entry.name.into_inner(),
-            listen: entry.listen.into_inner(),
-            upstream: entry.upstream.into_inner(),
-        });
+        let path = |f: &Option<Spanned<String>>| f.as_ref().map(|v| std::path::PathBuf::from(v.get_ref()));
+        let options = crate::tls::TlsOptions {
+            cert: path(&entry.tls_cert),
+            key: path(&entry.tls_key),
+            client_ca: path(&entry.tls_client_ca),
+            upstream_ca: path(&entry.upstream_ca),
+            upstream_cert: path(&entry.upstream_cert),
+            upstream_key: path(&entry.upstream_key),
+            upstream_server_name: entry.upstream_server_name.as_ref().map(|v| v.get_ref().clone()),
+            upstream_insecure: entry.upstream_insecure.as_ref().is_some_and(|v| *v.get_ref()),
+        };
+        let tls = crate::tls::RouteTls::load(options, listen_transport, upstream_transport, &upstream)
+            .map_err(|e| {
+                // The field the error is about, as the routes file spells it (`--tls-cert` → `tls_cert`).
+                let field = e.field.trim_start_matches('-').replace('-', "_");
+                let span = match field.as_str() {
+                    "tls_cert" => entry.tls_cert.as_ref().map(|v| v.span().start),
+                    "tls_key" => entry.tls_key.as_ref().map(|v| v.span().start),
+                    "tls_client_ca" => entry.tls_client_ca.as_ref().map(|v| v.span().start),
+                    "upstream_ca" => entry.upstream_ca.as_ref().map(|v| v.span().start),
+                    "upstream_cert" => entry.upstream_cert.as_ref().map(|v| v.span().start),
+                    "upstream_key" => entry.upstream_key.as_ref().map(|v| v.span().start),
+                    "upstream_server_name" => entry.upstream_server_name.as_ref().map(|v| v.span().start),
+                    "upstream_insecure" => entry.upstream_insecure.as_ref().map(|v| v.span().start),
+                    _ => None,
+                };
+                let at = span.unwrap_or(entry.listen.span().start);
+                let file_part = if e.file.is_empty() { String::new() } else { format!(" {}", e.file) };
+                ConfigError::at(file, text, at, format!("{field}{file_part}: {}", e.message))
+            })?;
+        routes.push(RouteConfig { name: entry.name.into_inner(), listen, upstream, tls });
     }
     Ok(routes)
 }

@@ -16,6 +16,8 @@
 //! | [`record`] | live connection records, the registry of live connections, record events |
 //! | [`route`] | a named listener → upstream pair: its address, reachability and Will observer view |
 //! | [`metrics`] | every Prometheus family, registered in one place; a route's metrics say what happened (`on_close`, `on_batch`, …); the exposition (Prometheus text or OpenMetrics) |
+//! | [`transport`] | a side's byte stream: plain TCP or TLS, with each transport's close semantics |
+//! | [`tls`] | certificates and keys read at start, the rustls configurations of listeners and upstreams, handshake facts |
 //! | [`vocab`] | the shared words: `Direction`, `Side`, `CloseHow`, `Cause`, `CloseInfo`, takeover and Will outcomes, a pump's `Batch` (a leaf) |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
 //! | [`probe`] | `mqtt-chaos probe`: scenarios run through the in-process proxy against a broker (or the embedded one), verdicts against the specification, the report |
@@ -44,4 +46,6 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod summary;
+pub mod tls;
+pub mod transport;
 pub mod vocab;

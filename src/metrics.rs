@@ -113,6 +113,20 @@ struct TakeoverLabels {
     outcome: TakeoverOutcome,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    route: String,
+    side: Side,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    route: String,
+    side: Side,
+    /// [`crate::tls::failure_reason`].
+    reason: &'static str,
+}
+
 type PerRoute<M> = Family<RouteLabel, M>;
 type Histograms = Family<RouteLabel, Histogram, Buckets>;
 
@@ -160,6 +174,8 @@ struct Families {
     will_delay: Histograms,
     takeover_close_seconds: Histograms,
     connection_duration: Histograms,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    tls_handshake_seconds: Family<SideLabels, Histogram, Buckets>,
 }
 
 /// Registers a family. The encoder appends `_total` to a counter's name and a full stop to the
@@ -310,6 +326,20 @@ impl Families {
                 "A takeover CONNECT until the broker closed the old connection",
                 RTT_BUCKETS,
             ),
+            tls_handshake_failures: family(
+                r,
+                "mqtt_chaos_tls_handshake_failures",
+                "TLS handshakes that failed, by side (client: the listener's; broker: the upstream's) and reason",
+            ),
+            tls_handshake_seconds: {
+                let metric = Family::new_with_constructor(Buckets(RTT_BUCKETS));
+                r.register(
+                    "mqtt_chaos_tls_handshake_seconds",
+                    "TLS handshakes that succeeded, by side, in seconds",
+                    metric.clone(),
+                );
+                metric
+            },
             connection_duration: histograms(
                 r,
                 "mqtt_chaos_connection_duration_seconds",
@@ -711,6 +741,18 @@ impl RouteMetrics {
     }
 
     /// A PINGRESP came back `seconds` after its PINGREQ was forwarded.
+    /// A TLS handshake with `side` succeeded after `seconds`.
+    pub fn on_tls_handshake(&self, side: Side, seconds: f64) {
+        let labels = SideLabels { route: self.route.clone(), side };
+        self.families.tls_handshake_seconds.get_or_create(&labels).observe(seconds);
+    }
+
+    /// A TLS handshake with `side` failed.
+    pub fn on_tls_failure(&self, side: Side, reason: &'static str) {
+        let labels = TlsFailureLabels { route: self.route.clone(), side, reason };
+        self.families.tls_handshake_failures.get_or_create(&labels).inc();
+    }
+
     pub fn on_ping_rtt(&self, seconds: f64) {
         self.ping_rtt.observe(seconds);
     }

@@ -288,12 +288,17 @@ impl Pump<'_> {
         let now = Instant::now();
         let mut batch = Batch::default();
         let (cursor, outcome) = self.decide(now, &mut batch);
+        let wrote = !self.out.is_empty();
         for out in self.out.drain(..) {
             let bytes = match &out {
                 Out::Buf(r) => &self.buf[r.clone()],
                 Out::Owned(v) => v.as_slice(),
             };
             writer.write_all(bytes).await.map_err(PumpEnd::WriteError)?;
+        }
+        if wrote {
+            // A no-op on TCP; TLS may hold records back until flushed.
+            writer.flush().await.map_err(PumpEnd::WriteError)?;
         }
         if batch.bytes > 0 {
             self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
@@ -453,6 +458,7 @@ impl Pump<'_> {
                 continue;
             }
             writer.write_all(&held.bytes).await?;
+            writer.flush().await?;
             let mut batch = Batch::default();
             batch.count(held.packet_type);
             batch.bytes = held.bytes.len() as u64;
@@ -465,6 +471,7 @@ impl Pump<'_> {
     async fn flush_raw<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
         if self.start < self.buf.len() && !self.shut {
             writer.write_all(&self.buf[self.start..]).await?;
+            writer.flush().await?;
             let batch = Batch { bytes: (self.buf.len() - self.start) as u64, ..Batch::default() };
             self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
             self.start = self.buf.len();

@@ -177,9 +177,24 @@ fn faults_by_rule(faults: &BTreeMap<String, u64>) -> String {
     faults.iter().map(|(rule, n)| format!("{rule}={n}")).collect::<Vec<_>>().join(",")
 }
 
+/// How one side of a connection is carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SideTransport {
+    pub transport: crate::transport::Transport,
+    /// For `tls`: version, cipher suite, SNI, ALPN, whether the peer showed a certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsInfo>,
+    /// The broker's certificate was not verified (`--upstream-insecure`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
+}
+
 /// Fields that change a few times per connection.
 #[derive(Default)]
 struct State {
+    /// How each side is connected (`None` until known: the client's after its TLS handshake).
+    client_transport: Option<SideTransport>,
+    broker_transport: Option<SideTransport>,
     broker_addr: Option<SocketAddr>,
     /// When the upstream TCP connection was established.
     broker_connected: Option<Instant>,
@@ -398,6 +413,15 @@ impl Connection {
     /// Why the proxy ended the connection itself, if it did.
     pub fn proxy_end(&self) -> Option<ProxyEnd> {
         self.state().proxy_end.clone()
+    }
+
+    /// How the client (`Side::Client`) or the broker is connected.
+    pub(crate) fn set_transport(&self, side: Side, t: SideTransport) {
+        let mut s = self.state();
+        match side {
+            Side::Broker => s.broker_transport = Some(t),
+            _ => s.client_transport = Some(t),
+        }
     }
 
     pub(crate) fn set_broker(&self, addr: SocketAddr, at: Instant) {
@@ -761,6 +785,8 @@ impl Connection {
             route: self.route.name.clone(),
             client_addr: self.client_addr,
             broker_addr: s.broker_addr,
+            client_transport: s.client_transport.clone(),
+            broker_transport: s.broker_transport.clone(),
             started_unix_s: self
                 .started_wall
                 .duration_since(UNIX_EPOCH)
@@ -807,6 +833,10 @@ pub struct Snapshot {
     pub route: String,
     pub client_addr: SocketAddr,
     pub broker_addr: Option<SocketAddr>,
+    /// How the client is connected to the proxy: `tcp` or `tls` (with the TLS facts).
+    pub client_transport: Option<SideTransport>,
+    /// How the proxy is connected to the broker.
+    pub broker_transport: Option<SideTransport>,
     pub started_unix_s: f64,
     pub age_s: f64,
     pub client_id: Option<String>,

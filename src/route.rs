@@ -19,6 +19,8 @@ pub struct Route {
     pub reach: Reach,
     /// What the route's Will observer watches now (`--observe-wills`).
     pub observer: ObserverView,
+    /// TLS of the listener and of the upstream, where their addresses are `mqtts://`.
+    pub tls: crate::tls::RouteTls,
 }
 
 #[cfg(test)]
@@ -33,6 +35,7 @@ impl Route {
             metrics,
             reach: Default::default(),
             observer: Default::default(),
+            tls: Default::default(),
         })
     }
 }

@@ -78,6 +78,7 @@ impl Proxy {
                 metrics: metrics.route(&r.name),
                 reach: Default::default(),
                 observer: Default::default(),
+                tls: r.tls.clone(),
             };
             let route = Arc::new(route);
             for (lot, l) in more_loops.iter_mut().zip(more) {
@@ -131,7 +132,14 @@ impl Proxy {
         };
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
-            info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
+            let scheme = |tls: bool| if tls { "mqtts" } else { "mqtt" };
+            info!(route = %route.name, listen = %route.listen, upstream = %route.upstream,
+                listen_scheme = scheme(route.tls.listen.is_some()), upstream_scheme = scheme(route.tls.upstream.is_some()),
+                "listening");
+            if route.tls.upstream.as_ref().is_some_and(|t| t.insecure) {
+                warn!(route = %route.name, upstream = %route.upstream,
+                    "--upstream-insecure: the broker's certificate is not verified (each connection's record says so)");
+            }
             if self.settings.probe_upstreams {
                 tokio::spawn(probe_upstream(route.clone(), self.settings.connect_timeout));
             }

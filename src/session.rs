@@ -1,6 +1,8 @@
 //! One proxied connection from accept to close.
 //!
-//! The session dials the upstream, runs the two pumps side by side in one task (so an idle
+//! The session completes the client's TLS handshake on a `mqtts` listener (here, not in the
+//! accept loop: a slow handshake delays no one else), dials the upstream (and its TLS), runs
+//! the two pumps side by side in one task (so an idle
 //! connection costs one task), turns the end of one direction into the right end of the
 //! other — a FIN becomes a half-close (done by the pump), a reset or an error becomes an RST
 //! towards the other side and stops both pumps — carries out connection-level fault actions
@@ -13,9 +15,12 @@ use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
 use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
-use crate::record::{Connection, Registry};
+use crate::record::{Connection, Registry, SideTransport};
+use crate::tls::{ClientSide, ServerSide, TlsInfo};
+use crate::transport::{Stream, Transport};
 use crate::vocab::{CloseHow, Direction, Side};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -61,6 +66,27 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     if let Err(e) = client.set_nodelay(true) {
         debug!(conn = conn.id, error = %e, "TCP_NODELAY on the client socket failed");
     }
+    let client = match &route.tls.listen {
+        None => {
+            conn.set_transport(
+                Side::Client,
+                SideTransport { transport: Transport::Tcp, tls: None, unverified: false },
+            );
+            Stream::Tcp(client)
+        }
+        Some(tls) => {
+            let handshake = tokio::select! {
+                biased;
+                _ = conn.cancel.cancelled() => return,
+                // Boxed: a handshake's state is large and short-lived.
+                r = Box::pin(accept_tls(&ctx, tls, client)) => r,
+            };
+            match handshake {
+                Some(stream) => stream,
+                None => return,
+            }
+        }
+    };
     let dial = tokio::select! {
         biased;
         _ = conn.cancel.cancelled() => None,
@@ -84,17 +110,124 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     if let Ok(addr) = broker.peer_addr() {
         conn.set_broker(addr, Instant::now());
     }
+    let broker = match &route.tls.upstream {
+        None => {
+            conn.set_transport(
+                Side::Broker,
+                SideTransport { transport: Transport::Tcp, tls: None, unverified: false },
+            );
+            Stream::Tcp(broker)
+        }
+        Some(tls) => {
+            let handshake = tokio::select! {
+                biased;
+                _ = conn.cancel.cancelled() => return,
+                r = Box::pin(connect_tls(&ctx, tls, broker)) => r,
+            };
+            match handshake {
+                Ok(stream) => stream,
+                Err(why) => return upstream_failed(&ctx, client, why),
+            }
+        }
+    };
     if route.reach.dialed(Ok(()), Instant::now()) == crate::route::ReachLog::Back {
         info!(conn = conn.id, route = %route.name, upstream = %route.upstream, "the upstream broker is reachable again");
     }
     relay(&ctx, client, broker).await;
 }
 
+/// The client's TLS handshake on a `mqtts` listener, within `--connect-timeout`. The ALPN
+/// protocol the client offers first is accepted (the broker behind may expect it); the SNI is
+/// recorded. A failure is one log line, a count by reason, and the close of this connection.
+async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Stream> {
+    let conn = &ctx.conn;
+    let started = Instant::now();
+    let handshake = async {
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_string);
+        let alpn = hello.alpn().and_then(|mut offered| offered.next().map(<[u8]>::to_vec));
+        let config = match alpn {
+            Some(protocol) => {
+                let mut config = (*tls.config).clone();
+                config.alpn_protocols = vec![protocol];
+                Arc::new(config)
+            }
+            None => tls.config.clone(),
+        };
+        let stream = start.into_stream(config).await?;
+        Ok::<_, std::io::Error>((stream, sni))
+    };
+    let result = match timeout(ctx.settings.connect_timeout, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
+        )),
+    };
+    match result {
+        Ok((stream, sni)) => {
+            conn.route.metrics.on_tls_handshake(Side::Client, started.elapsed().as_secs_f64());
+            let info = TlsInfo::of(stream.get_ref().1, sni);
+            conn.set_transport(
+                Side::Client,
+                SideTransport { transport: Transport::Tls, tls: Some(info), unverified: false },
+            );
+            Some(Stream::TlsServer(Box::new(stream)))
+        }
+        Err(e) => {
+            let reason = crate::tls::failure_reason(&e);
+            conn.route.metrics.on_tls_failure(Side::Client, reason);
+            info!(conn = conn.id, route = %conn.route.name, client = %conn.client_addr, reason, error = %e,
+                "TLS handshake with the client failed; closing it");
+            conn.note_close(
+                Side::Proxy,
+                CloseHow::Error,
+                None,
+                Some(format!("TLS handshake with the client failed: {e}")),
+                Instant::now(),
+            );
+            None
+        }
+    }
+}
+
+/// The TLS handshake with the broker, within `--connect-timeout`. `Err` says why, for the
+/// upstream-failure path (the failure is also counted by reason).
+async fn connect_tls(ctx: &Ctx, tls: &ClientSide, tcp: TcpStream) -> Result<Stream, String> {
+    let conn = &ctx.conn;
+    let started = Instant::now();
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let result =
+        match timeout(ctx.settings.connect_timeout, connector.connect(tls.server_name.clone(), tcp)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
+            )),
+        };
+    match result {
+        Ok(stream) => {
+            conn.route.metrics.on_tls_handshake(Side::Broker, started.elapsed().as_secs_f64());
+            let info = TlsInfo::of(stream.get_ref().1, Some(tls.server_name.to_str().into_owned()));
+            conn.set_transport(
+                Side::Broker,
+                SideTransport { transport: Transport::Tls, tls: Some(info), unverified: tls.insecure },
+            );
+            Ok(Stream::TlsClient(Box::new(stream)))
+        }
+        Err(e) => {
+            conn.route.metrics.on_tls_failure(Side::Broker, crate::tls::failure_reason(&e));
+            Err(format!("TLS handshake with the broker failed: {e}"))
+        }
+    }
+}
+
 /// Runs both directions until both ended — or until a connection action is due, which is then
 /// carried out once both pumps stopped at a packet boundary — and closes the sockets: a reset
 /// seen from one side is passed on as a reset to the other (zero linger makes the close send
 /// RST, not FIN).
-async fn relay(ctx: &Ctx, mut client: TcpStream, mut broker: TcpStream) {
+async fn relay(ctx: &Ctx, mut client: Stream, mut broker: Stream) {
     let (up, down, action) = {
         let (mut client_rx, mut client_tx) = client.split();
         let (mut broker_rx, mut broker_tx) = broker.split();
@@ -169,8 +302,8 @@ async fn both_directions(
     }
 }
 
-fn arm_rst(ctx: &Ctx, stream: &TcpStream, arm: bool) {
-    if let Err(e) = arm.then(|| stream.set_zero_linger()).transpose() {
+fn arm_rst(ctx: &Ctx, stream: &Stream, arm: bool) {
+    if let Err(e) = arm.then(|| stream.tcp().set_zero_linger()).transpose() {
         debug!(conn = ctx.conn.id, error = %e, "could not arm RST on close");
     }
 }
@@ -196,13 +329,7 @@ async fn next_action(ctx: &Ctx) -> (ConnAction, Applied) {
 }
 
 /// Carries out a connection action on sockets no pump uses any more.
-async fn carry_out(
-    ctx: &Ctx,
-    action: ConnAction,
-    applied: &Applied,
-    mut client: TcpStream,
-    mut broker: TcpStream,
-) {
+async fn carry_out(ctx: &Ctx, action: ConnAction, applied: &Applied, mut client: Stream, mut broker: Stream) {
     let conn = &ctx.conn;
     conn.on_fault(applied, &ctx.registry);
     let rule = applied.rule.name();
@@ -224,11 +351,11 @@ async fn carry_out(
             conn.note_close(Side::Proxy, CloseHow::Disconnect, Some(reason), Some(why), now);
             // A DISCONNECT with a reason code and no properties (MQTT 5, 3.14).
             let packet = [0xe0, 0x01, reason];
-            if to.client() {
-                let _ = client.write_all(&packet).await;
-            }
-            if to.broker() {
-                let _ = broker.write_all(&packet).await;
+            for (stream, to) in [(&mut client, to.client()), (&mut broker, to.broker())] {
+                if to {
+                    let _ = stream.write_all(&packet).await;
+                    let _ = stream.flush().await;
+                }
             }
         }
         ConnAction::Close { side, how } => {
@@ -245,12 +372,22 @@ async fn carry_out(
             arm_rst(ctx, &client, rst && side.client());
             arm_rst(ctx, &broker, rst && side.broker());
             match side {
-                SideSpec::Both => {}
+                SideSpec::Both => {
+                    if !rst {
+                        tokio::join!(close_notify(&mut client), close_notify(&mut broker));
+                    }
+                }
                 SideSpec::Client => {
+                    if !rst {
+                        close_notify(&mut client).await;
+                    }
                     drop(client);
                     hold_half_open(ctx, broker, Side::Broker).await;
                 }
                 SideSpec::Broker => {
+                    if !rst {
+                        close_notify(&mut broker).await;
+                    }
                     drop(broker);
                     hold_half_open(ctx, client, Side::Client).await;
                 }
@@ -259,9 +396,17 @@ async fn carry_out(
     }
 }
 
+/// A TLS side closed with FIN gets `close_notify` first (as a TLS peer closing cleanly sends),
+/// bounded to a second; plain TCP needs nothing before the FIN of its drop.
+async fn close_notify(stream: &mut Stream) {
+    if stream.transport() == Transport::Tls {
+        let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
+    }
+}
+
 /// Keeps the side a rule left open connected, reading and discarding what it sends, until it
 /// closes by itself (typically when its Keep Alive runs out) or the connection is killed.
-async fn hold_half_open(ctx: &Ctx, mut stream: TcpStream, side: Side) {
+async fn hold_half_open(ctx: &Ctx, mut stream: Stream, side: Side) {
     let started = Instant::now();
     let mut sink = vec![0u8; 2048];
     let ended = loop {
@@ -303,7 +448,7 @@ where
     end
 }
 
-fn upstream_failed(ctx: &Ctx, client: TcpStream, why: String) {
+fn upstream_failed(ctx: &Ctx, client: Stream, why: String) {
     let conn = &ctx.conn;
     conn.route.metrics.on_upstream_failure();
     if let crate::route::ReachLog::Failed { held_back } =

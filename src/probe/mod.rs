@@ -152,11 +152,7 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
     // The proxy: one route per accepted protocol (the embedded broker has one port for each).
     let routes: Vec<RouteConfig> = accepted
         .iter()
-        .map(|&p| RouteConfig {
-            name: format!("probe-mqtt{}", p.level()),
-            listen: "127.0.0.1:0".into(),
-            upstream: targets[&p].clone(),
-        })
+        .map(|&p| RouteConfig::tcp(format!("probe-mqtt{}", p.level()), "127.0.0.1:0", targets[&p].clone()))
         .collect();
     let proxy = Proxy::bind(&routes, Settings { shutdown_grace: Duration::ZERO, ..Settings::default() })
         .await

@@ -54,8 +54,7 @@ async fn read_exactly(stream: &mut TcpStream, n: usize) -> Vec<u8> {
 
 async fn start(settings: Settings) -> RunningProxy {
     let upstream = scripted_broker().await;
-    let route =
-        RouteConfig { name: "r".into(), listen: "127.0.0.1:0".into(), upstream: upstream.to_string() };
+    let route = RouteConfig::tcp("r", "127.0.0.1:0", upstream.to_string());
     Proxy::bind(&[route], settings).await.unwrap().start()
 }
 
@@ -114,13 +113,8 @@ async fn a_panic_in_one_connection_closes_only_that_one_and_leaves_no_trace() {
 #[tokio::test]
 async fn max_connections_is_one_pool_for_every_route() {
     let upstream = scripted_broker().await.to_string();
-    let routes: Vec<_> = (0..3)
-        .map(|i| RouteConfig {
-            name: format!("r{i}"),
-            listen: "127.0.0.1:0".into(),
-            upstream: upstream.clone(),
-        })
-        .collect();
+    let routes: Vec<_> =
+        (0..3).map(|i| RouteConfig::tcp(format!("r{i}"), "127.0.0.1:0", upstream.clone())).collect();
     let proxy =
         Proxy::bind(&routes, Settings { max_connections: 4, ..Settings::default() }).await.unwrap().start();
     // 12 clients at once over three routes: exactly 4 get through, whatever the interleaving.

@@ -231,8 +231,11 @@ impl TestProxy {
     }
 
     pub async fn start_with(upstream: &str, settings: Settings) -> TestProxy {
-        let route =
-            RouteConfig { name: "default".into(), listen: "127.0.0.1:0".into(), upstream: upstream.into() };
+        Self::start_route(RouteConfig::tcp("default", "127.0.0.1:0", upstream), settings).await
+    }
+
+    /// Starts the proxy with one route as given (its listen address should be port 0).
+    pub async fn start_route(route: RouteConfig, settings: Settings) -> TestProxy {
         let proxy = Proxy::bind(&[route], settings).await.expect("bind the proxy");
         let events = proxy.registry().subscribe();
         let running = proxy.start();

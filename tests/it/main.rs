@@ -18,5 +18,6 @@ mod pubsub;
 mod readme;
 mod robust;
 mod soak;
+mod tls;
 mod wills;
 mod wire;

@@ -85,7 +85,7 @@ fn every_shell_block_of_the_readme_runs_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut ports: BTreeMap<u16, u16> =
-        [1884, 1885, 18830, 18840, 19184, 9184, 9090].into_iter().map(|p| (p, free_port())).collect();
+        [1884, 1885, 8884, 18830, 18840, 19184, 9184, 9090].into_iter().map(|p| (p, free_port())).collect();
     ports.insert(1883, broker.port);
     let admin_port = ports[&9184];
     // The README's routes file, where its command expects it.

@@ -1,0 +1,170 @@
+//! The byte streams a session relays: plain TCP or TLS (server side towards clients, client
+//! side towards brokers). Pumps see one `AsyncRead + AsyncWrite` whatever the transport, so every
+//! fault and measurement works the same on each; the session reaches the TCP socket underneath
+//! for what only TCP has (zero linger, so that a close sends RST).
+//!
+//! Close semantics per transport: `shutdown()` of a TLS stream sends `close_notify` and then a
+//! FIN (a half-close stays possible); a TLS peer that closes its TCP connection without
+//! `close_notify` is read as a FIN, as most MQTT clients do exactly that.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Which transport a side of a connection uses (the record's and the routes' word for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// One side's stream.
+pub enum Stream {
+    Tcp(TcpStream),
+    /// A client's TLS connection to the proxy's listener.
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The proxy's TLS connection to the broker.
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(s) => s,
+            Stream::TlsServer(s) => s.get_ref().0,
+            Stream::TlsClient(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        match self {
+            Stream::Tcp(_) => Transport::Tcp,
+            Stream::TlsServer(_) | Stream::TlsClient(_) => Transport::Tls,
+        }
+    }
+
+    /// A read half and a write half for the two pumps of one task. Plain TCP is split without
+    /// a lock; a TLS stream, whose halves share one session state, through tokio's split.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            other => {
+                let (r, w) = tokio::io::split(other);
+                (ReadHalf::Shared(r), WriteHalf::Shared(w))
+            }
+        }
+    }
+}
+
+/// TLS reads: a peer that closed TCP without `close_notify` has ended its stream all the same.
+fn eof_if_truncated(r: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+    match r {
+        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+        other => other,
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut *self {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsServer(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
+            Stream::TlsClient(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut *self {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut *self {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut *self {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The reading half of a [`Stream::split`].
+pub enum ReadHalf<'a> {
+    Tcp(tokio::net::tcp::ReadHalf<'a>),
+    Shared(tokio::io::ReadHalf<&'a mut Stream>),
+}
+
+/// The writing half of a [`Stream::split`].
+pub enum WriteHalf<'a> {
+    Tcp(tokio::net::tcp::WriteHalf<'a>),
+    Shared(tokio::io::WriteHalf<&'a mut Stream>),
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut *self {
+            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Shared(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut *self {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Shared(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut *self {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Shared(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut *self {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Shared(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
