@@ -2,6 +2,7 @@
 
 use crate::harness::*;
 use crate::pubsub::Client;
+use mqtt_chaos::transport::Transport;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -203,7 +204,20 @@ async fn proxy_with_history(broker: &Mosquitto) -> TestProxy {
 async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types() {
     let broker = Mosquitto::start();
     let proxy = proxy_with_history(&broker).await;
-    let exposed = families(&proxy.running().metrics());
+    let mut exposed = families(&proxy.running().metrics());
+    // The TLS families have series once a TLS route saw a handshake succeed and one fail.
+    let pki = crate::tls::Pki::new();
+    let tls = crate::tls::proxy(&pki, Transport::Tls, &broker.addr(), Transport::Tcp, pki.options()).await;
+    let mut plain = tokio::net::TcpStream::connect(tls.addr).await.unwrap();
+    plain.write_all(&DISCONNECT).await.unwrap();
+    let _ = read_to_end(&mut plain, WAIT).await;
+    let _ok = pki.connect(&tls.addr.to_string(), false).await.unwrap();
+    let m = metrics_when(&tls, |m| {
+        m.contains("mqtt_chaos_tls_handshake_failures_total{")
+            && m.contains("mqtt_chaos_tls_handshake_seconds_count{")
+    })
+    .await;
+    exposed.extend(families(&m));
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/METRICS.md")).unwrap();
     let documented: std::collections::BTreeMap<String, String> = doc
         .lines()

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// A test CA with a server certificate (localhost, 127.0.0.1) and a client certificate
 /// (CN `device-7`), and a second CA nobody trusts with a server certificate of its own; all as
 /// PEM files in a temporary folder.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
@@ -56,7 +56,7 @@ fn leaf(
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let (ca_cert, ca) = new_ca("mqtt-chaos test CA");
         let (other_cert, other) = new_ca("an untrusted CA");
@@ -77,7 +77,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -105,7 +105,7 @@ impl Pki {
     }
 
     /// A TLS connection to `addr` as `localhost`.
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         addr: &str,
         cert: bool,
@@ -117,7 +117,7 @@ impl Pki {
     }
 
     /// TLS options: listener with the server certificate, upstream verified with the test CA.
-    fn options(&self) -> TlsOptions {
+    pub(crate) fn options(&self) -> TlsOptions {
         TlsOptions {
             cert: Some(self.path("server.pem")),
             key: Some(self.path("server.key")),
@@ -139,7 +139,7 @@ impl Pki {
 }
 
 /// An in-process proxy route from `listen` (`tcp`/`tls`) to `upstream`.
-async fn proxy(
+pub(crate) async fn proxy(
     pki: &Pki,
     listen: Transport,
     upstream: &str,
