@@ -158,13 +158,7 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
         let stream = start.into_stream(config).await?;
         Ok::<_, std::io::Error>((stream, sni))
     };
-    let result = match timeout(ctx.settings.connect_timeout, handshake).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
-        )),
-    };
+    let result = handshake_within(ctx, handshake).await;
     match result {
         Ok((stream, sni)) => {
             conn.route.metrics.on_tls_handshake(Side::Client, started.elapsed().as_secs_f64());
@@ -192,20 +186,26 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
     }
 }
 
+/// A handshake bounded by `--connect-timeout` (running out of time is a `TimedOut` error).
+async fn handshake_within<T>(
+    ctx: &Ctx,
+    handshake: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    timeout(ctx.settings.connect_timeout, handshake).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
+        ))
+    })
+}
+
 /// The TLS handshake with the broker, within `--connect-timeout`. `Err` says why, for the
 /// upstream-failure path (the failure is also counted by reason).
 async fn connect_tls(ctx: &Ctx, tls: &ClientSide, tcp: TcpStream) -> Result<Stream, String> {
     let conn = &ctx.conn;
     let started = Instant::now();
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    let result =
-        match timeout(ctx.settings.connect_timeout, connector.connect(tls.server_name.clone(), tcp)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
-            )),
-        };
+    let result = handshake_within(ctx, connector.connect(tls.server_name.clone(), tcp)).await;
     match result {
         Ok(stream) => {
             conn.route.metrics.on_tls_handshake(Side::Broker, started.elapsed().as_secs_f64());

@@ -127,14 +127,17 @@ impl Pki {
         }
     }
 
-    /// The mosquitto config lines of a TLS listener on `port` with `cert`.
-    fn mosquitto_listener(&self, port: u16, cert: &str) -> String {
-        format!(
+    /// mosquitto with a TLS listener presenting `cert` (besides its plain one), and the TLS
+    /// listener's address.
+    fn mosquitto(&self, cert: &str) -> (Mosquitto, String) {
+        let port = free_port();
+        let listener = format!(
             "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
             self.s("ca.pem"),
             self.s(&format!("{cert}.pem")),
             self.s(&format!("{cert}.key"))
-        )
+        );
+        (Mosquitto::start_with(&listener), format!("127.0.0.1:{port}"))
     }
 }
 
@@ -171,50 +174,22 @@ fn mosquitto_client(args: &[&str]) -> std::process::Child {
 #[tokio::test]
 async fn mosquitto_clients_over_tls_through_the_proxy_qos_0_1_2_both_ways() {
     let pki = Pki::new();
-    let tls_port = free_port();
-    let broker = Mosquitto::start_with(&pki.mosquitto_listener(tls_port, "server"));
-    let upstream = format!("127.0.0.1:{tls_port}");
+    let (broker, upstream) = pki.mosquitto("server");
+    let tls_port = upstream.rsplit_once(':').unwrap().1.to_string();
     let p = proxy(&pki, Transport::Tls, &upstream, Transport::Tls, pki.options()).await;
     let via_proxy = p.addr.port().to_string();
-    let direct = tls_port.to_string();
+    let direct = tls_port;
     let ca = pki.s("ca.pem");
     // Subscriber through the proxy, publisher straight to the broker; then the other way.
     for (sub_port, pub_port) in [(&via_proxy, &direct), (&direct, &via_proxy)] {
         for qos in ["0", "1", "2"] {
             let topic = format!("tls/{sub_port}/{qos}");
-            let sub = mosquitto_client(&[
-                "-h",
-                "localhost",
-                "-p",
-                sub_port,
-                "--cafile",
-                &ca,
-                "-t",
-                &topic,
-                "-q",
-                qos,
-                "-C",
-                "1",
-                "-W",
-                "10",
-            ]);
+            let common = ["-h", "localhost", "--cafile", ca.as_str(), "-t", topic.as_str(), "-q", qos];
+            let sub = mosquitto_client(&[&common[..], &["-p", sub_port, "-C", "1", "-W", "10"]].concat());
             tokio::time::sleep(Duration::from_millis(700)).await;
             // Off the runtime: the proxy under test runs on it.
             let mut publish = Command::new("mosquitto_pub");
-            publish.args([
-                "-h",
-                "localhost",
-                "-p",
-                pub_port,
-                "--cafile",
-                &ca,
-                "-t",
-                &topic,
-                "-q",
-                qos,
-                "-m",
-                "over tls",
-            ]);
+            publish.args(common).args(["-p", pub_port, "-m", "over tls"]);
             let pubd = tokio::task::spawn_blocking(move || publish.output())
                 .await
                 .unwrap()
@@ -325,9 +300,7 @@ async fn streams_are_byte_exact_under_tls_in_both_directions_and_a_close_notify_
 #[tokio::test]
 async fn drop_pingreq_under_tls_is_detected_by_the_broker_as_on_tcp() {
     let pki = Pki::new();
-    let tls_port = free_port();
-    let _broker = Mosquitto::start_with(&pki.mosquitto_listener(tls_port, "server"));
-    let upstream = format!("127.0.0.1:{tls_port}");
+    let (_broker, upstream) = pki.mosquitto("server");
     let mut p = proxy(&pki, Transport::Tls, &upstream, Transport::Tls, pki.options()).await;
     p.set_rules("[[rules]]\nname = \"swallow\"\naction = \"drop\"\ndirection = \"client_to_broker\"\npackets = [\"PINGREQ\"]\n");
     let mut client = pki.connect(&p.addr.to_string(), false).await.unwrap();
@@ -395,9 +368,7 @@ async fn mutual_tls_admits_a_client_certificate_and_refuses_its_absence() {
 #[tokio::test]
 async fn an_untrusted_broker_certificate_is_refused_and_accepted_when_insecure() {
     let pki = Pki::new();
-    let tls_port = free_port();
-    let _broker = Mosquitto::start_with(&pki.mosquitto_listener(tls_port, "other-server"));
-    let upstream = format!("127.0.0.1:{tls_port}");
+    let (_broker, upstream) = pki.mosquitto("other-server");
     // Plain TCP towards the proxy, TLS towards the broker (the proxy as a TLS origination point).
     let mut strict = proxy(&pki, Transport::Tcp, &upstream, Transport::Tls, pki.options()).await;
     let mut c = TcpStream::connect(strict.addr).await.unwrap();
