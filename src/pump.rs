@@ -541,10 +541,12 @@ impl Inspector<'_> {
                     panic!("injected by a test: a bug in the pump");
                 }
                 let level = connect.protocol.level();
+                let cert_cn = conn.cert_cn();
                 faults.on_connect(
                     &conn.route.name,
                     &connect.client_id,
                     connect.username.as_deref(),
+                    cert_cn.as_deref(),
                     level,
                     now,
                 );

@@ -415,6 +415,11 @@ impl Connection {
         self.state().proxy_end.clone()
     }
 
+    /// The subject CN of the certificate the client showed on a mutual-TLS listener.
+    pub fn cert_cn(&self) -> Option<String> {
+        self.state().client_transport.as_ref().and_then(|t| t.tls.as_ref()).and_then(|i| i.peer_cn.clone())
+    }
+
     /// How the client (`Side::Client`) or the broker is connected.
     pub(crate) fn set_transport(&self, side: Side, t: SideTransport) {
         let mut s = self.state();

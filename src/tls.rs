@@ -282,16 +282,138 @@ pub struct TlsInfo {
     pub alpn: Option<String>,
     /// Whether the peer presented a certificate (listener side: a client certificate).
     pub peer_certificate: bool,
+    /// The subject CN of the peer's certificate (rules match it as `cert_cn`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_cn: Option<String>,
+    /// Its subject alternative names (DNS names, IP addresses, e-mail addresses, URIs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_sans: Vec<String>,
 }
 
 impl TlsInfo {
     pub fn of(conn: &rustls::CommonState, sni: Option<String>) -> TlsInfo {
+        let leaf = conn.peer_certificates().and_then(|c| c.first());
+        let (peer_cn, peer_sans) = leaf.map(|c| subject_names(c.as_ref())).unwrap_or_default();
         TlsInfo {
             version: conn.protocol_version().map(|v| format!("{v:?}")),
             cipher_suite: conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())),
             sni,
             alpn: conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
-            peer_certificate: conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+            peer_certificate: leaf.is_some(),
+            peer_cn,
+            peer_sans,
+        }
+    }
+}
+
+/// One DER element: its tag, its content, and what follows it.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        (rest[..n].iter().fold(0usize, |l, &b| (l << 8) | usize::from(b)), &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The subject CN and the subject alternative names of a DER certificate; what cannot be read
+/// is left out (the certificate was verified by rustls; this only names it).
+pub fn subject_names(cert: &[u8]) -> (Option<String>, Vec<String>) {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    const SAN: &[u8] = &[0x55, 0x1d, 0x11];
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut cn = None;
+    let mut sans = Vec::new();
+    let Some((_, cert, _)) = der(cert) else { return (cn, sans) };
+    let Some((_, tbs, _)) = der(cert) else { return (cn, sans) };
+    // version [0] (optional), serial, signature, issuer, validity, subject, key, then [1]–[3].
+    let mut fields = Vec::new();
+    let mut rest = tbs;
+    while let Some((tag, content, next)) = der(rest) {
+        fields.push((tag, content));
+        rest = next;
+    }
+    let skip = usize::from(fields.first().is_some_and(|f| f.0 == 0xa0));
+    if let Some((0x30, subject)) = fields.get(skip + 4).copied() {
+        let mut rdns = subject;
+        while let Some((_, set, next)) = der(rdns) {
+            if let Some((_, pair, _)) = der(set)
+                && let Some((0x06, oid, value)) = der(pair)
+                && oid == CN
+                && let Some((_, v, _)) = der(value)
+            {
+                cn = Some(text(v));
+            }
+            rdns = next;
+        }
+    }
+    if let Some((_, extensions)) = fields.iter().find(|f| f.0 == 0xa3).copied()
+        && let Some((_, mut list, _)) = der(extensions)
+    {
+        while let Some((_, ext, next)) = der(list) {
+            if let Some((0x06, oid, after)) = der(ext)
+                && oid == SAN
+            {
+                // Skip the optional `critical` BOOLEAN; then an OCTET STRING holding the names.
+                let after = match der(after) {
+                    Some((0x01, _, more)) => more,
+                    _ => after,
+                };
+                if let Some((0x04, octets, _)) = der(after)
+                    && let Some((_, mut names, _)) = der(octets)
+                {
+                    while let Some((tag, v, more)) = der(names) {
+                        match tag {
+                            0x81 | 0x82 | 0x86 => sans.push(text(v)),
+                            0x87 if v.len() == 4 => {
+                                sans.push(std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]).to_string())
+                            }
+                            0x87 if v.len() == 16 => {
+                                let b: [u8; 16] = v.try_into().expect("checked length");
+                                sans.push(std::net::Ipv6Addr::from(b).to_string());
+                            }
+                            _ => {}
+                        }
+                        names = more;
+                    }
+                }
+            }
+            list = next;
+        }
+    }
+    (cn, sans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subject_cn_and_alternative_names_are_read_from_a_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![
+            "device-7.plant.example".to_string(),
+            "10.0.0.7".to_string(),
+            "::1".to_string(),
+        ])
+        .unwrap();
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "Plant A");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "device-7");
+        let cert = params.self_signed(&key).unwrap();
+        let (cn, sans) = subject_names(cert.der());
+        assert_eq!(cn.as_deref(), Some("device-7"));
+        assert_eq!(sans, ["device-7.plant.example", "10.0.0.7", "::1"]);
+        // Without a CN or alternative names: nothing, and no panic on any prefix of the bytes.
+        let bare = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        assert_eq!(subject_names(bare.der()).1, Vec::<String>::new());
+        for n in 0..cert.der().len() {
+            let _ = subject_names(&cert.der()[..n]);
         }
     }
 }

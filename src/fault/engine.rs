@@ -288,6 +288,7 @@ struct Facts {
     route: String,
     client_id: String,
     username: Option<String>,
+    cert_cn: Option<String>,
     protocol: u8,
     connect_at: Instant,
     /// Unique among the connections of the process (numbers a device's connections).
@@ -305,6 +306,7 @@ impl Facts {
             route: &self.route,
             client_id: &self.client_id,
             username: self.username.as_deref(),
+            cert_cn: self.cert_cn.as_deref(),
             protocol: self.protocol,
         };
         let mqtt5_only = matches!(rule.kind(), ActionKind::ServerKeepalive | ActionKind::Disconnect);
@@ -412,6 +414,7 @@ impl ConnFaults {
         route: &str,
         client_id: &str,
         username: Option<&str>,
+        cert_cn: Option<&str>,
         protocol: u8,
         at: Instant,
     ) {
@@ -419,6 +422,7 @@ impl ConnFaults {
             route: route.to_string(),
             client_id: client_id.to_string(),
             username: username.map(str::to_string),
+            cert_cn: cert_cn.map(str::to_string),
             protocol,
             connect_at: at,
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -686,7 +690,7 @@ mod tests {
     }
 
     fn connect(f: &mut ConnFaults, client_id: &str, protocol: u8) {
-        f.on_connect("default", client_id, None, protocol, Instant::now());
+        f.on_connect("default", client_id, None, None, protocol, Instant::now());
     }
 
     const C2B: Direction = Direction::ClientToBroker;

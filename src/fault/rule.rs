@@ -144,6 +144,10 @@ pub struct MatchSpec {
     /// Glob on the username; a connection without a username never matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// Glob on the subject CN of the client's TLS certificate (mutual TLS); a connection
+    /// without one never matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_cn: Option<String>,
     /// Protocol levels: 3 (MQTT 3.1), 4 (3.1.1), 5 (5.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Vec<u8>>,
@@ -272,6 +276,7 @@ impl Action {
 pub struct Matcher {
     pub client_id: Option<String>,
     pub username: Option<String>,
+    pub cert_cn: Option<String>,
     pub protocol: Option<Vec<u8>>,
     pub route: Option<Vec<String>>,
 }
@@ -281,6 +286,8 @@ pub struct ConnFacts<'a> {
     pub route: &'a str,
     pub client_id: &'a str,
     pub username: Option<&'a str>,
+    /// The subject CN of the client's TLS certificate.
+    pub cert_cn: Option<&'a str>,
     pub protocol: u8,
 }
 
@@ -298,6 +305,7 @@ impl Matcher {
             && self.protocol.as_ref().is_none_or(|p| p.contains(&c.protocol))
             && self.client_id.as_ref().is_none_or(|g| glob(g, c.client_id))
             && self.username.as_ref().is_none_or(|g| c.username.is_some_and(|u| glob(g, u)))
+            && self.cert_cn.as_ref().is_none_or(|g| c.cert_cn.is_some_and(|cn| glob(g, cn)))
     }
 }
 
@@ -585,6 +593,7 @@ impl RuleSpec {
             matcher: Matcher {
                 client_id: matcher.client_id,
                 username: matcher.username,
+                cert_cn: matcher.cert_cn,
                 protocol: matcher.protocol,
                 route: matcher.route,
             },
@@ -780,15 +789,27 @@ mod tests {
         let m = Matcher {
             client_id: Some("sensor-*".into()),
             username: None,
+            cert_cn: None,
             protocol: Some(vec![4, 5]),
             route: Some(vec!["plant-a".into()]),
         };
-        let facts = |id, proto, route| ConnFacts { route, client_id: id, username: None, protocol: proto };
+        let facts = |id, proto, route| ConnFacts {
+            route,
+            client_id: id,
+            username: None,
+            cert_cn: None,
+            protocol: proto,
+        };
         assert!(m.matches(&facts("sensor-1", 4, "plant-a")));
         assert!(!m.matches(&facts("sensor-1", 3, "plant-a")));
         assert!(!m.matches(&facts("sensor-1", 4, "plant-b")));
         assert!(!m.matches(&facts("pump-1", 4, "plant-a")));
         let u = Matcher { username: Some("*".into()), ..Matcher::default() };
         assert!(!u.matches(&facts("x", 4, "r")), "no username never matches a username glob");
+        let cn = Matcher { cert_cn: Some("device-*".into()), ..Matcher::default() };
+        let with = |cert_cn| ConnFacts { route: "r", client_id: "x", username: None, cert_cn, protocol: 4 };
+        assert!(cn.matches(&with(Some("device-7"))));
+        assert!(!cn.matches(&with(Some("gateway-1"))));
+        assert!(!cn.matches(&with(None)), "no client certificate never matches a cert_cn glob");
     }
 }

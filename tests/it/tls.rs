@@ -353,16 +353,21 @@ async fn mutual_tls_admits_a_client_certificate_and_refuses_its_absence() {
         metrics.contains("mqtt_chaos_tls_handshake_failures_total{route=\"default\",side=\"client\",reason=\"no_client_certificate\"} 1"),
         "{metrics}"
     );
-    // With one: through, and the record says a certificate was shown.
+    // With one: through; a rule matching the certificate's CN acts (Keep Alive 30 → 7), and
+    // the record names the certificate.
+    p.set_rules("[[rules]]\nname = \"by-cert\"\naction = \"rewrite_keepalive\"\nset = 7\nmatch = { cert_cn = \"device-*\" }\n");
     let mut client = pki.connect(&addr, true).await.unwrap();
     client.write_all(&connect_v4("with-cert", 30, None)).await.unwrap();
     client.flush().await.unwrap();
     let mut broker = accepted.await.unwrap();
     let mut got = vec![0u8; connect_v4("with-cert", 30, None).len()];
     tokio::time::timeout(Duration::from_secs(5), broker.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got, connect_v4("with-cert", 7, None), "the cert_cn rule rewrote the Keep Alive");
     let live = p.running().registry().list();
     let c = live.iter().find(|c| c.client_id().as_deref() == Some("with-cert")).expect("the live record");
-    assert!(c.snapshot().client_transport.unwrap().tls.unwrap().peer_certificate);
+    let info = c.snapshot().client_transport.unwrap().tls.unwrap();
+    assert!(info.peer_certificate);
+    assert_eq!(info.peer_cn.as_deref(), Some("device-7"));
 }
 
 #[tokio::test]
