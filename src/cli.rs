@@ -507,11 +507,17 @@ impl ProxyArgs {
             return Err("nothing to proxy: give --listen ADDR --upstream HOST:PORT, or --config FILE".into());
         };
         config::validate_name(&self.name).map_err(|m| format!("--name: {m}"))?;
-        let (listen_transport, listen) = config::parse_address("--listen", listen)?;
-        let (upstream_transport, upstream) = config::parse_address("--upstream", upstream)?;
-        let tls =
-            crate::tls::RouteTls::load(self.tls.options(), listen_transport, upstream_transport, &upstream)
-                .map_err(|e| e.to_string())?;
-        Ok(vec![RouteConfig { name: self.name.clone(), listen, upstream, tls }])
+        let at = config::parse_address("--listen", listen)?;
+        let up = config::parse_address("--upstream", upstream)?;
+        let tls = crate::tls::RouteTls::load(self.tls.options(), at.transport, up.transport, &up.host_port)
+            .map_err(|e| e.to_string())?;
+        Ok(vec![RouteConfig {
+            name: self.name.clone(),
+            listen: at.host_port,
+            upstream: up.host_port,
+            tls,
+            listen_ws: at.path,
+            upstream_ws: up.path,
+        }])
     }
 }

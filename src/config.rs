@@ -89,8 +89,12 @@ pub struct RouteConfig {
     pub listen: String,
     /// `host:port` of the broker (the scheme stripped); resolved at every dial.
     pub upstream: String,
-    /// TLS for the sides given as `mqtts://`, loaded at start.
+    /// TLS for the sides given as `mqtts://` or `wss://`, loaded at start.
     pub tls: crate::tls::RouteTls,
+    /// The WebSocket path of a `ws://`/`wss://` listener (`None`: not WebSocket).
+    pub listen_ws: Option<String>,
+    /// The WebSocket path of a `ws://`/`wss://` upstream.
+    pub upstream_ws: Option<String>,
 }
 
 impl RouteConfig {
@@ -105,33 +109,52 @@ impl RouteConfig {
             listen: listen.into(),
             upstream: upstream.into(),
             tls: Default::default(),
+            listen_ws: None,
+            upstream_ws: None,
         }
     }
 }
 
 /// An address as given on `--listen`, `--upstream` or in a routes file: `HOST:PORT` or
-/// `mqtt://HOST:PORT` (plain TCP), `mqtts://HOST:PORT` (TLS). Returns the transport and
-/// `HOST:PORT`.
-pub fn parse_address(what: &str, value: &str) -> Result<(crate::transport::Transport, String), String> {
+/// `mqtt://HOST:PORT` (plain TCP), `mqtts://HOST:PORT` (TLS), `ws://HOST:PORT/PATH` (MQTT over
+/// WebSocket, path `/mqtt` when none is given), `wss://HOST:PORT/PATH` (over TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub transport: crate::transport::Transport,
+    /// `HOST:PORT`.
+    pub host_port: String,
+    /// The WebSocket path (`ws`, `wss` only).
+    pub path: Option<String>,
+}
+
+pub fn parse_address(what: &str, value: &str) -> Result<Address, String> {
     use crate::transport::Transport;
     let (transport, rest) = match value.split_once("://") {
         None => (Transport::Tcp, value),
         Some(("mqtt" | "tcp", rest)) => (Transport::Tcp, rest),
         Some(("mqtts" | "ssl", rest)) => (Transport::Tls, rest),
-        Some(("ws" | "wss", _)) => {
-            return Err(format!(
-                "{what} {value:?}: MQTT over WebSocket (ws://, wss://) is not supported yet; use mqtt:// or mqtts://"
-            ));
-        }
+        Some(("ws", rest)) => (Transport::Ws, rest),
+        Some(("wss", rest)) => (Transport::Wss, rest),
         Some((scheme, _)) => {
             return Err(format!(
-                "invalid {what} address {value:?}: unknown scheme {scheme:?}; use HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT"
+                "invalid {what} address {value:?}: unknown scheme {scheme:?}; use HOST:PORT, mqtt://, mqtts://, ws:// or wss://"
             ));
         }
     };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    validate_host_port(what, rest)?;
-    Ok((transport, rest.to_string()))
+    let (host_port, path) = match rest.split_once('/') {
+        Some((hp, p)) => (hp, format!("/{p}")),
+        None => (rest, String::new()),
+    };
+    validate_host_port(what, host_port)?;
+    let path = if transport.websocket() {
+        Some(if path.is_empty() || path == "/" { "/mqtt".to_string() } else { path })
+    } else {
+        if !path.is_empty() && path != "/" {
+            return Err(format!("invalid {what} address {value:?}: a path only goes with ws:// or wss://"));
+        }
+        None
+    };
+    Ok(Address { transport, host_port: host_port.to_string(), path })
 }
 
 /// A configuration error with its location, printed as `file:line:col: message` (or
@@ -226,10 +249,10 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
     for entry in parsed.route {
         let err = |field: &Spanned<String>, msg: String| ConfigError::at(file, text, field.span().start, msg);
         validate_name(entry.name.get_ref()).map_err(|m| err(&entry.name, m))?;
-        let (upstream_transport, upstream) =
-            parse_address("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
-        let (listen_transport, listen) =
-            parse_address("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
+        let up = parse_address("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
+        let at = parse_address("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
+        let (listen_transport, listen, upstream_transport, upstream) =
+            (at.transport, at.host_port, up.transport, up.host_port);
         if routes.iter().any(|r| &r.name == entry.name.get_ref()) {
             return Err(err(&entry.name, format!("duplicate route name {:?}", entry.name.get_ref())));
         }
@@ -266,7 +289,14 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
                 let file_part = if e.file.is_empty() { String::new() } else { format!(" {}", e.file) };
                 ConfigError::at(file, text, at, format!("{field}{file_part}: {}", e.message))
             })?;
-        routes.push(RouteConfig { name: entry.name.into_inner(), listen, upstream, tls });
+        routes.push(RouteConfig {
+            name: entry.name.into_inner(),
+            listen,
+            upstream,
+            tls,
+            listen_ws: at.path,
+            upstream_ws: up.path,
+        });
     }
     Ok(routes)
 }
@@ -348,6 +378,25 @@ mod tests {
         assert_eq!(parse_size("1 MiB"), Ok(1_048_576));
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn addresses_take_the_mqtt_url_schemes() {
+        use crate::transport::Transport;
+        let a = |v: &str| parse_address("--listen", v);
+        assert_eq!(a("127.0.0.1:1884").unwrap().transport, Transport::Tcp);
+        assert_eq!(a("mqtt://127.0.0.1:1884").unwrap().host_port, "127.0.0.1:1884");
+        assert_eq!(a("mqtts://b:8883").unwrap().transport, Transport::Tls);
+        let ws = a("ws://b:8080").unwrap();
+        assert_eq!((ws.transport, ws.path.as_deref()), (Transport::Ws, Some("/mqtt")));
+        let wss = a("wss://[::1]:443/custom/path").unwrap();
+        assert_eq!(
+            (wss.transport, wss.host_port.as_str(), wss.path.as_deref()),
+            (Transport::Wss, "[::1]:443", Some("/custom/path"))
+        );
+        assert!(a("mqtt://b:1883/path").unwrap_err().contains("a path only goes with ws://"));
+        assert!(a("http://b:80").unwrap_err().contains("unknown scheme \"http\""));
+        assert!(a("ws://b").is_err());
     }
 
     #[test]

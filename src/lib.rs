@@ -18,6 +18,7 @@
 //! | [`metrics`] | every Prometheus family, registered in one place; a route's metrics say what happened (`on_close`, `on_batch`, …); the exposition (Prometheus text or OpenMetrics) |
 //! | [`transport`] | a side's byte stream: plain TCP or TLS, with each transport's close semantics |
 //! | [`tls`] | certificates and keys read at start, the rustls configurations of listeners and upstreams, handshake facts |
+//! | [`ws`] | MQTT over WebSocket: the handshakes (subprotocol `mqtt`), frames as one byte stream, WebSocket pings counted apart |
 //! | [`vocab`] | the shared words: `Direction`, `Side`, `CloseHow`, `Cause`, `CloseInfo`, takeover and Will outcomes, a pump's `Batch` (a leaf) |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
 //! | [`probe`] | `mqtt-chaos probe`: scenarios run through the in-process proxy against a broker (or the embedded one), verdicts against the specification, the report |
@@ -49,3 +50,4 @@ pub mod summary;
 pub mod tls;
 pub mod transport;
 pub mod vocab;
+pub mod ws;

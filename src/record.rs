@@ -187,6 +187,16 @@ pub struct SideTransport {
     /// The broker's certificate was not verified (`--upstream-insecure`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unverified: bool,
+    /// For `ws`/`wss`: the path and the subprotocol agreed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocketInfo>,
+}
+
+/// The WebSocket under one side of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WebSocketInfo {
+    pub path: String,
+    pub subprotocol: Option<String>,
 }
 
 /// Fields that change a few times per connection.
@@ -418,6 +428,20 @@ impl Connection {
     /// The subject CN of the certificate the client showed on a mutual-TLS listener.
     pub fn cert_cn(&self) -> Option<String> {
         self.state().client_transport.as_ref().and_then(|t| t.tls.as_ref()).and_then(|i| i.peer_cn.clone())
+    }
+
+    /// The side's stream (set with [`Connection::set_transport`]) carries MQTT over WebSocket.
+    pub(crate) fn set_websocket(&self, side: Side, ws: WebSocketInfo) {
+        use crate::transport::Transport;
+        let mut s = self.state();
+        let t = match side {
+            Side::Broker => &mut s.broker_transport,
+            _ => &mut s.client_transport,
+        };
+        if let Some(t) = t {
+            t.transport = if t.transport.tls() { Transport::Wss } else { Transport::Ws };
+            t.websocket = Some(ws);
+        }
     }
 
     /// How the client (`Side::Client`) or the broker is connected.

@@ -19,8 +19,11 @@ pub struct Route {
     pub reach: Reach,
     /// What the route's Will observer watches now (`--observe-wills`).
     pub observer: ObserverView,
-    /// TLS of the listener and of the upstream, where their addresses are `mqtts://`.
+    /// TLS of the listener and of the upstream, where their addresses are `mqtts://`/`wss://`.
     pub tls: crate::tls::RouteTls,
+    /// WebSocket paths of the listener and of the upstream, where they are `ws://`/`wss://`.
+    pub listen_ws: Option<String>,
+    pub upstream_ws: Option<String>,
 }
 
 #[cfg(test)]
@@ -36,6 +39,8 @@ impl Route {
             reach: Default::default(),
             observer: Default::default(),
             tls: Default::default(),
+            listen_ws: None,
+            upstream_ws: None,
         })
     }
 }

@@ -79,6 +79,8 @@ impl Proxy {
                 reach: Default::default(),
                 observer: Default::default(),
                 tls: r.tls.clone(),
+                listen_ws: r.listen_ws.clone(),
+                upstream_ws: r.upstream_ws.clone(),
             };
             let route = Arc::new(route);
             for (lot, l) in more_loops.iter_mut().zip(more) {
@@ -132,9 +134,15 @@ impl Proxy {
         };
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
-            let scheme = |tls: bool| if tls { "mqtts" } else { "mqtt" };
+            let scheme = |tls: bool, ws: bool| match (tls, ws) {
+                (false, false) => "mqtt",
+                (true, false) => "mqtts",
+                (false, true) => "ws",
+                (true, true) => "wss",
+            };
             info!(route = %route.name, listen = %route.listen, upstream = %route.upstream,
-                listen_scheme = scheme(route.tls.listen.is_some()), upstream_scheme = scheme(route.tls.upstream.is_some()),
+                listen_scheme = scheme(route.tls.listen.is_some(), route.listen_ws.is_some()),
+                upstream_scheme = scheme(route.tls.upstream.is_some(), route.upstream_ws.is_some()),
                 "listening");
             if route.tls.upstream.as_ref().is_some_and(|t| t.insecure) {
                 warn!(route = %route.name, upstream = %route.upstream,

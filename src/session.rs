@@ -15,7 +15,7 @@ use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
 use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
-use crate::record::{Connection, Registry, SideTransport};
+use crate::record::{Connection, Registry, SideTransport, WebSocketInfo};
 use crate::tls::{ClientSide, ServerSide, TlsInfo};
 use crate::transport::{Stream, Transport};
 use crate::vocab::{CloseHow, Direction, Side};
@@ -70,7 +70,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
         None => {
             conn.set_transport(
                 Side::Client,
-                SideTransport { transport: Transport::Tcp, tls: None, unverified: false },
+                SideTransport { transport: Transport::Tcp, tls: None, unverified: false, websocket: None },
             );
             Stream::Tcp(client)
         }
@@ -84,6 +84,29 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             match handshake {
                 Some(stream) => stream,
                 None => return,
+            }
+        }
+    };
+    let client = match &route.listen_ws {
+        None => client,
+        Some(path) => {
+            let handshake = tokio::select! {
+                biased;
+                _ = conn.cancel.cancelled() => return,
+                r = Box::pin(handshake_within(&ctx, crate::ws::accept(client, path))) => r,
+            };
+            match handshake {
+                Ok((ws, subprotocol)) => {
+                    conn.set_websocket(Side::Client, WebSocketInfo { path: path.clone(), subprotocol });
+                    Stream::Ws(Box::new(ws))
+                }
+                Err(e) => {
+                    info!(conn = conn.id, route = %route.name, client = %conn.client_addr, error = %e,
+                        "WebSocket handshake with the client failed; closing it");
+                    let why = format!("WebSocket handshake with the client failed: {e}");
+                    conn.note_close(Side::Proxy, CloseHow::Error, None, Some(why), Instant::now());
+                    return;
+                }
             }
         }
     };
@@ -114,7 +137,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
         None => {
             conn.set_transport(
                 Side::Broker,
-                SideTransport { transport: Transport::Tcp, tls: None, unverified: false },
+                SideTransport { transport: Transport::Tcp, tls: None, unverified: false, websocket: None },
             );
             Stream::Tcp(broker)
         }
@@ -127,6 +150,27 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             match handshake {
                 Ok(stream) => stream,
                 Err(why) => return upstream_failed(&ctx, client, why),
+            }
+        }
+    };
+    let broker = match &route.upstream_ws {
+        None => broker,
+        Some(path) => {
+            let tls = route.tls.upstream.is_some();
+            let handshake = tokio::select! {
+                biased;
+                _ = conn.cancel.cancelled() => return,
+                r = Box::pin(handshake_within(&ctx, crate::ws::connect(broker, &route.upstream, path, tls))) => r,
+            };
+            match handshake {
+                Ok((ws, subprotocol)) => {
+                    conn.set_websocket(Side::Broker, WebSocketInfo { path: path.clone(), subprotocol });
+                    Stream::Ws(Box::new(ws))
+                }
+                Err(e) => {
+                    let why = format!("WebSocket handshake with the broker failed: {e}");
+                    return upstream_failed(&ctx, client, why);
+                }
             }
         }
     };
@@ -165,7 +209,12 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
             let info = TlsInfo::of(stream.get_ref().1, sni);
             conn.set_transport(
                 Side::Client,
-                SideTransport { transport: Transport::Tls, tls: Some(info), unverified: false },
+                SideTransport {
+                    transport: Transport::Tls,
+                    tls: Some(info),
+                    unverified: false,
+                    websocket: None,
+                },
             );
             Some(Stream::TlsServer(Box::new(stream)))
         }
@@ -212,7 +261,12 @@ async fn connect_tls(ctx: &Ctx, tls: &ClientSide, tcp: TcpStream) -> Result<Stre
             let info = TlsInfo::of(stream.get_ref().1, Some(tls.server_name.to_str().into_owned()));
             conn.set_transport(
                 Side::Broker,
-                SideTransport { transport: Transport::Tls, tls: Some(info), unverified: tls.insecure },
+                SideTransport {
+                    transport: Transport::Tls,
+                    tls: Some(info),
+                    unverified: tls.insecure,
+                    websocket: None,
+                },
             );
             Ok(Stream::TlsClient(Box::new(stream)))
         }

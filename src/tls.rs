@@ -484,13 +484,14 @@ impl RouteTls {
         upstream: crate::transport::Transport,
         upstream_addr: &str,
     ) -> Result<RouteTls, TlsError> {
-        use crate::transport::Transport;
         let unused = |field: &'static str, side: &str| TlsError {
             field,
             file: String::new(),
-            message: format!("only applies to a TLS {side}: write it as mqtts://HOST:PORT"),
+            message: format!(
+                "only applies to a TLS {side}: write it as mqtts://HOST:PORT or wss://HOST:PORT/PATH"
+            ),
         };
-        if listen != Transport::Tls {
+        if !listen.tls() {
             for (field, given) in [
                 ("--tls-cert", options.cert.is_some()),
                 ("--tls-key", options.key.is_some()),
@@ -501,7 +502,7 @@ impl RouteTls {
                 }
             }
         }
-        if upstream != Transport::Tls {
+        if !upstream.tls() {
             for (field, given) in [
                 ("--upstream-ca", options.upstream_ca.is_some()),
                 ("--upstream-cert", options.upstream_cert.is_some()),
@@ -516,11 +517,8 @@ impl RouteTls {
         }
         let host = upstream_addr.rsplit_once(':').map_or(upstream_addr, |(h, _)| h);
         Ok(RouteTls {
-            listen: (listen == Transport::Tls).then(|| server_side(&options)).transpose()?.map(Arc::new),
-            upstream: (upstream == Transport::Tls)
-                .then(|| client_side(&options, host))
-                .transpose()?
-                .map(Arc::new),
+            listen: listen.tls().then(|| server_side(&options)).transpose()?.map(Arc::new),
+            upstream: upstream.tls().then(|| client_side(&options, host)).transpose()?.map(Arc::new),
             options,
         })
     }

@@ -1,5 +1,5 @@
-//! The byte streams a session relays: plain TCP or TLS (server side towards clients, client
-//! side towards brokers). Pumps see one `AsyncRead + AsyncWrite` whatever the transport, so every
+//! The byte streams a session relays: plain TCP, TLS (server side towards clients, client
+//! side towards brokers), or MQTT over WebSocket on either ([`crate::ws`]). Pumps see one `AsyncRead + AsyncWrite` whatever the transport, so every
 //! fault and measurement works the same on each; the session reaches the TCP socket underneath
 //! for what only TCP has (zero linger, so that a close sends RST).
 //!
@@ -20,6 +20,10 @@ pub enum Transport {
     #[default]
     Tcp,
     Tls,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
 }
 
 impl Transport {
@@ -27,7 +31,19 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
+    }
+
+    /// Whether TLS is involved (`mqtts`, `wss`).
+    pub fn tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// Whether it is MQTT over WebSocket (`ws`, `wss`).
+    pub fn websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
     }
 }
 
@@ -38,6 +54,8 @@ pub enum Stream {
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// The proxy's TLS connection to the broker.
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// MQTT over WebSocket, over one of the above.
+    Ws(Box<crate::ws::WsStream>),
 }
 
 impl Stream {
@@ -47,6 +65,7 @@ impl Stream {
             Stream::Tcp(s) => s,
             Stream::TlsServer(s) => s.get_ref().0,
             Stream::TlsClient(s) => s.get_ref().0,
+            Stream::Ws(s) => s.inner().tcp(),
         }
     }
 
@@ -54,6 +73,8 @@ impl Stream {
         match self {
             Stream::Tcp(_) => Transport::Tcp,
             Stream::TlsServer(_) | Stream::TlsClient(_) => Transport::Tls,
+            Stream::Ws(s) if s.inner().transport().tls() => Transport::Wss,
+            Stream::Ws(_) => Transport::Ws,
         }
     }
 
@@ -91,6 +112,7 @@ impl AsyncRead for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsServer(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
             Stream::TlsClient(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -101,6 +123,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -109,6 +132,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -117,6 +141,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -21,3 +21,4 @@ mod soak;
 mod tls;
 mod wills;
 mod wire;
+mod ws;
