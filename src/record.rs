@@ -197,6 +197,12 @@ pub struct SideTransport {
 pub struct WebSocketInfo {
     pub path: String,
     pub subprotocol: Option<String>,
+    /// WebSocket pings received from this side (answered by the proxy) and pongs received; not
+    /// MQTT PINGREQ/PINGRESP. Known once the side's stream ended.
+    pub pings: u64,
+    pub pongs: u64,
+    /// The code of the Close frame this side sent, if it sent one.
+    pub close_code: Option<u16>,
 }
 
 /// Fields that change a few times per connection.
@@ -430,8 +436,10 @@ impl Connection {
         self.state().client_transport.as_ref().and_then(|t| t.tls.as_ref()).and_then(|i| i.peer_cn.clone())
     }
 
-    /// The side's stream (set with [`Connection::set_transport`]) carries MQTT over WebSocket.
-    pub(crate) fn set_websocket(&self, side: Side, ws: WebSocketInfo) {
+    /// The side's stream (set with [`Connection::set_transport`]) carries MQTT over WebSocket
+    /// at `path`, with the subprotocol agreed.
+    pub(crate) fn set_websocket(&self, side: Side, path: &str, subprotocol: Option<String>) {
+        let ws = WebSocketInfo { path: path.to_string(), subprotocol, pings: 0, pongs: 0, close_code: None };
         use crate::transport::Transport;
         let mut s = self.state();
         let t = match side {
@@ -441,6 +449,18 @@ impl Connection {
         if let Some(t) = t {
             t.transport = if t.transport.tls() { Transport::Wss } else { Transport::Ws };
             t.websocket = Some(ws);
+        }
+    }
+
+    /// What a side's WebSocket counted by the time its stream ended.
+    pub(crate) fn set_websocket_end(&self, side: Side, pings: u64, pongs: u64, close_code: Option<u16>) {
+        let mut s = self.state();
+        let t = match side {
+            Side::Broker => &mut s.broker_transport,
+            _ => &mut s.client_transport,
+        };
+        if let Some(ws) = t.as_mut().and_then(|t| t.websocket.as_mut()) {
+            (ws.pings, ws.pongs, ws.close_code) = (pings, pongs, close_code);
         }
     }
 

@@ -15,7 +15,7 @@ use crate::codec::reason_name;
 use crate::fault::rule::{CloseMode, SideSpec};
 use crate::fault::{Applied, ConnAction};
 use crate::pump::{Ctx, PumpEnd, pump};
-use crate::record::{Connection, Registry, SideTransport, WebSocketInfo};
+use crate::record::{Connection, Registry, SideTransport};
 use crate::tls::{ClientSide, ServerSide, TlsInfo};
 use crate::transport::{Stream, Transport};
 use crate::vocab::{CloseHow, Direction, Side};
@@ -97,7 +97,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
-                    conn.set_websocket(Side::Client, WebSocketInfo { path: path.clone(), subprotocol });
+                    conn.set_websocket(Side::Client, path, subprotocol);
                     Stream::Ws(Box::new(ws))
                 }
                 Err(e) => {
@@ -164,7 +164,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
-                    conn.set_websocket(Side::Broker, WebSocketInfo { path: path.clone(), subprotocol });
+                    conn.set_websocket(Side::Broker, path, subprotocol);
                     Stream::Ws(Box::new(ws))
                 }
                 Err(e) => {
@@ -300,6 +300,9 @@ async fn relay(ctx: &Ctx, mut client: Stream, mut broker: Stream) {
             }
         }
     };
+    for (stream, side) in [(&client, Side::Client), (&broker, Side::Broker)] {
+        websocket_end(ctx, stream, side);
+    }
     if let Some((action, applied)) = action
         && !matches!(up, PumpEnd::Cancelled)
     {
@@ -313,6 +316,22 @@ async fn relay(ctx: &Ctx, mut client: Stream, mut broker: Stream) {
     let broker_reset = down.read_reset() || up.write_reset();
     for (stream, arm) in [(&client, broker_reset || proxy_rst), (&broker, client_reset || proxy_rst)] {
         arm_rst(ctx, stream, arm);
+    }
+}
+
+/// Records what a WebSocket side counted (pings, pongs apart from MQTT's) and logs its Close code.
+fn websocket_end(ctx: &Ctx, stream: &Stream, side: Side) {
+    if let Stream::Ws(ws) = stream {
+        ctx.conn.set_websocket_end(side, ws.pings, ws.pongs, ws.close_code);
+        if let Some(code) = ws.close_code {
+            info!(
+                conn = ctx.conn.id,
+                side = side.as_str(),
+                code,
+                pings = ws.pings,
+                "WebSocket Close frame received"
+            );
+        }
     }
 }
 

@@ -82,10 +82,47 @@ async fn a_websocket_client_reaches_a_tcp_broker_whatever_the_framing() {
         up["packets"]["PINGREQ"].is_null() && up["last_ping_ago_s"].is_null(),
         "a WebSocket ping is no PINGREQ: {json}"
     );
-    // A Close frame ends the client's side like a FIN: the broker sees the client go.
+    // A Close frame ends the client's side like a FIN: the broker sees the client go; the
+    // record then holds the WebSocket's own counts and the Close code.
     ws.close(None).await.unwrap();
-    let (_conn, close) = p.next_closed(Duration::from_secs(5)).await;
+    let (conn, close) = p.next_closed(Duration::from_secs(5)).await;
     assert_eq!(close.closed_by, Side::Client, "{close:?}");
+    TestProxy::ended(&conn, Duration::from_secs(5)).await;
+    let ws_info = conn.snapshot().client_transport.unwrap().websocket.unwrap();
+    assert_eq!((ws_info.pings, ws_info.close_code), (1, Some(1005)), "{ws_info:?}");
+}
+
+#[tokio::test]
+async fn wss_is_websocket_over_tls() {
+    let pki = crate::tls::Pki::new();
+    let broker = Mosquitto::start();
+    // The listener's certificate only: the upstream is plain TCP.
+    let options =
+        mqtt_chaos::tls::TlsOptions { upstream_ca: None, upstream_server_name: None, ..pki.options() };
+    let tls = mqtt_chaos::tls::RouteTls::load(
+        options,
+        mqtt_chaos::transport::Transport::Wss,
+        mqtt_chaos::transport::Transport::Tcp,
+        &broker.addr(),
+    )
+    .unwrap();
+    let route = RouteConfig {
+        tls,
+        listen_ws: Some("/mqtt".into()),
+        ..RouteConfig::tcp("default", "127.0.0.1:0", broker.addr())
+    };
+    let p = TestProxy::start_route(route, Default::default()).await;
+    let tls_stream = pki.connect(&p.addr.to_string(), false).await.unwrap();
+    let mut request = format!("wss://localhost:{}/mqtt", p.addr.port()).into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(request, tls_stream).await.expect("the WebSocket handshake over TLS");
+    ws.send(Message::Binary(Bytes::from(connect_v4("wss-client", 30, None)))).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, 4).await, [0x20, 2, 0, 0], "CONNACK over wss");
+    let live = p.running().registry().list();
+    let json = serde_json::to_value(live[0].snapshot()).unwrap();
+    assert_eq!(json["client_transport"]["transport"], "wss", "{json}");
+    assert!(json["client_transport"]["tls"]["version"].is_string(), "{json}");
 }
 
 #[tokio::test]
