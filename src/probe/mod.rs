@@ -73,7 +73,7 @@ pub fn parse_broker_url(url: &str) -> Result<String, String> {
         Some(("mqtt" | "tcp", rest)) => rest,
         Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
             return Err(format!(
-                "--broker {url}: {scheme}:// needs TLS or WebSocket, which this build does not speak yet; use mqtt://HOST:PORT"
+                "--broker {url}: the probe's own clients speak plain TCP only so far ({scheme}:// works with `mqtt-chaos proxy`); use mqtt://HOST:PORT"
             ));
         }
         Some((scheme, _)) => {
@@ -356,8 +356,12 @@ mod tests {
         assert_eq!(parse_broker_url("mqtt://[::1]:1884").unwrap(), "[::1]:1884");
         assert_eq!(parse_broker_url("[::1]").unwrap(), "[::1]:1883");
         assert_eq!(parse_broker_url("::1").unwrap(), "[::1]:1883");
-        assert!(parse_broker_url("mqtts://b:8883").unwrap_err().contains("mqtts:// needs TLS"));
-        assert!(parse_broker_url("wss://b/mqtt").unwrap_err().contains("WebSocket"));
+        assert!(
+            parse_broker_url("mqtts://b:8883").unwrap_err().contains("plain TCP only so far (mqtts:// works")
+        );
+        assert!(
+            parse_broker_url("wss://b/mqtt").unwrap_err().contains("(wss:// works with `mqtt-chaos proxy`)")
+        );
         assert!(parse_broker_url("http://b").unwrap_err().contains("unknown scheme \"http\""));
         assert!(parse_broker_url("b:99999").unwrap_err().contains("invalid port"));
         assert!(parse_broker_url("mqtt://b:1883/path").is_err());
