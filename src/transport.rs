@@ -27,15 +27,6 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-            Transport::Ws => "ws",
-            Transport::Wss => "wss",
-        }
-    }
-
     /// Whether TLS is involved (`mqtts`, `wss`).
     pub fn tls(self) -> bool {
         matches!(self, Transport::Tls | Transport::Wss)

@@ -241,7 +241,12 @@ fn start(name: &str, program: &str, args: &[String], addr: String, dir: Option<S
 
 fn haproxy(sink: &str, idle: usize) -> Relay {
     // haproxy asks for 2 × maxconn + 17 descriptors at start and refuses to run without them.
-    let maxconn = idle.max(200) + 50; // the throughput runs open 100 connections
+    haproxy_with(sink, idle.max(200) + 50, "", "") // the throughput runs open 100 connections
+}
+
+/// haproxy in `mode tcp` from a free loopback port to `sink`, with `bind_options` (e.g. `ssl crt
+/// FILE`) on its listener and `server_options` on its connection to the sink.
+fn haproxy_with(sink: &str, maxconn: usize, bind_options: &str, server_options: &str) -> Relay {
     let dir = ScratchDir::new();
     let addr = format!("127.0.0.1:{}", free_port());
     let cfg = dir.path().join("haproxy.cfg");
@@ -249,7 +254,7 @@ fn haproxy(sink: &str, idle: usize) -> Relay {
         &cfg,
         format!(
             "global\n  maxconn {maxconn}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-             frontend f\n  bind {addr}\n  maxconn {maxconn}\n  default_backend b\nbackend b\n  server s {sink}\n"
+             frontend f\n  bind {addr} {bind_options}\n  maxconn {maxconn}\n  default_backend b\nbackend b\n  server s {sink} {server_options}\n"
         ),
     )
     .unwrap();

@@ -85,19 +85,8 @@ async fn connected(
 }
 
 fn haproxy(pki: &Pki, sink: &str, maxconn: usize) -> Relay {
-    let dir = ScratchDir::new();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn {maxconn}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-             frontend f\n  bind {addr} ssl crt {}\n  maxconn {maxconn}\n  default_backend b\nbackend b\n  server s {sink} ssl verify none\n",
-            pki.file("combined.pem")
-        ),
-    )
-    .unwrap();
-    start("haproxy", "haproxy", &["-db".into(), "-f".into(), cfg.display().to_string()], addr, Some(dir))
+    let bind = format!("ssl crt {}", pki.file("combined.pem"));
+    crate::haproxy_with(sink, maxconn, &bind, "ssl verify none")
 }
 
 fn chaos(pki: &Pki, proxy: &Path, sink: &str) -> Relay {

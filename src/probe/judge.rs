@@ -24,9 +24,6 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 4] =
-        [Verdict::Conforms, Verdict::Deviates, Verdict::Fails, Verdict::NotApplicable];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::NotApplicable => "n/a",

@@ -402,18 +402,7 @@ pub async fn pinging_client(
 /// A packet from its first byte and body (the remaining length is computed).
 pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
+    mqtt_chaos::codec::encode_varint(body.len(), &mut out);
     out.extend_from_slice(body);
     out
 }
@@ -424,25 +413,22 @@ pub fn string(s: &str) -> Vec<u8> {
     v
 }
 
-/// An MQTT 3.1.1 CONNECT (clean session) with an optional Will (topic, payload).
+/// An MQTT 3.1.1 CONNECT (clean session) with an optional Will (topic, payload), QoS 0.
 pub fn connect_v4(client_id: &str, keep_alive: u16, will: Option<(&str, &str)>) -> Vec<u8> {
-    let mut body = string("MQTT");
-    body.push(4);
-    body.push(0x02 | if will.is_some() { 0x04 } else { 0 });
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend(string(client_id));
-    if let Some((topic, payload)) = will {
-        body.extend(string(topic));
-        body.extend(string(payload));
-    }
-    packet(0x10, &body)
+    use mqtt_chaos::codec::encode::{ConnectSpec, WillSpec};
+    let mut c = ConnectSpec::new(mqtt_chaos::codec::Protocol::V311, client_id, keep_alive);
+    c.will = will.map(|(topic, payload)| WillSpec {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec(),
+        qos: 0,
+        retain: false,
+        delay_interval: None,
+    });
+    c.encode()
 }
 
 pub fn subscribe_v4(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = packet_id.to_be_bytes().to_vec();
-    body.extend(string(filter));
-    body.push(qos);
-    packet(0x82, &body)
+    mqtt_chaos::codec::encode::subscribe(mqtt_chaos::codec::Protocol::V311, packet_id, filter, qos)
 }
 
 pub fn publish_v4(topic: &str, payload: &[u8]) -> Vec<u8> {

@@ -4,7 +4,7 @@
 //! 3.1.1-only one, one that needs a username). The JSON report is validated against
 //! PROBE.schema.json, the JUnit report parsed as XML.
 
-use crate::harness::{Mosquitto, binary, dead_address};
+use crate::harness::{Mosquitto, binary, dead_address, packet};
 use mqtt_chaos::codec::{
     Connect, FrameHeader, PacketType, Protocol, Publish, Splitter, Step, TopicFilters, filter_matches,
 };
@@ -522,19 +522,12 @@ impl MiniBroker {
     }
 }
 
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    mqtt_chaos::codec::encode_varint(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
 fn connack(p: Protocol, code: u8) -> Vec<u8> {
-    if p == Protocol::V5 { frame(0x20, &[0, code, 0]) } else { frame(0x20, &[0, code]) }
+    if p == Protocol::V5 { packet(0x20, &[0, code, 0]) } else { packet(0x20, &[0, code]) }
 }
 
 fn disconnect_with(reason: u8) -> Vec<u8> {
-    frame(0xe0, &[reason, 0])
+    packet(0xe0, &[reason, 0])
 }
 
 /// A PUBLISH of `topic` QoS 0 (the Will's payload does not matter to the probe).
@@ -545,7 +538,7 @@ fn publish(p: Protocol, topic: &str) -> Vec<u8> {
         body.push(0);
     }
     body.extend_from_slice(b"gone");
-    frame(0x30, &body)
+    packet(0x30, &body)
 }
 
 async fn serve(mut s: TcpStream, b: Behaviour, shared: Arc<Mutex<Shared>>) {
@@ -673,7 +666,7 @@ async fn handle(
             }
             let body =
                 if protocol == Protocol::V5 { vec![id[0], id[1], 0, code] } else { vec![id[0], id[1], code] };
-            let _ = s.write_all(&frame(0x90, &body)).await;
+            let _ = s.write_all(&packet(0x90, &body)).await;
         }
         PacketType::Disconnect => return Flow::Stop { will: false },
         PacketType::Publish => {

@@ -493,3 +493,34 @@ async fn key_files_that_cannot_be_used_stop_the_start_naming_the_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert: only applies to a TLS listener"));
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_tls_or_websocket_handshake_is_closed_at_the_connect_timeout() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start();
+    let settings =
+        || mqtt_chaos::config::Settings { connect_timeout: Duration::from_millis(300), ..Default::default() };
+    let listen_tls = TlsOptions { upstream_ca: None, upstream_server_name: None, ..pki.options() };
+    let tls = RouteTls::load(listen_tls, Transport::Tls, Transport::Tcp, &broker.addr()).unwrap();
+    let tls_route = RouteConfig { tls, ..RouteConfig::tcp("default", "127.0.0.1:0", broker.addr()) };
+    let ws_route = RouteConfig {
+        listen_ws: Some("/mqtt".into()),
+        ..RouteConfig::tcp("default", "127.0.0.1:0", broker.addr())
+    };
+    // Silent after connecting (TLS), and a request that stops halfway (WebSocket).
+    for (route, sends, what) in [
+        (tls_route, &b""[..], "TLS handshake with the client failed"),
+        (ws_route, &b"GET /mqtt HTTP/1.1\r\nHost: p\r\n"[..], "WebSocket handshake with the client failed"),
+    ] {
+        let mut p = TestProxy::start_route(route, settings()).await;
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(sends).await.unwrap();
+        let started = std::time::Instant::now();
+        let (_, ending) = read_to_end(&mut c, Duration::from_secs(5)).await;
+        assert_ne!(ending, Ending::Open, "{what}: still open after 5 s");
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}: closed after {:?}", started.elapsed());
+        let (_conn, close) = p.next_closed(Duration::from_secs(2)).await;
+        let reason = close.reason.unwrap_or_default();
+        assert!(reason.contains(what) && reason.contains("no handshake within 300ms"), "{reason}");
+    }
+}
