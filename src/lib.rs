@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod ctl;

@@ -362,7 +362,7 @@ async fn probe(args: ProbeArgs) -> ExitCode {
     say(format!(
         "mqtt-chaos probe: {n} scenario{} × MQTT {} against {target}, Keep Alive {} s\n",
         if n == 1 { "" } else { "s" },
-        opts.protocols.iter().map(|&p| report::protocol_name(p)).collect::<Vec<_>>().join(" and "),
+        opts.protocols.iter().map(|&p| p.version()).collect::<Vec<_>>().join(" and "),
         opts.keepalive
     ));
     let progress = Progress::new(std::io::stdout().is_terminal());

@@ -1,30 +1,34 @@
 //! `--observe-wills`: the proxy's own MQTT client on each route's upstream.
 //!
 //! The subscribers that matter for a Will are often not behind the proxy, so the proxy can
-//! subscribe itself: one rumqttc client per route, connected straight to the broker,
-//! subscribing to the Will topic of every connection as it learns it (from the CONNECT).
+//! subscribe itself: one client per route ([`crate::client::RawClient`], over the upstream's
+//! transport — TCP, TLS, WebSocket — with the route's TLS settings), connected straight to the
+//! broker, subscribing to the Will topic of every connection as it learns it (from the CONNECT).
 //! What it receives is reported as [`Event::WillTopicPublish`]; the monitor counts each expected
 //! Will once, whichever path saw it first, and asks [`crate::route::ObserverView`] whether the
-//! observer was watching a Will that never came. Retained messages (delivered because of the
+//! observer was watching a Will that never came (a topic counts as watched once its SUBACK
+//! granted it; a refused subscription is logged). Retained messages (delivered because of the
 //! subscription itself) are ignored. Every [`PRUNE_EVERY`] it unsubscribes from the topics no
 //! live connection and no awaited Will needs any more, so a fleet that churns Will topics does
 //! not grow its subscriptions for ever. Credentials come from flags, env or a file and are never
 //! logged.
 //!
 //! It speaks MQTT 5 or 3.1.1 (`--observer-protocol`; `auto` tries 5 first and falls back to
-//! 3.1.1 while 5 fails, and keeps what worked). Failed connections are retried after 1 s,
-//! doubling to 30 s, counted, and logged once per change between connected and failing.
+//! 3.1.1 while 5 fails, and keeps what worked). Subscriptions are QoS 0 (nothing to
+//! acknowledge; over one live connection nothing is lost), Keep Alive 30 s with a PINGREQ every
+//! 30 s. Failed connections are retried after 1 s, doubling to 30 s, counted, and logged once
+//! per change between connected and failing.
 
+use crate::client::{Dial, Handshake, Next, RawClient};
+use crate::codec::encode::{self, ConnectSpec};
+use crate::codec::{PacketType, Protocol, Publish};
 use crate::record::{Event, Registry};
 use crate::route::Route;
-use rumqttc::v5::mqttbytes::QoS as QoS5;
-use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
-use rumqttc::{Event as Event4, MqttOptions, Packet as Packet4, QoS};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -67,113 +71,42 @@ impl std::fmt::Debug for ObserverConfig {
     }
 }
 
-/// Splits `host:port` (IPv6 in brackets).
-fn host_port(upstream: &str) -> Option<(String, u16)> {
-    let (host, port) = upstream.rsplit_once(':')?;
-    Some((host.trim_start_matches('[').trim_end_matches(']').to_string(), port.parse().ok()?))
+/// The observer's Keep Alive, and how often it pings.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a connection attempt (TCP, TLS, WebSocket, CONNECT) may take.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// The observer's connection, or the time of its next attempt.
+enum State {
+    Connected { client: RawClient, ping_at: Instant },
+    Waiting { retry_at: Instant },
 }
 
-/// The request side of an MQTT client of either version.
-enum Requests {
-    V311(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
+/// What woke the observer's loop.
+enum Wake {
+    Stop,
+    Prune,
+    Event(Result<Event, RecvError>),
+    Mqtt(Next),
+    Retry,
 }
 
-/// The connection side (rumqttc's event loop), polled by the observer's loop. A poll must not be
-/// dropped halfway: that would abandon a connection attempt and start another.
-enum Connection {
-    V311(Box<rumqttc::EventLoop>),
-    V5(Box<rumqttc::v5::EventLoop>),
-}
-
-/// What one poll of a client gave.
-enum Polled {
-    Connected,
-    /// A non-retained PUBLISH on this topic.
-    Publish(String),
-    Other,
-}
-
-fn client(
+/// One observer: its route, what it watches, and how it connects.
+struct Observer {
+    route: Arc<Route>,
+    registry: Arc<Registry>,
+    config: ObserverConfig,
+    client_id: String,
+    /// The version to try next, and whether `auto` settled on one.
     v5: bool,
-    client_id: &str,
-    host: &str,
-    port: u16,
-    config: &ObserverConfig,
-) -> (Requests, Connection) {
-    let (user, password) = match &config.username {
-        Some(u) => (Some(u.clone()), config.password.clone().unwrap_or_default()),
-        None => (None, String::new()),
-    };
-    if v5 {
-        let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
-        o.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
-        if let Some(user) = user {
-            o.set_credentials(user, password);
-        }
-        let (c, l) = rumqttc::v5::AsyncClient::new(o, 64);
-        (Requests::V5(c), Connection::V5(Box::new(l)))
-    } else {
-        let mut o = MqttOptions::new(client_id, host, port);
-        o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
-        if let Some(user) = user {
-            o.set_credentials(user, password);
-        }
-        let (c, l) = rumqttc::AsyncClient::new(o, 64);
-        (Requests::V311(c), Connection::V311(Box::new(l)))
-    }
-}
-
-impl Requests {
-    fn version(&self) -> &'static str {
-        match self {
-            Requests::V311(_) => "3.1.1",
-            Requests::V5(_) => "5",
-        }
-    }
-
-    fn subscribe(&self, topic: &str) {
-        // A full request queue loses nothing that matters: every topic is subscribed again
-        // at the next connect.
-        let _ = match self {
-            Requests::V311(c) => c.try_subscribe(topic, QoS::AtLeastOnce).map_err(|_| ()),
-            Requests::V5(c) => c.try_subscribe(topic, QoS5::AtLeastOnce).map_err(|_| ()),
-        };
-    }
-
-    fn unsubscribe(&self, topic: &str) {
-        // Lost in a full queue, the subscription goes at the next connect (clean session).
-        let _ = match self {
-            Requests::V311(c) => c.try_unsubscribe(topic).map_err(|_| ()),
-            Requests::V5(c) => c.try_unsubscribe(topic).map_err(|_| ()),
-        };
-    }
-
-    fn disconnect(&self) {
-        let _ = match self {
-            Requests::V311(c) => c.try_disconnect().map_err(|_| ()),
-            Requests::V5(c) => c.try_disconnect().map_err(|_| ()),
-        };
-    }
-}
-
-impl Connection {
-    async fn poll(&mut self) -> Result<Polled, String> {
-        Ok(match self {
-            Connection::V311(l) => match l.poll().await.map_err(|e| e.to_string())? {
-                Event4::Incoming(Packet4::ConnAck(_)) => Polled::Connected,
-                Event4::Incoming(Packet4::Publish(p)) if !p.retain => Polled::Publish(p.topic),
-                _ => Polled::Other,
-            },
-            Connection::V5(l) => match l.poll().await.map_err(|e| e.to_string())? {
-                rumqttc::v5::Event::Incoming(Packet5::ConnAck(_)) => Polled::Connected,
-                rumqttc::v5::Event::Incoming(Packet5::Publish(p)) if !p.retain => {
-                    Polled::Publish(String::from_utf8_lossy(&p.topic).into_owned())
-                }
-                _ => Polled::Other,
-            },
-        })
-    }
+    settled: bool,
+    /// Every Will topic wanted, subscribed or not.
+    topics: BTreeSet<String>,
+    /// SUBSCRIBEs sent and not yet answered, by packet id.
+    pending: HashMap<u16, String>,
+    packet_id: u16,
+    backoff: Duration,
+    failing: bool,
 }
 
 /// Runs the observer of one route until `stop`.
@@ -183,101 +116,227 @@ pub async fn run(
     config: ObserverConfig,
     stop: CancellationToken,
 ) {
-    let Some((host, port)) = host_port(&route.upstream) else { return };
-    let client_id = format!("{}{}", config.client_id, route.name);
-    // In `auto`, which version to try next; fixed once one worked.
-    let mut v5 = config.protocol != ObserverProtocol::V311;
-    let mut settled = config.protocol != ObserverProtocol::Auto;
-    let (mut requests, mut connection) = client(v5, &client_id, &host, port, &config);
     let mut events = registry.subscribe();
-    let mut topics: BTreeSet<String> = BTreeSet::new();
-    let mut backoff = FIRST_BACKOFF;
-    let mut failing = false;
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    info!(route = %route.name, client_id = %client_id, protocol = ?config.protocol,
+    let mut o = Observer {
+        client_id: format!("{}{}", config.client_id, route.name),
+        v5: config.protocol != ObserverProtocol::V311,
+        settled: config.protocol != ObserverProtocol::Auto,
+        route,
+        registry,
+        config,
+        topics: BTreeSet::new(),
+        pending: HashMap::new(),
+        packet_id: 0,
+        backoff: FIRST_BACKOFF,
+        failing: false,
+    };
+    info!(route = %o.route.name, client_id = %o.client_id, protocol = ?o.config.protocol,
         "observing Wills with an own connection to the upstream");
+    let mut state = State::Waiting { retry_at: Instant::now() };
     loop {
-        // Learn Will topics while the poll runs; the poll itself is never interrupted.
-        let polled = {
-            let poll = connection.poll();
-            tokio::pin!(poll);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => {
-                        requests.disconnect();
-                        return;
-                    }
-                    polled = &mut poll => break polled,
-                    _ = prune.tick() => {
-                        // A topic is watched while a live connection has it as its Will, or
-                        // while the monitor awaits a Will on it.
-                        topics.retain(|topic| {
-                            let keep = registry.is_watched(topic);
-                            if !keep {
-                                requests.unsubscribe(topic);
-                                route.observer.unsubscribed(topic);
-                            }
-                            keep
-                        });
-                    }
-                    ev = events.recv() => match ev {
-                        Ok(Event::Connect(conn)) if Arc::ptr_eq(&conn.route, &route) => {
-                            if let Some(will) = conn.will()
-                                && topics.insert(will.topic.clone())
-                            {
-                                requests.subscribe(&will.topic);
-                                route.observer.subscribed(&will.topic);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(n)) => warn!(missed = n, "the Will observer fell behind"),
-                        Err(RecvError::Closed) => return,
-                    },
+        let wake = match &mut state {
+            State::Connected { client, ping_at } => tokio::select! {
+                _ = stop.cancelled() => Wake::Stop,
+                _ = prune.tick() => Wake::Prune,
+                ev = events.recv() => Wake::Event(ev),
+                next = client.next(*ping_at) => Wake::Mqtt(next),
+            },
+            State::Waiting { retry_at } => tokio::select! {
+                _ = stop.cancelled() => Wake::Stop,
+                _ = prune.tick() => Wake::Prune,
+                ev = events.recv() => Wake::Event(ev),
+                () = sleep_until(*retry_at) => Wake::Retry,
+            },
+        };
+        let client = match &mut state {
+            State::Connected { client, .. } => Some(client),
+            State::Waiting { .. } => None,
+        };
+        let sent = match wake {
+            Wake::Stop => {
+                if let State::Connected { client, .. } = state {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), client.disconnect()).await;
                 }
+                return;
+            }
+            Wake::Prune => o.prune(client).await,
+            Wake::Event(Ok(Event::Connect(conn))) if Arc::ptr_eq(&conn.route, &o.route) => {
+                match conn.will() {
+                    Some(will) if o.topics.insert(will.topic.clone()) => match client {
+                        Some(c) => o.subscribe(c, &will.topic).await,
+                        None => Ok(()),
+                    },
+                    _ => Ok(()),
+                }
+            }
+            Wake::Event(Ok(_)) => Ok(()),
+            Wake::Event(Err(RecvError::Lagged(n))) => {
+                warn!(route = %o.route.name, missed = n, "the Will observer fell behind");
+                Ok(())
+            }
+            Wake::Event(Err(RecvError::Closed)) => return,
+            Wake::Mqtt(next) => match (next, &mut state) {
+                (Next::Quiet, State::Connected { client, ping_at }) => {
+                    *ping_at += KEEP_ALIVE;
+                    client.send(&encode::PINGREQ).await.map_err(|e| e.to_string())
+                }
+                (Next::Packet(h, frame), _) => {
+                    o.received(h, &frame);
+                    Ok(())
+                }
+                (Next::Ended(ended), _) => Err(format!("the broker closed the connection ({ended:?})")),
+                (Next::Quiet, State::Waiting { .. }) => Ok(()),
+            },
+            Wake::Retry => match o.connect(&stop).await {
+                Some(Ok(client)) => {
+                    state = State::Connected { client, ping_at: Instant::now() + KEEP_ALIVE };
+                    Ok(())
+                }
+                Some(Err(error)) => Err(error),
+                None => return,
+            },
+        };
+        if let Err(error) = sent {
+            o.failed(&error);
+            state = State::Waiting { retry_at: Instant::now() + o.backoff };
+            o.backoff = (o.backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+impl Observer {
+    fn protocol(&self) -> Protocol {
+        if self.v5 { Protocol::V5 } else { Protocol::V311 }
+    }
+
+    /// One connection attempt: connect, CONNECT, and SUBSCRIBE every wanted topic. `None`: stopped.
+    async fn connect(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, String>> {
+        let route = self.route.clone();
+        let dial = Dial {
+            addr: &route.upstream,
+            tls: route.tls.upstream.as_deref(),
+            ws_path: route.upstream_ws.as_deref(),
+        };
+        let protocol = self.protocol();
+        let mut connect = ConnectSpec::new(protocol, self.client_id.clone(), KEEP_ALIVE.as_secs() as u16);
+        connect.username.clone_from(&self.config.username);
+        connect.password = self.config.password.as_ref().map(|p| p.as_bytes().to_vec());
+        let attempt = async {
+            let mut client =
+                RawClient::open(dial, protocol, CONNECT_WITHIN).await.map_err(|e| e.to_string())?;
+            match client
+                .handshake(&connect, Instant::now() + CONNECT_WITHIN)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Handshake::Accepted(_) => Ok(client),
+                Handshake::Refused(connack) => {
+                    Err(format!("CONNECT refused with code {:#04x}", connack.code))
+                }
+                Handshake::Closed(ended) => {
+                    Err(format!("the broker closed the connection before CONNACK ({ended:?})"))
+                }
+                Handshake::Silent => Err(format!("no CONNACK within {CONNECT_WITHIN:?}")),
             }
         };
-        match polled {
-            Ok(Polled::Connected) => {
-                if failing || !settled {
-                    info!(route = %route.name, protocol = requests.version(), "Will observer connected");
-                }
-                (failing, settled, backoff) = (false, true, FIRST_BACKOFF);
-                // A clean session forgets subscriptions: subscribe again after every connect.
-                for topic in &topics {
-                    requests.subscribe(topic);
-                }
-                route.observer.connected(topics.iter().cloned());
+        let mut client = match tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = attempt => r,
+        } {
+            Ok(client) => client,
+            Err(e) => return Some(Err(e)),
+        };
+        if self.failing || !self.settled {
+            info!(route = %self.route.name, protocol = protocol.version(), "Will observer connected");
+        }
+        (self.failing, self.settled, self.backoff) = (false, true, FIRST_BACKOFF);
+        // A clean session starts without subscriptions: each topic is granted again by its SUBACK.
+        self.route.observer.connected([]);
+        self.pending.clear();
+        for topic in self.topics.clone() {
+            if let Err(e) = self.subscribe(&mut client, &topic).await {
+                return Some(Err(e));
             }
-            Ok(Polled::Publish(topic)) => {
-                registry.emit(Event::WillTopicPublish {
-                    route: route.name.clone(),
-                    topic,
-                    at: Instant::now(),
-                });
+        }
+        Some(Ok(client))
+    }
+
+    fn next_id(&mut self) -> u16 {
+        self.packet_id = self.packet_id.checked_add(1).unwrap_or(1);
+        self.packet_id
+    }
+
+    async fn subscribe(&mut self, client: &mut RawClient, topic: &str) -> Result<(), String> {
+        let id = self.next_id();
+        self.pending.insert(id, topic.to_string());
+        client.send(&encode::subscribe(self.protocol(), id, topic, 0)).await.map_err(|e| e.to_string())
+    }
+
+    /// Drops the topics nothing watches any more: a live connection has the topic as its Will,
+    /// or the monitor awaits a Will on it.
+    async fn prune(&mut self, mut client: Option<&mut RawClient>) -> Result<(), String> {
+        let gone: Vec<String> =
+            self.topics.iter().filter(|t| !self.registry.is_watched(t)).cloned().collect();
+        for topic in gone {
+            self.topics.remove(&topic);
+            self.route.observer.unsubscribed(&topic);
+            if let Some(c) = client.as_deref_mut() {
+                let id = self.next_id();
+                c.send(&encode::unsubscribe(self.protocol(), id, &topic)).await.map_err(|e| e.to_string())?;
             }
-            Ok(Polled::Other) => {}
-            Err(error) => {
-                route.observer.disconnected();
-                route.metrics.on_observer_failure();
-                if !failing {
-                    warn!(route = %route.name, protocol = requests.version(), %error,
-                        "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");
-                    failing = true;
-                } else {
-                    debug!(route = %route.name, protocol = requests.version(), %error, retry_in = ?backoff,
-                        "Will observer failed again");
+        }
+        Ok(())
+    }
+
+    /// A packet from the broker: a PUBLISH on a Will topic, or the answer to a SUBSCRIBE.
+    fn received(&mut self, h: crate::codec::FrameHeader, frame: &[u8]) {
+        match h.packet_type {
+            PacketType::Publish => {
+                if let Ok(p) = Publish::decode(frame, &h, self.protocol())
+                    && !p.retain
+                {
+                    self.registry.emit(Event::WillTopicPublish {
+                        route: self.route.name.clone(),
+                        topic: p.topic,
+                        at: Instant::now(),
+                    });
                 }
-                if !settled {
-                    v5 = !v5; // auto: try the other version next
-                    (requests, connection) = client(v5, &client_id, &host, port, &config);
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            PacketType::Suback => {
+                let id = frame.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                let Some(topic) = id.and_then(|id| self.pending.remove(&id)) else { return };
+                // The last byte is the one filter's return (3.1.1) or reason (5) code.
+                match frame.last() {
+                    Some(&code) if code < 0x80 => {
+                        if self.topics.contains(&topic) {
+                            self.route.observer.subscribed(&topic);
+                        }
+                    }
+                    code => warn!(route = %self.route.name, topic = %topic,
+                        code = format!("{:#04x}", code.copied().unwrap_or_default()),
+                        "the broker refused the Will observer's subscription; Wills on this topic are seen only through the proxy"),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn failed(&mut self, error: &str) {
+        self.route.observer.disconnected();
+        self.route.metrics.on_observer_failure();
+        let protocol = self.protocol().version();
+        if !self.failing {
+            warn!(route = %self.route.name, protocol, %error,
+                "Will observer cannot connect or lost its connection; retrying with back-off (1 s doubling to 30 s) until it works");
+            self.failing = true;
+        } else {
+            debug!(route = %self.route.name, protocol, %error, retry_in = ?self.backoff,
+                "Will observer failed again");
+        }
+        if !self.settled {
+            self.v5 = !self.v5; // auto: try the other version next
         }
     }
 }

@@ -121,6 +121,16 @@ pub fn subscribe(protocol: Protocol, id: u16, filter: &str, qos: u8) -> Vec<u8> 
     packet(0x82, &body)
 }
 
+/// UNSUBSCRIBE of one topic filter.
+pub fn unsubscribe(protocol: Protocol, id: u16, filter: &str) -> Vec<u8> {
+    let mut body = id.to_be_bytes().to_vec();
+    if protocol == Protocol::V5 {
+        body.push(0);
+    }
+    string(&mut body, filter.as_bytes());
+    packet(0xa2, &body)
+}
+
 /// DISCONNECT: `e0 00` before MQTT 5; in 5.0 with `reason` (`e0 00` for 0x00).
 pub fn disconnect(protocol: Protocol, reason: u8) -> Vec<u8> {
     if protocol == Protocol::V5 && reason != 0 { vec![0xe0, 0x01, reason] } else { vec![0xe0, 0x00] }
@@ -197,6 +207,8 @@ mod tests {
         assert_eq!(c, [0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 1, b'a']);
         assert_eq!(subscribe(Protocol::V311, 1, "t/#", 0), [0x82, 8, 0, 1, 0, 3, b't', b'/', b'#', 0]);
         assert_eq!(subscribe(Protocol::V5, 1, "t", 1), [0x82, 7, 0, 1, 0, 0, 1, b't', 1]);
+        assert_eq!(unsubscribe(Protocol::V311, 2, "t"), [0xa2, 5, 0, 2, 0, 1, b't']);
+        assert_eq!(unsubscribe(Protocol::V5, 2, "t"), [0xa2, 6, 0, 2, 0, 0, 1, b't']);
         assert_eq!(disconnect(Protocol::V5, 0x04), [0xe0, 1, 4]);
         assert_eq!(disconnect(Protocol::V311, 0x04), [0xe0, 0]);
     }

@@ -120,6 +120,15 @@ impl Protocol {
         }
     }
 
+    /// The version as people write it: `3.1`, `3.1.1`, `5`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Protocol::V31 => "3.1",
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        }
+    }
+
     pub fn from_level(level: u8) -> Option<Protocol> {
         match level {
             3 => Some(Protocol::V31),

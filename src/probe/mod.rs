@@ -23,15 +23,16 @@ pub mod progress;
 pub mod report;
 pub mod scenario;
 
+use crate::client::{Dial, Handshake, RawClient};
 use crate::codec::Protocol;
 use crate::codec::encode::ConnectSpec;
 use crate::config::{RouteConfig, Settings};
 use crate::fault::{RuleSet, RuleSpec, compile_rules};
 use crate::server::Proxy;
-use client::{Handshake, RawClient, Sightings};
+use client::Sightings;
 use judge::{Tolerance, Verdict};
 use progress::Progress;
-use report::{Broker, Refused, Report, Row, protocol_name};
+use report::{Broker, Refused, Report, Row};
 pub use scenario::Scenario;
 use scenario::{Closes, Ctx};
 use std::collections::HashMap;
@@ -133,14 +134,14 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
         match identify(&targets[&p], p, opts, &prefix).await? {
             Ok(connack) => {
                 accepted.push(p);
-                broker.protocols.push(protocol_name(p));
+                broker.protocols.push(p.version());
                 if p == Protocol::V5 {
                     broker.server_keepalive = connack.server_keep_alive;
                     broker.assigned_client_id = connack.assigned_client_id;
                     broker.reason_strings.extend(connack.reason_string);
                 }
             }
-            Err(how) => broker.refused.push(Refused { protocol: protocol_name(p), how }),
+            Err(how) => broker.refused.push(Refused { protocol: p.version(), how }),
         }
     }
     if accepted.is_empty() {
@@ -219,20 +220,17 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
         let (ctx, accepted, broker) = (&ctx, &accepted, &broker);
         async move {
             if !accepted.contains(&p) {
-                let why = broker
-                    .refused
-                    .iter()
-                    .find(|r| r.protocol == protocol_name(p))
-                    .map_or("", |r| r.how.as_str());
+                let why =
+                    broker.refused.iter().find(|r| r.protocol == p.version()).map_or("", |r| r.how.as_str());
                 return report::not_run(
                     s,
                     p,
                     opts.keepalive,
                     &tol,
-                    format!("the broker does not accept MQTT {} ({why})", protocol_name(p)),
+                    format!("the broker does not accept MQTT {} ({why})", p.version()),
                 );
             }
-            let label = format!("{} (MQTT {})", s.id(), protocol_name(p));
+            let label = format!("{} (MQTT {})", s.id(), p.version());
             progress.start(&label);
             let runs =
                 futures_util::future::join_all((1..=opts.repeat).map(|i| scenario::run(ctx, s, p, i))).await;
@@ -293,7 +291,7 @@ async fn identify(
     let ids: &[&str] = if protocol == Protocol::V5 { &["", "id"] } else { &["id"] };
     let mut last = String::new();
     for id in ids {
-        let mut c = RawClient::open(addr, protocol, within)
+        let mut c = RawClient::open(Dial::tcp(addr), protocol, within)
             .await
             .map_err(|e| ProbeError::Unreachable { address: addr.to_string(), cause: e.to_string() })?;
         let client_id =
@@ -320,7 +318,7 @@ async fn identify(
                     address: addr.to_string(),
                     how: format!(
                         "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
-                        protocol_name(protocol),
+                        protocol.version(),
                         connack.code,
                         connack.reason_string.map(|r| format!(": {r}")).unwrap_or_default()
                     ),

@@ -122,14 +122,6 @@ pub struct Report {
     pub duration_s: f64,
 }
 
-pub fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::V31 => "3.1",
-        Protocol::V311 => "3.1.1",
-        Protocol::V5 => "5",
-    }
-}
-
 /// The case a multi-case scenario's top-level fields come from.
 fn main_case(s: Scenario) -> &'static str {
     match s {
@@ -164,7 +156,7 @@ pub fn row(scenario: Scenario, protocol: Protocol, k: u16, tol: &Tolerance, runs
     };
     Row {
         scenario: scenario.id(),
-        protocol: protocol_name(protocol),
+        protocol: protocol.version(),
         verdict,
         expectation: scenario.expectation(protocol, k, tol),
         detail,
@@ -179,7 +171,7 @@ pub fn row(scenario: Scenario, protocol: Protocol, k: u16, tol: &Tolerance, runs
 pub fn not_run(scenario: Scenario, protocol: Protocol, k: u16, tol: &Tolerance, why: String) -> Row {
     Row {
         scenario: scenario.id(),
-        protocol: protocol_name(protocol),
+        protocol: protocol.version(),
         verdict: Verdict::NotApplicable,
         expectation: scenario.expectation(protocol, k, tol),
         detail: why,

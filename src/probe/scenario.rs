@@ -6,9 +6,10 @@
 //! connection record (who closed, how, the silence the broker had heard), Wills from the
 //! watcher's sightings.
 
-use super::client::{Ended, Handshake, Pinging, RawClient, Sightings};
+use super::client::Sightings;
 use super::judge::{self, CloseSeen, Judged, Tolerance, Verdict};
 use super::report::Measured;
+use crate::client::{Dial, Ended, Handshake, Pinging, RawClient};
 use crate::codec::Protocol;
 use crate::codec::encode::{ConnectSpec, WillSpec};
 use crate::record::{Connection, Event, Registry};
@@ -292,7 +293,8 @@ impl Ctx {
                 Judged::new(Verdict::NotApplicable, format!("not measured: the probe's client failed: {e}")),
             )
         };
-        let mut c = RawClient::open(addr, connect.protocol, Duration::from_secs(5)).await.map_err(fail)?;
+        let mut c =
+            RawClient::open(Dial::tcp(addr), connect.protocol, Duration::from_secs(5)).await.map_err(fail)?;
         let h = c.handshake(connect, Instant::now() + self.timeout).await.map_err(fail)?;
         if let Handshake::Accepted(connack) | Handshake::Refused(connack) = &h {
             if let Some(r) = &connack.reason_string {

@@ -129,7 +129,7 @@ impl Pki {
 
     /// mosquitto with a TLS listener presenting `cert` (besides its plain one), and the TLS
     /// listener's address.
-    fn mosquitto(&self, cert: &str) -> (Mosquitto, String) {
+    pub(crate) fn mosquitto(&self, cert: &str) -> (Mosquitto, String) {
         let port = free_port();
         let listener = format!(
             "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",

@@ -221,3 +221,59 @@ async fn the_will_observer_unsubscribes_from_topics_nothing_watches_any_more() {
     }
     drop(staying);
 }
+
+/// The observer reaches the broker over the upstream's own transport, with the route's TLS
+/// settings: mosquitto's TLS listener (verified against the test CA) and its WebSocket listener.
+/// A device's Will is then seen by the observer alone (nothing subscribes through the proxy).
+#[tokio::test]
+async fn the_will_observer_reaches_a_tls_broker_and_a_websocket_broker() {
+    use mqtt_chaos::config::RouteConfig;
+    use mqtt_chaos::record::Event;
+    use mqtt_chaos::tls::{RouteTls, TlsOptions};
+    use mqtt_chaos::transport::Transport;
+    let pki = crate::tls::Pki::new();
+    let (_tls_broker, tls_addr) = pki.mosquitto("server");
+    let ws_port = free_port();
+    let _ws_broker = Mosquitto::start_with(&format!("listener {ws_port} 127.0.0.1\nprotocol websockets\n"));
+    let ws_addr = format!("127.0.0.1:{ws_port}");
+    let options = TlsOptions { cert: None, key: None, ..pki.options() };
+    let tls = RouteTls::load(options, Transport::Tcp, Transport::Tls, &tls_addr).unwrap();
+    let routes = [
+        ("tls", RouteConfig { tls, ..RouteConfig::tcp("default", "127.0.0.1:0", &tls_addr) }),
+        (
+            "ws",
+            RouteConfig {
+                upstream_ws: Some("/mqtt".into()),
+                ..RouteConfig::tcp("default", "127.0.0.1:0", &ws_addr)
+            },
+        ),
+    ];
+    for (name, route) in routes {
+        let mut proxy = TestProxy::start_route(route, observing(ObserverProtocol::Auto)).await;
+        let topic = format!("status/{name}");
+        let mut device = proxy.connect().await;
+        device.write_all(&connect_v4(&format!("dev-{name}"), 30, Some((&topic, "gone")))).await.unwrap();
+        expect_packet(&mut device, WAIT, "CONNACK").await;
+        // The subscription counts once its SUBACK granted it.
+        let route = proxy.running().routes()[0].clone();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !route.observer.watches(&topic) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: the observer never subscribed to {topic}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(device); // a FIN without DISCONNECT: mosquitto publishes the Will
+        let seen = tokio::time::timeout(WAIT, async {
+            loop {
+                match proxy.events.recv().await.unwrap() {
+                    Event::WillTopicPublish { topic: t, .. } if t == topic => return,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "{name}: the observer did not see the Will on {topic}");
+    }
+}
