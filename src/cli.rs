@@ -5,6 +5,7 @@ use crate::config::{self, OnMalformed, RouteConfig, Settings};
 use crate::fault::Profile;
 use crate::fault::profile;
 use crate::observer::ObserverProtocol;
+use crate::transport::Transport;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,15 +44,20 @@ pub enum Command {
     /// Tell how a broker handles dead connections: Keep Alive, half-open, takeover, Wills. Without
     /// --broker it starts an embedded broker. Exit 0: nothing fails; 1: something fails; 2: bad
     /// usage or an unreachable broker.
-    Probe(ProbeArgs),
+    Probe(Box<ProbeArgs>),
 }
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// The broker: mqtt://HOST:PORT, HOST:PORT or HOST (port 1883). Without it the probe starts
-    /// an embedded broker (rumqttd) on free loopback ports.
+    /// The broker: mqtt://HOST:PORT, HOST:PORT or HOST (port 1883), mqtts://HOST[:PORT] (TLS,
+    /// port 8883), ws://HOST[:PORT][/PATH] or wss://… (MQTT over WebSocket, path /mqtt). Without
+    /// it the probe starts an embedded broker (rumqttd) on free loopback ports.
     #[arg(long, env = "MQTT_CHAOS_PROBE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
+
+    /// TLS towards an mqtts:// or wss:// broker.
+    #[command(flatten)]
+    pub tls: UpstreamTlsArgs,
 
     /// Username for every CONNECT the probe sends.
     #[arg(long, env = "MQTT_CHAOS_PROBE_USERNAME", value_name = "USER")]
@@ -106,6 +112,21 @@ impl ProbeArgs {
         use crate::codec::Protocol;
         use crate::probe::{Scenario, parse_broker_url};
         let broker = self.broker.as_deref().map(parse_broker_url).transpose()?;
+        let transport = broker.as_ref().map_or(Transport::Tcp, |b| b.transport);
+        if !transport.tls()
+            && let Some(flag) = self.tls.given()
+        {
+            return Err(format!(
+                "{flag} only applies to a TLS broker: give --broker as mqtts://HOST:PORT or wss://HOST:PORT/PATH"
+            ));
+        }
+        let tls = match &broker {
+            Some(b) => {
+                crate::tls::RouteTls::load(self.tls.options(), Transport::Tcp, transport, &b.host_port)
+                    .map_err(|e| e.to_string())?
+            }
+            None => crate::tls::RouteTls::default(),
+        };
         let mut protocols = Vec::new();
         for p in self.protocol.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let p = match p {
@@ -154,6 +175,7 @@ impl ProbeArgs {
                 .map(String::into_bytes);
         Ok(crate::probe::Options {
             broker,
+            tls,
             username: self.username.clone(),
             password,
             protocols,
@@ -397,25 +419,59 @@ pub struct TlsArgs {
     #[arg(long, env = "MQTT_CHAOS_TLS_CLIENT_CA", value_name = "FILE", conflicts_with = "config")]
     pub tls_client_ca: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub upstream: UpstreamTlsArgs,
+}
+
+/// How the proxy (or the probe) verifies and authenticates to a TLS broker. Shared by `proxy`
+/// and `probe`; with `proxy --config` they are per-route fields of the routes file instead.
+#[derive(Debug, Args, Default)]
+pub struct UpstreamTlsArgs {
     /// Trust these CAs (PEM) for the broker's certificate (default: the platform's root store).
-    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CA", value_name = "FILE", conflicts_with = "config")]
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CA", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
 
-    /// PEM client certificate chain the proxy presents to the broker.
-    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CERT", value_name = "FILE", conflicts_with = "config")]
+    /// PEM client certificate chain presented to the broker.
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_CERT", value_name = "FILE")]
     pub upstream_cert: Option<PathBuf>,
 
     /// PEM private key of --upstream-cert (never logged).
-    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_KEY", value_name = "FILE", conflicts_with = "config")]
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_KEY", value_name = "FILE")]
     pub upstream_key: Option<PathBuf>,
 
-    /// SNI and verification name, when it differs from the upstream host.
-    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_SERVER_NAME", value_name = "NAME", conflicts_with = "config")]
+    /// SNI and verification name, when it differs from the broker's host.
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_SERVER_NAME", value_name = "NAME")]
     pub upstream_server_name: Option<String>,
 
     /// Do not verify the broker's certificate (a warning at start and on every connection's record).
-    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_INSECURE", conflicts_with = "config")]
+    #[arg(long, env = "MQTT_CHAOS_UPSTREAM_INSECURE")]
     pub upstream_insecure: bool,
+}
+
+impl UpstreamTlsArgs {
+    /// The first flag given, for "cannot be used with --config".
+    fn given(&self) -> Option<&'static str> {
+        [
+            ("--upstream-ca", self.upstream_ca.is_some()),
+            ("--upstream-cert", self.upstream_cert.is_some()),
+            ("--upstream-key", self.upstream_key.is_some()),
+            ("--upstream-server-name", self.upstream_server_name.is_some()),
+            ("--upstream-insecure", self.upstream_insecure),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+
+    pub fn options(&self) -> crate::tls::TlsOptions {
+        crate::tls::TlsOptions {
+            upstream_ca: self.upstream_ca.clone(),
+            upstream_cert: self.upstream_cert.clone(),
+            upstream_key: self.upstream_key.clone(),
+            upstream_server_name: self.upstream_server_name.clone(),
+            upstream_insecure: self.upstream_insecure,
+            ..Default::default()
+        }
+    }
 }
 
 impl TlsArgs {
@@ -424,11 +480,7 @@ impl TlsArgs {
             cert: self.tls_cert.clone(),
             key: self.tls_key.clone(),
             client_ca: self.tls_client_ca.clone(),
-            upstream_ca: self.upstream_ca.clone(),
-            upstream_cert: self.upstream_cert.clone(),
-            upstream_key: self.upstream_key.clone(),
-            upstream_server_name: self.upstream_server_name.clone(),
-            upstream_insecure: self.upstream_insecure,
+            ..self.upstream.options()
         }
     }
 }
@@ -501,6 +553,12 @@ impl ProxyArgs {
     /// The routes to run, from the file or the flags. Errors are user-facing messages.
     pub fn routes(&self) -> Result<Vec<RouteConfig>, String> {
         if let Some(path) = &self.config {
+            if let Some(flag) = self.tls.upstream.given() {
+                return Err(format!(
+                    "the argument '{flag}' cannot be used with '--config': give it per route in the routes file ({})",
+                    flag.trim_start_matches("--").replace('-', "_")
+                ));
+            }
             return config::load_routes(path).map_err(|e| e.to_string());
         }
         let (Some(listen), Some(upstream)) = (&self.listen, &self.upstream) else {

@@ -127,6 +127,20 @@ pub struct Address {
     pub path: Option<String>,
 }
 
+impl std::fmt::Display for Address {
+    /// `HOST:PORT` for plain TCP, else the URL (`mqtts://HOST:PORT`, `ws://HOST:PORT/PATH`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::transport::Transport;
+        let scheme = match self.transport {
+            Transport::Tcp => return f.write_str(&self.host_port),
+            Transport::Tls => "mqtts",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+        };
+        write!(f, "{scheme}://{}{}", self.host_port, self.path.as_deref().unwrap_or(""))
+    }
+}
+
 pub fn parse_address(what: &str, value: &str) -> Result<Address, String> {
     use crate::transport::Transport;
     let (transport, rest) = match value.split_once("://") {

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => runtime.block_on(proxy(*args)),
         Command::Check(args) => check(&args),
         Command::Ctl(args) => runtime.block_on(ctl(args)),
-        Command::Probe(args) => runtime.block_on(probe(args)),
+        Command::Probe(args) => runtime.block_on(probe(*args)),
         Command::Profiles(args) => {
             let listing = mqtt_chaos::fault::profile::listing(&args.profiles_dir);
             if args.json {

@@ -42,16 +42,14 @@ impl Sightings {
 /// connection ends. Returns once the SUBACK arrived (the watch is in place), or an error that
 /// says why it could not be set up.
 pub async fn watch(
-    addr: &str,
+    dial: Dial<'_>,
     connect: ConnectSpec,
     filter: &str,
     sightings: Arc<Sightings>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let protocol = connect.protocol;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut c = RawClient::open(Dial::tcp(addr), protocol, Duration::from_secs(5))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut c = RawClient::open(dial, protocol, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
     match c.handshake(&connect, deadline).await.map_err(|e| e.to_string())? {
         Handshake::Accepted(_) => {}
         other => return Err(format!("the Will watcher's CONNECT was not accepted: {other:?}")),

@@ -26,9 +26,10 @@ pub mod scenario;
 use crate::client::{Dial, Handshake, RawClient};
 use crate::codec::Protocol;
 use crate::codec::encode::ConnectSpec;
-use crate::config::{RouteConfig, Settings};
+use crate::config::{Address, RouteConfig, Settings};
 use crate::fault::{RuleSet, RuleSpec, compile_rules};
 use crate::server::Proxy;
+use crate::tls::RouteTls;
 use client::Sightings;
 use judge::{Tolerance, Verdict};
 use progress::Progress;
@@ -43,8 +44,10 @@ use tokio::time::Instant;
 /// What to probe and how.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// `host:port` of the broker; `None` starts the embedded one.
-    pub broker: Option<String>,
+    /// The broker (`host:port`, transport, WebSocket path); `None` starts the embedded one.
+    pub broker: Option<Address>,
+    /// TLS towards an `mqtts://`/`wss://` broker (its `upstream` side).
+    pub tls: RouteTls,
     pub username: Option<String>,
     pub password: Option<Vec<u8>>,
     /// In report order.
@@ -55,6 +58,14 @@ pub struct Options {
     /// How long past what the specification allows to wait for a close or a Will.
     pub timeout: Duration,
     pub strict: bool,
+}
+
+impl Options {
+    /// How the probe's own clients reach the broker at `addr` (the watcher, the identification).
+    fn dial<'a>(&'a self, addr: &'a str) -> Dial<'a> {
+        let ws_path = self.broker.as_ref().and_then(|b| b.path.as_deref());
+        Dial { addr, tls: self.tls.upstream.as_deref(), ws_path }
+    }
 }
 
 /// Why the probe could not run (exit 2).
@@ -68,38 +79,40 @@ pub enum ProbeError {
     Setup(String),
 }
 
-/// `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883) → `host:port`.
-pub fn parse_broker_url(url: &str) -> Result<String, String> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => rest,
-        Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
+/// `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883); `mqtts://`/`ssl://`
+/// (port 8883); `ws://host[:port][/path]` (port 80), `wss://…` (port 443), path `/mqtt` by default.
+pub fn parse_broker_url(url: &str) -> Result<Address, String> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
+    let port = match scheme {
+        "mqtt" | "tcp" => 1883,
+        "mqtts" | "ssl" => 8883,
+        "ws" => 80,
+        "wss" => 443,
+        _ => {
             return Err(format!(
-                "--broker {url}: the probe's own clients speak plain TCP only so far ({scheme}:// works with `mqtt-chaos proxy`); use mqtt://HOST:PORT"
+                "--broker {url}: unknown scheme {scheme:?}; use mqtt://, mqtts://, ws:// or wss://"
             ));
         }
-        Some((scheme, _)) => {
-            return Err(format!("--broker {url}: unknown scheme {scheme:?}; use mqtt://HOST:PORT"));
-        }
-        None => url,
     };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') {
-        return Err(format!("--broker {url}: expected mqtt://HOST:PORT"));
+    let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+    if host.is_empty() {
+        return Err(format!("--broker {url}: expected {scheme}://HOST:PORT"));
     }
-    let has_port = match rest.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')) => {
+    let has_port = match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(':') && (!h.contains(':') || h.ends_with(']')) => {
             port.parse::<u16>().map_err(|_| format!("--broker {url}: invalid port {port:?}"))?;
             true
         }
         _ => false,
     };
-    Ok(if has_port {
-        rest.to_string()
-    } else if rest.contains(':') && !rest.starts_with('[') {
-        format!("[{rest}]:1883")
+    let host_port = if has_port {
+        host.to_string()
+    } else if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
     } else {
-        format!("{rest}:1883")
-    })
+        format!("{host}:{port}")
+    };
+    crate::config::parse_address("--broker", &format!("{scheme}://{host_port}/{path}"))
 }
 
 /// Runs the probe; the report says what the broker did.
@@ -107,8 +120,9 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
     let began = Instant::now();
     let tol = Tolerance::default();
     let (targets, address, implementation) = match &opts.broker {
-        Some(addr) => {
-            (opts.protocols.iter().map(|&p| (p, addr.clone())).collect::<HashMap<_, _>>(), addr.clone(), None)
+        Some(b) => {
+            let targets = opts.protocols.iter().map(|&p| (p, b.host_port.clone())).collect::<HashMap<_, _>>();
+            (targets, b.to_string(), None)
         }
         None => {
             let e = embedded::start().map_err(ProbeError::Setup)?;
@@ -131,7 +145,7 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
     };
     let mut accepted = Vec::new();
     for &p in &opts.protocols {
-        match identify(&targets[&p], p, opts, &prefix).await? {
+        match identify(opts.dial(&targets[&p]), p, opts, &prefix).await? {
             Ok(connack) => {
                 accepted.push(p);
                 broker.protocols.push(p.version());
@@ -153,7 +167,11 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
     // The proxy: one route per accepted protocol (the embedded broker has one port for each).
     let routes: Vec<RouteConfig> = accepted
         .iter()
-        .map(|&p| RouteConfig::tcp(format!("probe-mqtt{}", p.level()), "127.0.0.1:0", targets[&p].clone()))
+        .map(|&p| RouteConfig {
+            tls: opts.tls.clone(),
+            upstream_ws: opts.broker.as_ref().and_then(|b| b.path.clone()),
+            ..RouteConfig::tcp(format!("probe-mqtt{}", p.level()), "127.0.0.1:0", targets[&p].clone())
+        })
         .collect();
     let proxy = Proxy::bind(&routes, Settings { shutdown_grace: Duration::ZERO, ..Settings::default() })
         .await
@@ -188,7 +206,7 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
         connect.username.clone_from(&opts.username);
         connect.password.clone_from(&opts.password);
         let filter = format!("{topic_root}/#");
-        let task = client::watch(addr, connect, &filter, sightings.clone())
+        let task = client::watch(opts.dial(addr), connect, &filter, sightings.clone())
             .await
             .map_err(|e| ProbeError::Setup(format!("the Will watcher on {addr}: {e}")))?;
         watchers.push(task);
@@ -281,7 +299,7 @@ fn run_id() -> String {
 /// A CONNECT straight to the broker: `Ok(CONNACK)` if accepted, `Err(how)` if this version is
 /// refused; a broker that cannot be reached or refuses the credentials stops the probe.
 async fn identify(
-    addr: &str,
+    dial: Dial<'_>,
     protocol: Protocol,
     opts: &Options,
     prefix: &str,
@@ -290,10 +308,11 @@ async fn identify(
     // MQTT 5 with an empty client id shows the id the broker assigns; some refuse it (0x85).
     let ids: &[&str] = if protocol == Protocol::V5 { &["", "id"] } else { &["id"] };
     let mut last = String::new();
+    let addr = opts.broker.as_ref().map_or_else(|| dial.addr.to_string(), ToString::to_string);
     for id in ids {
-        let mut c = RawClient::open(Dial::tcp(addr), protocol, within)
+        let mut c = RawClient::open(dial, protocol, within)
             .await
-            .map_err(|e| ProbeError::Unreachable { address: addr.to_string(), cause: e.to_string() })?;
+            .map_err(|e| ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() })?;
         let client_id =
             if id.is_empty() { String::new() } else { format!("{prefix}{id}{}", protocol.level()) };
         let mut connect = ConnectSpec::new(protocol, client_id, opts.keepalive);
@@ -302,7 +321,7 @@ async fn identify(
         let h = c
             .handshake(&connect, Instant::now() + within)
             .await
-            .map_err(|e| ProbeError::Unreachable { address: addr.to_string(), cause: e.to_string() })?;
+            .map_err(|e| ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() })?;
         match h {
             Handshake::Accepted(connack) => {
                 c.disconnect().await;
@@ -315,7 +334,7 @@ async fn identify(
                     "it may need --username and --password-file"
                 };
                 return Err(ProbeError::Refused {
-                    address: addr.to_string(),
+                    address: addr.clone(),
                     how: format!(
                         "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
                         protocol.version(),
@@ -344,26 +363,30 @@ async fn identify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Transport;
 
     #[test]
-    fn broker_urls_take_the_mqtt_forms_and_refuse_what_this_build_cannot_speak() {
-        assert_eq!(parse_broker_url("mqtt://broker.local:1884").unwrap(), "broker.local:1884");
-        assert_eq!(parse_broker_url("tcp://10.1.2.3:1883/").unwrap(), "10.1.2.3:1883");
-        assert_eq!(parse_broker_url("broker.local").unwrap(), "broker.local:1883");
-        assert_eq!(parse_broker_url("127.0.0.1:18830").unwrap(), "127.0.0.1:18830");
-        assert_eq!(parse_broker_url("mqtt://[::1]:1884").unwrap(), "[::1]:1884");
-        assert_eq!(parse_broker_url("[::1]").unwrap(), "[::1]:1883");
-        assert_eq!(parse_broker_url("::1").unwrap(), "[::1]:1883");
-        assert!(
-            parse_broker_url("mqtts://b:8883").unwrap_err().contains("plain TCP only so far (mqtts:// works")
-        );
-        assert!(
-            parse_broker_url("wss://b/mqtt").unwrap_err().contains("(wss:// works with `mqtt-chaos proxy`)")
-        );
-        assert!(parse_broker_url("http://b").unwrap_err().contains("unknown scheme \"http\""));
-        assert!(parse_broker_url("b:99999").unwrap_err().contains("invalid port"));
-        assert!(parse_broker_url("mqtt://b:1883/path").is_err());
-        assert!(parse_broker_url("").is_err());
+    fn broker_urls_take_every_scheme_with_its_default_port() {
+        let url = |u: &str| parse_broker_url(u).map(|a| a.to_string());
+        assert_eq!(url("mqtt://broker.local:1884").unwrap(), "broker.local:1884");
+        assert_eq!(url("tcp://10.1.2.3:1883/").unwrap(), "10.1.2.3:1883");
+        assert_eq!(url("broker.local").unwrap(), "broker.local:1883");
+        assert_eq!(url("127.0.0.1:18830").unwrap(), "127.0.0.1:18830");
+        assert_eq!(url("mqtt://[::1]:1884").unwrap(), "[::1]:1884");
+        assert_eq!(url("[::1]").unwrap(), "[::1]:1883");
+        assert_eq!(url("::1").unwrap(), "[::1]:1883");
+        assert_eq!(url("mqtts://b").unwrap(), "mqtts://b:8883");
+        assert_eq!(url("ssl://b:8884").unwrap(), "mqtts://b:8884");
+        assert_eq!(url("ws://b").unwrap(), "ws://b:80/mqtt");
+        assert_eq!(url("ws://b:8080/").unwrap(), "ws://b:8080/mqtt");
+        assert_eq!(url("wss://[::1]/ws").unwrap(), "wss://[::1]:443/ws");
+        let tls = parse_broker_url("mqtts://b:8883").unwrap();
+        assert_eq!((tls.transport, tls.host_port.as_str(), tls.path), (Transport::Tls, "b:8883", None));
+        assert!(url("http://b").unwrap_err().contains("unknown scheme \"http\""));
+        assert!(url("b:99999").unwrap_err().contains("invalid port"));
+        assert!(url("mqtt://b:1883/path").unwrap_err().contains("a path only goes with ws:// or wss://"));
+        assert!(url("").is_err());
+        assert!(url("mqtts://").is_err());
     }
 
     #[test]

@@ -54,6 +54,15 @@ fn flags_and_a_routes_file_may_not_both_define_routes() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    // Upstream TLS flags are per route in a routes file.
+    let out = run(&["proxy", "--config", file.to_str().unwrap(), "--upstream-insecure"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("'--upstream-insecure' cannot be used with '--config': give it per route in the routes file (upstream_insecure)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

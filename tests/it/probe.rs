@@ -4,7 +4,7 @@
 //! 3.1.1-only one, one that needs a username). The JSON report is validated against
 //! PROBE.schema.json, the JUnit report parsed as XML.
 
-use crate::harness::{Mosquitto, binary, dead_address, packet};
+use crate::harness::{Mosquitto, binary, dead_address, free_port, packet};
 use mqtt_chaos::codec::{
     Connect, FrameHeader, PacketType, Protocol, Publish, Splitter, Step, TopicFilters, filter_matches,
 };
@@ -228,6 +228,45 @@ async fn mosquitto_is_probed_and_its_coarse_timer_shows() {
     assert!(out.contains("SCENARIO") && out.contains("keepalive         3.1.1"), "{out}");
 }
 
+/// The probe reaches a TLS broker (verified against `--upstream-ca`) and a WebSocket broker:
+/// its identification, Will watcher and the in-process proxy's upstream all speak the URL's
+/// transport. An untrusted certificate stops it with exit 2 and the reason.
+#[tokio::test]
+async fn the_probe_speaks_tls_and_websocket_to_the_broker() {
+    let pki = crate::tls::Pki::new();
+    let (_tls_broker, tls_addr) = pki.mosquitto("server");
+    let (_other, untrusted) = pki.mosquitto("other-server");
+    let ws_port = free_port();
+    let _ws_broker = Mosquitto::start_with(&format!("listener {ws_port} 127.0.0.1\nprotocol websockets\n"));
+    let ca = pki.path("ca.pem").display().to_string();
+    let tls_url = format!("mqtts://{tls_addr}");
+    let ws_url = format!("ws://127.0.0.1:{ws_port}/mqtt");
+    let runs: [(&str, Vec<&str>); 2] =
+        [(&tls_url, vec!["--upstream-ca", &ca, "--upstream-server-name", "localhost"]), (&ws_url, vec![])];
+    for (url, extra) in runs {
+        let mut args = vec!["--broker", url, "--scenarios", "keepalive", "--protocol", "3.1.1"];
+        args.extend(extra);
+        let p = probe(&args).await;
+        let out = p.stdout();
+        assert_eq!(p.code(), 0, "{url}:\n{out}\n{}", p.stderr());
+        assert_eq!(p.json["broker"]["address"], url);
+        let r = p.result("keepalive", "3.1.1");
+        // Closed by mosquitto's Keep Alive check (every few seconds), and the Will seen.
+        let ratio = r["ratio"]["min"].as_f64().unwrap();
+        assert!((1.0..=5.5).contains(&ratio), "{url}: {r}");
+        assert_eq!(r["will_published"], true, "{url}: {r}");
+    }
+    let url = format!("mqtts://{untrusted}");
+    let p = probe(&["--broker", &url, "--upstream-ca", &ca, "--upstream-server-name", "localhost"]).await;
+    assert_eq!(p.code(), 2, "{}", p.stderr());
+    assert!(p.stderr().contains(&format!("cannot reach the broker at {url}")), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("TLS handshake failed") && p.stderr().contains("UnknownIssuer"),
+        "{}",
+        p.stderr()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against scripted brokers, one behaviour each
 
@@ -398,7 +437,20 @@ async fn bad_usage_and_an_unreachable_broker_exit_2_with_the_reason() {
             "unknown scenario \"nope\"; the scenarios are keepalive, ping-resets",
         ),
         (vec!["--protocol".into(), "3.1".into()], "--protocol: unknown MQTT version"),
-        (vec!["--broker".into(), "mqtts://127.0.0.1:8883".into()], "plain TCP only so far"),
+        (
+            vec!["--upstream-ca".into(), "/nonexistent/ca.pem".into()],
+            "--upstream-ca only applies to a TLS broker: give --broker as mqtts://HOST:PORT",
+        ),
+        (
+            vec![
+                "--broker".into(),
+                "mqtts://127.0.0.1:8883".into(),
+                "--upstream-ca".into(),
+                "/nonexistent/ca.pem".into(),
+            ],
+            "--upstream-ca /nonexistent/ca.pem",
+        ),
+        (vec!["--broker".into(), "https://b".into()], "unknown scheme \"https\""),
         (vec!["--password-file".into(), "/nonexistent/pw".into()], "--password-file /nonexistent/pw"),
         (vec!["--json".into(), "/nonexistent/dir/r.json".into()], "--json /nonexistent/dir/r.json"),
     ];
