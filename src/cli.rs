@@ -338,6 +338,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_MAX_CONNECT_PACKET", default_value = "1MiB", value_parser = config::parse_size)]
     pub max_connect_packet: usize,
 
+    /// Largest WebSocket frame a ws/wss side may send (1KiB up to the largest MQTT packet); a
+    /// larger one closes the connection with Close 1009 (the proxy would have to hold it whole).
+    #[arg(long, env = "MQTT_CHAOS_WS_MAX_FRAME", default_value = "16MiB", value_parser = config::parse_size)]
+    pub ws_max_frame: usize,
+
     /// After one side sent FIN, how long the other direction may go on before both are closed (0s: for ever).
     #[arg(long, env = "MQTT_CHAOS_HALF_CLOSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub half_close_timeout: Duration,
@@ -520,6 +525,7 @@ impl ProxyArgs {
         for (flag, size) in [
             ("--max-buffered-packet", self.max_buffered_packet),
             ("--max-connect-packet", self.max_connect_packet),
+            ("--ws-max-frame", self.ws_max_frame),
         ] {
             let largest = crate::codec::frame::MAX_REMAINING_LENGTH as usize + 5;
             if size > largest {
@@ -528,12 +534,19 @@ impl ProxyArgs {
                 ));
             }
         }
+        if self.ws_max_frame < 1024 {
+            return Err(format!(
+                "--ws-max-frame: {} bytes is under the smallest allowed, 1KiB",
+                self.ws_max_frame
+            ));
+        }
         Ok(Settings {
             connect_timeout: self.connect_timeout,
             shutdown_grace: self.shutdown_grace,
             on_malformed: self.on_malformed,
             max_buffered_packet: self.max_buffered_packet,
             max_connect_packet: self.max_connect_packet,
+            ws_max_frame: self.ws_max_frame,
             will_timeout: self.will_timeout,
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,

@@ -50,10 +50,15 @@ impl<'a> Dial<'a> {
             Ok(match self.ws_path {
                 None => stream,
                 Some(path) => {
-                    let (ws, _) =
-                        crate::ws::connect(stream, self.addr, path, self.tls.is_some()).await.map_err(
-                            |e| std::io::Error::new(e.kind(), format!("WebSocket handshake failed: {e}")),
-                        )?;
+                    let (ws, _) = crate::ws::connect(
+                        stream,
+                        self.addr,
+                        path,
+                        self.tls.is_some(),
+                        crate::ws::DEFAULT_MAX_FRAME,
+                    )
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("WebSocket handshake failed: {e}")))?;
                     Stream::Ws(Box::new(ws))
                 }
             })

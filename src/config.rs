@@ -41,6 +41,8 @@ pub struct Settings {
     /// CONNECT and CONNACK are always buffered and decoded whole up to this size; larger ones
     /// are malformed (`on_malformed` decides what follows).
     pub max_connect_packet: usize,
+    /// Largest WebSocket frame (or message) a `ws`/`wss` side may send.
+    pub ws_max_frame: usize,
     /// How long after the Will Delay Interval an expected Will may take to be seen.
     pub will_timeout: Duration,
     /// After one direction ended with a FIN, how long the other may go on before the proxy
@@ -70,6 +72,7 @@ impl Default for Settings {
             on_malformed: OnMalformed::Relay,
             max_buffered_packet: 256 * 1024,
             max_connect_packet: crate::codec::frame::DEFAULT_MAX_HANDSHAKE,
+            ws_max_frame: crate::ws::DEFAULT_MAX_FRAME,
             will_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,

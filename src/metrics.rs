@@ -119,11 +119,13 @@ struct SideLabels {
     side: Side,
 }
 
+/// A side's failure by reason (TLS handshakes, WebSocket errors).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TlsFailureLabels {
+struct FailureLabels {
     route: String,
     side: Side,
-    /// [`crate::tls::failure_reason`].
+    /// [`crate::tls::failure_reason`], [`crate::ws::Violation::reason`],
+    /// [`crate::ws::handshake_failure_reason`].
     reason: &'static str,
 }
 
@@ -174,7 +176,8 @@ struct Families {
     will_delay: Histograms,
     takeover_close_seconds: Histograms,
     connection_duration: Histograms,
-    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    tls_handshake_failures: Family<FailureLabels, Counter>,
+    websocket_errors: Family<FailureLabels, Counter>,
     tls_handshake_seconds: Family<SideLabels, Histogram, Buckets>,
 }
 
@@ -330,6 +333,11 @@ impl Families {
                 r,
                 "mqtt_chaos_tls_handshake_failures",
                 "TLS handshakes that failed, by side (client: the listener's; broker: the upstream's) and reason",
+            ),
+            websocket_errors: family(
+                r,
+                "mqtt_chaos_websocket_errors",
+                "WebSocket handshakes with clients that failed and WebSocket streams a peer broke, by side and reason",
             ),
             tls_handshake_seconds: {
                 let metric = Family::new_with_constructor(Buckets(RTT_BUCKETS));
@@ -749,8 +757,14 @@ impl RouteMetrics {
 
     /// A TLS handshake with `side` failed.
     pub fn on_tls_failure(&self, side: Side, reason: &'static str) {
-        let labels = TlsFailureLabels { route: self.route.clone(), side, reason };
+        let labels = FailureLabels { route: self.route.clone(), side, reason };
         self.families.tls_handshake_failures.get_or_create(&labels).inc();
+    }
+
+    /// A WebSocket handshake with a client failed, or `side` broke the WebSocket protocol.
+    pub fn on_websocket_error(&self, side: Side, reason: &'static str) {
+        let labels = FailureLabels { route: self.route.clone(), side, reason };
+        self.families.websocket_errors.get_or_create(&labels).inc();
     }
 
     pub fn on_ping_rtt(&self, seconds: f64) {

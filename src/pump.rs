@@ -133,7 +133,18 @@ where
     let now = Instant::now();
     match &end {
         PumpEnd::Eof => conn.note_close(dir.sender(), CloseHow::Fin, None, None, now),
-        PumpEnd::ReadError(e) => conn.note_close(dir.sender(), how_of(e), None, Some(e.to_string()), now),
+        PumpEnd::ReadError(e) => match crate::ws::Violation::of(e) {
+            // The session answers with the Close frame that says why.
+            Some(v) => {
+                let sender = dir.sender();
+                conn.route.metrics.on_websocket_error(sender, v.reason);
+                warn!(conn = conn.id, route = %conn.route.name, side = sender.as_str(), reason = v.reason, error = %v,
+                    "the WebSocket protocol was broken; closing the connection with a Close frame to that side");
+                let why = format!("the {} broke the WebSocket protocol: {v}", sender.as_str());
+                conn.note_close(Side::Proxy, CloseHow::Fin, None, Some(why), now)
+            }
+            None => conn.note_close(dir.sender(), how_of(e), None, Some(e.to_string()), now),
+        },
         PumpEnd::WriteError(e) => conn.note_close(dir.receiver(), how_of(e), None, Some(e.to_string()), now),
         PumpEnd::Malformed | PumpEnd::Stopped | PumpEnd::Cancelled => false,
     };

@@ -93,7 +93,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             let handshake = tokio::select! {
                 biased;
                 _ = conn.cancel.cancelled() => return,
-                r = Box::pin(handshake_within(&ctx, crate::ws::accept(client, path))) => r,
+                r = Box::pin(handshake_within(&ctx, crate::ws::accept(client, path, ctx.settings.ws_max_frame))) => r,
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
@@ -101,7 +101,9 @@ async fn serve(ctx: Ctx, client: TcpStream) {
                     Stream::Ws(Box::new(ws))
                 }
                 Err(e) => {
-                    info!(conn = conn.id, route = %route.name, client = %conn.client_addr, error = %e,
+                    let reason = crate::ws::handshake_failure_reason(&e);
+                    route.metrics.on_websocket_error(Side::Client, reason);
+                    info!(conn = conn.id, route = %route.name, client = %conn.client_addr, reason, error = %e,
                         "WebSocket handshake with the client failed; closing it");
                     let why = format!("WebSocket handshake with the client failed: {e}");
                     conn.note_close(Side::Proxy, CloseHow::Error, None, Some(why), Instant::now());
@@ -160,7 +162,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             let handshake = tokio::select! {
                 biased;
                 _ = conn.cancel.cancelled() => return,
-                r = Box::pin(handshake_within(&ctx, crate::ws::connect(broker, &route.upstream, path, tls))) => r,
+                r = Box::pin(handshake_within(&ctx, crate::ws::connect(broker, &route.upstream, path, tls, ctx.settings.ws_max_frame))) => r,
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
@@ -300,8 +302,12 @@ async fn relay(ctx: &Ctx, mut client: Stream, mut broker: Stream) {
             }
         }
     };
-    for (stream, side) in [(&client, Side::Client), (&broker, Side::Broker)] {
-        websocket_end(ctx, stream, side);
+    for (stream, side) in [(&mut client, Side::Client), (&mut broker, Side::Broker)] {
+        if let Stream::Ws(ws) = stream {
+            websocket_end(ctx, ws, side);
+            // Boxed: rare, and it must not be sized into every connection's future.
+            Box::pin(ws.close_for_violation()).await;
+        }
     }
     if let Some((action, applied)) = action
         && !matches!(up, PumpEnd::Cancelled)
@@ -320,18 +326,16 @@ async fn relay(ctx: &Ctx, mut client: Stream, mut broker: Stream) {
 }
 
 /// Records what a WebSocket side counted (pings, pongs apart from MQTT's) and logs its Close code.
-fn websocket_end(ctx: &Ctx, stream: &Stream, side: Side) {
-    if let Stream::Ws(ws) = stream {
-        ctx.conn.set_websocket_end(side, ws.pings, ws.pongs, ws.close_code);
-        if let Some(code) = ws.close_code {
-            info!(
-                conn = ctx.conn.id,
-                side = side.as_str(),
-                code,
-                pings = ws.pings,
-                "WebSocket Close frame received"
-            );
-        }
+fn websocket_end(ctx: &Ctx, ws: &crate::ws::WsStream, side: Side) {
+    ctx.conn.set_websocket_end(side, ws.pings, ws.pongs, ws.close_code);
+    if let Some(code) = ws.close_code {
+        info!(
+            conn = ctx.conn.id,
+            side = side.as_str(),
+            code,
+            pings = ws.pings,
+            "WebSocket Close frame received"
+        );
     }
 }
 

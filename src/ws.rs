@@ -6,6 +6,11 @@
 //! WebSocket pings are answered (by tungstenite) and counted apart from MQTT's PINGREQ: a
 //! WebSocket keepalive can hide a dead MQTT session. A Close frame ends the stream like a FIN
 //! (its code is kept for the record); shutting the stream down sends a Close frame.
+//!
+//! A peer that breaks the WebSocket protocol — a frame larger than `--ws-max-frame` (the whole
+//! frame would have to be held in memory), a text frame, a malformed frame — ends its stream
+//! with a [`Violation`]: the pump counts it and the session answers with the Close code that
+//! says why (1009, 1003, 1002).
 
 use crate::transport::Stream;
 use futures_util::{Sink, Stream as _};
@@ -18,11 +23,43 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
-/// Largest WebSocket message accepted (a whole MQTT packet fits: 256 MiB + headers).
-pub const MAX_MESSAGE: usize = 268_435_460;
+/// The default `--ws-max-frame`: 16 MiB, tungstenite's own default frame limit. A client that
+/// sends one MQTT packet per frame (as browsers' MQTT libraries do) can send packets this large.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
-fn config() -> WebSocketConfig {
-    WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE))
+/// A frame (or a message of several frames) may be this large and no larger.
+fn config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default().max_message_size(Some(max_frame)).max_frame_size(Some(max_frame))
+}
+
+/// How a peer broke the WebSocket protocol; carried inside the `io::Error` its stream returns.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Violation {
+    /// The metrics' `reason`: `frame_too_large`, `text_frame`, `protocol`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Violation {
+    /// The violation an error from a [`WsStream`] carries, if it is one.
+    pub fn of(e: &io::Error) -> Option<&Violation> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Violation>())
+    }
+
+    fn error(reason: &'static str, message: String) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, Violation { reason, message })
+    }
+}
+
+/// Why a WebSocket handshake with a client failed, for the metrics' `reason`.
+pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound => "not_found",
+        io::ErrorKind::InvalidData => "bad_request",
+        io::ErrorKind::TimedOut => "timeout",
+        _ => "handshake",
+    }
 }
 
 /// The subprotocols MQTT clients ask for, preferred first.
@@ -38,11 +75,24 @@ pub struct WsStream {
     pub pongs: u64,
     /// The code of the Close frame the peer sent.
     pub close_code: Option<u16>,
+    /// The Close code owed to a peer that broke the protocol: 1009 (too big), 1003 (unsupported
+    /// data), 1002 (protocol error); sent by [`WsStream::close_for_violation`].
+    violated: Option<u16>,
 }
 
 impl WsStream {
     fn new(ws: WebSocketStream<Stream>) -> WsStream {
-        WsStream { ws, frame: Bytes::new(), pings: 0, pongs: 0, close_code: None }
+        WsStream { ws, frame: Bytes::new(), pings: 0, pongs: 0, close_code: None, violated: None }
+    }
+
+    /// Sends the Close frame a protocol violation calls for (if the peer broke the protocol),
+    /// within a second: the peer learns why it is closed.
+    pub async fn close_for_violation(&mut self) {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        if let Some(code) = self.violated.take() {
+            let frame = CloseFrame { code: code.into(), reason: "".into() };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.ws.close(Some(frame))).await;
+        }
     }
 
     pub fn inner(&self) -> &Stream {
@@ -75,12 +125,27 @@ impl AsyncRead for WsStream {
                 None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
                     return Poll::Ready(Ok(()));
                 }
+                Some(Err(WsError::Capacity(e))) => {
+                    this.violated = Some(1009);
+                    return Poll::Ready(Err(Violation::error(
+                        "frame_too_large",
+                        format!("WebSocket frame over --ws-max-frame: {e}"),
+                    )));
+                }
+                Some(Err(WsError::Protocol(e))) => {
+                    this.violated = Some(1002);
+                    return Poll::Ready(Err(Violation::error(
+                        "protocol",
+                        format!("WebSocket protocol error: {e}"),
+                    )));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 Some(Ok(Message::Binary(b))) => this.frame = b,
                 Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a text WebSocket frame: MQTT travels in binary frames",
+                    this.violated = Some(1003);
+                    return Poll::Ready(Err(Violation::error(
+                        "text_frame",
+                        "a text WebSocket frame: MQTT travels in binary frames".into(),
                     )));
                 }
                 Some(Ok(Message::Ping(_))) => {
@@ -124,7 +189,11 @@ impl AsyncWrite for WsStream {
 /// Returns the subprotocol agreed.
 // The callback's error type is tungstenite's HTTP response, large by its own definition.
 #[allow(clippy::result_large_err)]
-pub async fn accept(mut stream: Stream, path: &str) -> io::Result<(WsStream, Option<String>)> {
+pub async fn accept(
+    mut stream: Stream,
+    path: &str,
+    max_frame: usize,
+) -> io::Result<(WsStream, Option<String>)> {
     let mut agreed = None;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != path {
@@ -148,7 +217,9 @@ pub async fn accept(mut stream: Stream, path: &str) -> io::Result<(WsStream, Opt
         }
         Ok(resp)
     };
-    match tokio_tungstenite::accept_hdr_async_with_config(&mut stream, callback, Some(config())).await {
+    match tokio_tungstenite::accept_hdr_async_with_config(&mut stream, callback, Some(config(max_frame)))
+        .await
+    {
         Ok(_) => {}
         Err(WsError::Http(_)) => {
             return Err(io::Error::new(io::ErrorKind::NotFound, "a WebSocket request for another path"));
@@ -167,7 +238,7 @@ pub async fn accept(mut stream: Stream, path: &str) -> io::Result<(WsStream, Opt
     }
     // The handshake read exactly the request (anything after it is refused as junk): the
     // stream now starts at the first frame.
-    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config())).await;
+    let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config(max_frame))).await;
     Ok((WsStream::new(ws), agreed))
 }
 
@@ -177,13 +248,16 @@ pub async fn connect(
     host_port: &str,
     path: &str,
     tls: bool,
+    max_frame: usize,
 ) -> io::Result<(WsStream, Option<String>)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let scheme = if tls { "wss" } else { "ws" };
     let mut request = format!("{scheme}://{host_port}{path}").into_client_request().map_err(to_io)?;
     request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().expect("a token"));
     let (ws, response) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(config())).await.map_err(to_io)?;
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config(max_frame)))
+            .await
+            .map_err(to_io)?;
     let agreed =
         response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
     Ok((WsStream::new(ws), agreed))

@@ -28,6 +28,7 @@ fn help_names_every_flag_and_its_environment_variable() {
         ("--on-malformed", "MQTT_CHAOS_ON_MALFORMED"),
         ("--max-buffered-packet", "MQTT_CHAOS_MAX_BUFFERED_PACKET"),
         ("--max-connect-packet", "MQTT_CHAOS_MAX_CONNECT_PACKET"),
+        ("--ws-max-frame", "MQTT_CHAOS_WS_MAX_FRAME"),
         ("--max-connections", "MQTT_CHAOS_MAX_CONNECTIONS"),
         ("--half-close-timeout", "MQTT_CHAOS_HALF_CLOSE_TIMEOUT"),
         ("--log-format", "MQTT_CHAOS_LOG_FORMAT"),

@@ -107,6 +107,27 @@ fn a_duration_flag_or_profile_at_500_billion_years_stops_the_start_with_exit_2()
     }
 }
 
+#[test]
+fn size_flags_at_the_edges_stop_the_start_with_exit_2_naming_the_flag() {
+    for (flag, value, message) in [
+        ("--ws-max-frame", "1024MiB", "--ws-max-frame: 1073741824 bytes is over the largest MQTT packet"),
+        ("--ws-max-frame", "100", "--ws-max-frame: 100 bytes is under the smallest allowed, 1KiB"),
+        (
+            "--max-buffered-packet",
+            "1024MiB",
+            "--max-buffered-packet: 1073741824 bytes is over the largest MQTT packet",
+        ),
+    ] {
+        let out = Command::new(binary())
+            .args(["proxy", "--listen", "127.0.0.1:0", "--upstream", "h:1", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{flag} {value}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn names_that_could_forge_log_lines_or_labels_are_refused() {
     let broker = Mosquitto::start();

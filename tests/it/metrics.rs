@@ -2,6 +2,7 @@
 
 use crate::harness::*;
 use crate::pubsub::Client;
+use mqtt_chaos::config::RouteConfig;
 use mqtt_chaos::transport::Transport;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -217,6 +218,17 @@ async fn metrics_md_and_the_endpoint_name_the_same_metrics_with_the_same_types()
             && m.contains("mqtt_chaos_tls_handshake_seconds_count{")
     })
     .await;
+    exposed.extend(families(&m));
+    // The WebSocket family, once a `ws` listener refused a plain HTTP request.
+    let route = RouteConfig {
+        listen_ws: Some("/mqtt".into()),
+        ..RouteConfig::tcp("default", "127.0.0.1:0", broker.addr())
+    };
+    let ws = TestProxy::start_route(route, Default::default()).await;
+    let mut http = tokio::net::TcpStream::connect(ws.addr).await.unwrap();
+    http.write_all(b"GET /mqtt HTTP/1.1\r\nHost: proxy\r\n\r\n").await.unwrap();
+    let _ = read_to_end(&mut http, WAIT).await;
+    let m = metrics_when(&ws, |m| m.contains("mqtt_chaos_websocket_errors_total{")).await;
     exposed.extend(families(&m));
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/METRICS.md")).unwrap();
     let documented: std::collections::BTreeMap<String, String> = doc

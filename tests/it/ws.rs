@@ -17,12 +17,46 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 async fn ws_proxy(upstream: &str, listen_ws: Option<&str>, upstream_ws: Option<&str>) -> TestProxy {
+    ws_proxy_with(upstream, listen_ws, upstream_ws, Default::default()).await
+}
+
+async fn ws_proxy_with(
+    upstream: &str,
+    listen_ws: Option<&str>,
+    upstream_ws: Option<&str>,
+    settings: mqtt_chaos::config::Settings,
+) -> TestProxy {
     let route = RouteConfig {
         listen_ws: listen_ws.map(str::to_string),
         upstream_ws: upstream_ws.map(str::to_string),
         ..RouteConfig::tcp("default", "127.0.0.1:0", upstream)
     };
-    TestProxy::start_route(route, Default::default()).await
+    TestProxy::start_route(route, settings).await
+}
+
+/// A WebSocket client of the proxy's `/mqtt` listener, connected to the broker behind it.
+async fn ws_client(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let mut request = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+    request.headers_mut().insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.expect("the WebSocket handshake");
+    ws.send(Message::Binary(Bytes::from(connect_v4(client_id, 30, None)))).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, 4).await, [0x20, 2, 0, 0], "CONNACK");
+    ws
+}
+
+/// The Close frame's code the proxy sends next (other frames skipped).
+async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a Close frame in time") {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("no Close frame: {other:?}"),
+        }
+    }
 }
 
 /// Reads binary frames until `n` bytes came (answering nothing itself).
@@ -92,6 +126,57 @@ async fn a_websocket_client_reaches_a_tcp_broker_whatever_the_framing() {
     assert_eq!((ws_info.pings, ws_info.close_code), (1, Some(1005)), "{ws_info:?}");
 }
 
+/// A frame over `--ws-max-frame` and a text frame each close their own connection with the
+/// Close code that says why (1009, 1003), are counted by reason and named in the record; a
+/// client beside them goes on undisturbed.
+#[tokio::test]
+async fn a_frame_over_the_limit_or_a_text_frame_is_closed_with_its_close_code_and_counted() {
+    use crate::metrics::{metrics_when, route, sample};
+    let broker = Mosquitto::start();
+    let settings = mqtt_chaos::config::Settings { ws_max_frame: 4096, ..Default::default() };
+    let mut p = ws_proxy_with(&broker.addr(), Some("/mqtt"), None, settings).await;
+    let mut bystander = ws_client(p.addr, "bystander").await;
+    let cases: [(&str, Message, u16, &str); 2] = [
+        ("big", Message::Binary(Bytes::from(publish_v4("ws/big", &[7u8; 5000]))), 1009, "--ws-max-frame"),
+        ("text", Message::Text("hello".into()), 1003, "a text WebSocket frame"),
+    ];
+    for (id, frame, code, why) in cases {
+        let mut ws = ws_client(p.addr, id).await;
+        ws.send(frame).await.unwrap();
+        assert_eq!(close_code(&mut ws).await, Some(code), "{id}");
+        let (_, close) = p.next_closed(Duration::from_secs(5)).await;
+        assert_eq!(
+            (close.closed_by, close.how),
+            (Side::Proxy, mqtt_chaos::vocab::CloseHow::Fin),
+            "{id}: {close:?}"
+        );
+        let reason = close.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("the client broke the WebSocket protocol") && reason.contains(why),
+            "{id}: {reason}"
+        );
+    }
+    // Just under the limit passes (a 4,096-byte frame: PUBLISH header, topic and payload).
+    let mut ws = ws_client(p.addr, "under").await;
+    ws.send(Message::Binary(Bytes::from(subscribe_v4(1, "ws/under", 0)))).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, 5).await, [0x90, 3, 0, 1, 0], "SUBACK");
+    let publish = publish_v4("ws/under", &vec![1u8; 4096 - 3 - 10]);
+    assert_eq!(publish.len(), 4096);
+    ws.send(Message::Binary(Bytes::from(publish.clone()))).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, publish.len()).await, publish);
+    // The bystander's connection is untouched.
+    bystander.send(Message::Binary(Bytes::from_static(&[0xc0, 0]))).await.unwrap();
+    assert_eq!(read_bytes(&mut bystander, 2).await, [0xd0, 0], "PINGRESP");
+    let m = metrics_when(&p, |m| {
+        sample(m, "mqtt_chaos_websocket_errors_total", &route(&[("reason", "text_frame")])) == Some(1.0)
+    })
+    .await;
+    for reason in ["frame_too_large", "text_frame"] {
+        let labels = route(&[("side", "client"), ("reason", reason)]);
+        assert_eq!(sample(&m, "mqtt_chaos_websocket_errors_total", &labels), Some(1.0), "{reason}\n{m}");
+    }
+}
+
 #[tokio::test]
 async fn wss_is_websocket_over_tls() {
     let pki = crate::tls::Pki::new();
@@ -139,6 +224,15 @@ async fn a_plain_http_request_on_a_websocket_listener_is_answered_400_and_anothe
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let e = tokio_tungstenite::client_async(request, tcp).await.unwrap_err();
     assert!(e.to_string().contains("404"), "{e}");
+    use crate::metrics::{metrics_when, route, sample};
+    let m = metrics_when(&p, |m| {
+        sample(m, "mqtt_chaos_websocket_errors_total", &route(&[("reason", "not_found")])) == Some(1.0)
+    })
+    .await;
+    for reason in ["bad_request", "not_found"] {
+        let labels = route(&[("side", "client"), ("reason", reason)]);
+        assert_eq!(sample(&m, "mqtt_chaos_websocket_errors_total", &labels), Some(1.0), "{reason}\n{m}");
+    }
 }
 
 #[tokio::test]
