@@ -49,9 +49,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// The broker: mqtt://HOST:PORT, HOST:PORT or HOST (port 1883), mqtts://HOST[:PORT] (TLS,
-    /// port 8883), ws://HOST[:PORT][/PATH] or wss://… (MQTT over WebSocket, path /mqtt). Without
-    /// it the probe starts an embedded broker (rumqttd) on free loopback ports.
+    /// The broker: mqtt://HOST:PORT, HOST:PORT or HOST (port 1883 when none is given),
+    /// mqtts://HOST:PORT (TLS, 8883), ws://HOST:PORT/PATH or wss://HOST:PORT/PATH (MQTT over
+    /// WebSocket, 80/443, path /mqtt). Without it the probe starts an embedded broker (rumqttd)
+    /// on free loopback ports.
     #[arg(long, env = "MQTT_CHAOS_PROBE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
 

@@ -39,9 +39,7 @@ impl<'a> Dial<'a> {
             let stream = match self.tls {
                 None => Stream::Tcp(tcp),
                 Some(tls) => {
-                    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                    let stream = connector
-                        .connect(tls.server_name.clone(), tcp)
+                    let stream = crate::tls_stream::connect(tcp, tls.config.clone(), tls.server_name.clone())
                         .await
                         .map_err(|e| std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
                     Stream::TlsClient(Box::new(stream))

@@ -18,6 +18,7 @@
 //! | [`metrics`] | every Prometheus family, registered in one place; a route's metrics say what happened (`on_close`, `on_batch`, …); the exposition (Prometheus text or OpenMetrics) |
 //! | [`transport`] | a side's byte stream: plain TCP or TLS, with each transport's close semantics |
 //! | [`tls`] | certificates and keys read at start, the rustls configurations of listeners and upstreams, handshake facts |
+//! | [`tls_stream`] | a TLS session over TCP on rustls' unbuffered API: buffers only while bytes are in flight, `close_notify` semantics |
 //! | [`ws`] | MQTT over WebSocket: the handshakes (subprotocol `mqtt`), frames as one byte stream, WebSocket pings counted apart |
 //! | [`vocab`] | the shared words: `Direction`, `Side`, `CloseHow`, `Cause`, `CloseInfo`, takeover and Will outcomes, a pump's `Batch` (a leaf) |
 //! | [`config`] | settings and the routes file (TOML, errors with `file:line:col`) |
@@ -49,6 +50,7 @@ pub mod server;
 pub mod session;
 pub mod summary;
 pub mod tls;
+pub mod tls_stream;
 pub mod transport;
 pub mod vocab;
 pub mod ws;

@@ -188,27 +188,19 @@ async fn serve(ctx: Ctx, client: TcpStream) {
 async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Stream> {
     let conn = &ctx.conn;
     let started = Instant::now();
-    let handshake = async {
-        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let hello = start.client_hello();
-        let sni = hello.server_name().map(str::to_string);
-        let alpn = hello.alpn().and_then(|mut offered| offered.next().map(<[u8]>::to_vec));
-        let config = match alpn {
-            Some(protocol) => {
-                let mut config = (*tls.config).clone();
-                config.alpn_protocols = vec![protocol];
-                Arc::new(config)
-            }
-            None => tls.config.clone(),
-        };
-        let stream = start.into_stream(config).await?;
-        Ok::<_, std::io::Error>((stream, sni))
-    };
+    let handshake = crate::tls_stream::accept(tcp, |_sni, alpn| match alpn.into_iter().next() {
+        Some(protocol) => {
+            let mut config = (*tls.config).clone();
+            config.alpn_protocols = vec![protocol];
+            Arc::new(config)
+        }
+        None => tls.config.clone(),
+    });
     let result = handshake_within(ctx, handshake).await;
     match result {
         Ok((stream, sni)) => {
             conn.route.metrics.on_tls_handshake(Side::Client, started.elapsed().as_secs_f64());
-            let info = TlsInfo::of(stream.get_ref().1, sni);
+            let info = TlsInfo::of(stream.state(), sni);
             conn.set_transport(
                 Side::Client,
                 SideTransport {
@@ -255,12 +247,12 @@ async fn handshake_within<T>(
 async fn connect_tls(ctx: &Ctx, tls: &ClientSide, tcp: TcpStream) -> Result<Stream, String> {
     let conn = &ctx.conn;
     let started = Instant::now();
-    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    let result = handshake_within(ctx, connector.connect(tls.server_name.clone(), tcp)).await;
+    let handshake = crate::tls_stream::connect(tcp, tls.config.clone(), tls.server_name.clone());
+    let result = handshake_within(ctx, handshake).await;
     match result {
         Ok(stream) => {
             conn.route.metrics.on_tls_handshake(Side::Broker, started.elapsed().as_secs_f64());
-            let info = TlsInfo::of(stream.get_ref().1, Some(tls.server_name.to_str().into_owned()));
+            let info = TlsInfo::of(stream.state(), Some(tls.server_name.to_str().into_owned()));
             conn.set_transport(
                 Side::Broker,
                 SideTransport {

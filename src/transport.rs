@@ -42,9 +42,9 @@ impl Transport {
 pub enum Stream {
     Tcp(TcpStream),
     /// A client's TLS connection to the proxy's listener.
-    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    TlsServer(Box<crate::tls_stream::ServerStream>),
     /// The proxy's TLS connection to the broker.
-    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    TlsClient(Box<crate::tls_stream::ClientStream>),
     /// MQTT over WebSocket, over one of the above.
     Ws(Box<crate::ws::WsStream>),
 }
@@ -54,8 +54,8 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(s) => s,
-            Stream::TlsServer(s) => s.get_ref().0,
-            Stream::TlsClient(s) => s.get_ref().0,
+            Stream::TlsServer(s) => s.tcp(),
+            Stream::TlsClient(s) => s.tcp(),
             Stream::Ws(s) => s.inner().tcp(),
         }
     }
@@ -85,14 +85,6 @@ impl Stream {
     }
 }
 
-/// TLS reads: a peer that closed TCP without `close_notify` has ended its stream all the same.
-fn eof_if_truncated(r: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
-    match r {
-        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
-        other => other,
-    }
-}
-
 impl AsyncRead for Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -101,8 +93,8 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match &mut *self {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::TlsServer(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
-            Stream::TlsClient(s) => eof_if_truncated(Pin::new(s.as_mut()).poll_read(cx, buf)),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
