@@ -465,10 +465,10 @@ async fn carry_out(ctx: &Ctx, action: ConnAction, applied: &Applied, mut client:
     }
 }
 
-/// A TLS side closed with FIN gets `close_notify` first (as a TLS peer closing cleanly sends),
-/// bounded to a second; plain TCP needs nothing before the FIN of its drop.
+/// A side closed with FIN gets its transport's clean end first, bounded to a second: TLS a
+/// `close_notify`, WebSocket a Close frame (1000); plain TCP needs nothing before the FIN of its drop.
 async fn close_notify(stream: &mut Stream) {
-    if stream.transport() == Transport::Tls {
+    if stream.transport() != Transport::Tcp {
         let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
     }
 }

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
@@ -75,6 +76,8 @@ pub struct WsStream {
     pub pongs: u64,
     /// The code of the Close frame the peer sent.
     pub close_code: Option<u16>,
+    /// A Close frame was queued by `poll_shutdown`.
+    close_queued: bool,
     /// The Close code owed to a peer that broke the protocol: 1009 (too big), 1003 (unsupported
     /// data), 1002 (protocol error); sent by [`WsStream::close_for_violation`].
     violated: Option<u16>,
@@ -82,7 +85,15 @@ pub struct WsStream {
 
 impl WsStream {
     fn new(ws: WebSocketStream<Stream>) -> WsStream {
-        WsStream { ws, frame: Bytes::new(), pings: 0, pongs: 0, close_code: None, violated: None }
+        WsStream {
+            ws,
+            frame: Bytes::new(),
+            pings: 0,
+            pongs: 0,
+            close_code: None,
+            close_queued: false,
+            violated: None,
+        }
     }
 
     /// Sends the Close frame a protocol violation calls for (if the peer broke the protocol),
@@ -132,6 +143,10 @@ impl AsyncRead for WsStream {
                         format!("WebSocket frame over --ws-max-frame: {e}"),
                     )));
                 }
+                // TCP closed without a Close frame (as browsers do when a tab goes): a FIN.
+                Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                    return Poll::Ready(Ok(()));
+                }
                 Some(Err(WsError::Protocol(e))) => {
                     this.violated = Some(1002);
                     return Poll::Ready(Err(Violation::error(
@@ -176,7 +191,22 @@ impl AsyncWrite for WsStream {
         Pin::new(&mut self.ws).poll_flush(cx).map_err(to_io)
     }
 
+    /// A Close frame with 1000 (normal closure), then the end of the stream.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+        if !self.close_queued {
+            let ws = &mut self.ws;
+            match ready!(Pin::new(&mut *ws).poll_ready(cx)) {
+                Ok(()) => {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                    // Refused only when a Close already went out: then closing is what is left.
+                    let _ = Pin::new(&mut *ws).start_send(Message::Close(Some(frame)));
+                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(to_io(e))),
+            }
+            self.close_queued = true;
+        }
         match ready!(Pin::new(&mut self.ws).poll_close(cx)) {
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(to_io(e))),

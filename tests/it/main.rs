@@ -19,6 +19,7 @@ mod readme;
 mod robust;
 mod soak;
 mod tls;
+mod transports;
 mod wills;
 mod wire;
 mod ws;

@@ -177,6 +177,22 @@ async fn a_frame_over_the_limit_or_a_text_frame_is_closed_with_its_close_code_an
     }
 }
 
+/// A client that goes without a Close frame (a browser tab closed) has closed with a FIN; it
+/// broke nothing.
+#[tokio::test]
+async fn a_websocket_client_gone_without_a_close_frame_is_a_fin_not_an_error() {
+    let broker = Mosquitto::start();
+    let mut p = ws_proxy(&broker.addr(), Some("/mqtt"), None).await;
+    let ws = ws_client(p.addr, "tab").await;
+    drop(ws); // the TCP connection closes, no Close frame
+    let (_, close) = p.next_closed(Duration::from_secs(5)).await;
+    assert_eq!((close.closed_by, close.how), (Side::Client, mqtt_chaos::vocab::CloseHow::Fin), "{close:?}");
+    assert!(
+        !p.running().metrics().contains("mqtt_chaos_websocket_errors_total{"),
+        "no WebSocket error counted"
+    );
+}
+
 #[tokio::test]
 async fn wss_is_websocket_over_tls() {
     let pki = crate::tls::Pki::new();
