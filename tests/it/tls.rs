@@ -47,11 +47,16 @@ fn leaf(
     cn: &str,
     sans: &[&str],
     usage: ExtendedKeyUsagePurpose,
+    expired: bool,
 ) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.extended_key_usages = vec![usage];
+    if expired {
+        (params.not_before, params.not_after) =
+            (rcgen::date_time_ymd(2020, 1, 1), rcgen::date_time_ymd(2021, 1, 1));
+    }
     (params.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
 }
 
@@ -65,12 +70,14 @@ impl Pki {
         for (name, pem) in files {
             std::fs::write(dir.path().join(name), pem).unwrap();
         }
-        for (base, issuer, cn, sans, usage) in [
-            ("server", &ca, "localhost", &["localhost", "127.0.0.1"][..], server.clone()),
-            ("client", &ca, "device-7", &[][..], ExtendedKeyUsagePurpose::ClientAuth),
-            ("other-server", &other, "localhost", &["localhost", "127.0.0.1"][..], server.clone()),
+        let names = &["localhost", "127.0.0.1"][..];
+        for (base, issuer, cn, sans, usage, expired) in [
+            ("server", &ca, "localhost", names, server.clone(), false),
+            ("client", &ca, "device-7", &[][..], ExtendedKeyUsagePurpose::ClientAuth, false),
+            ("other-server", &other, "localhost", names, server.clone(), false),
+            ("expired-server", &ca, "localhost", names, server.clone(), true),
         ] {
-            let (cert, key) = leaf(issuer, cn, sans, usage);
+            let (cert, key) = leaf(issuer, cn, sans, usage, expired);
             std::fs::write(dir.path().join(format!("{base}.pem")), cert).unwrap();
             std::fs::write(dir.path().join(format!("{base}.key")), key).unwrap();
         }
@@ -400,6 +407,34 @@ async fn an_untrusted_broker_certificate_is_refused_and_accepted_when_insecure()
     assert_eq!(json["broker_transport"]["unverified"], true, "{json}");
     assert_eq!(json["broker_transport"]["transport"], "tls");
     assert_eq!(json["client_transport"]["transport"], "tcp");
+}
+
+/// A broker certificate that has expired, or that names another host, is refused with its own
+/// reason in the metric and the record.
+#[tokio::test]
+async fn an_expired_or_wrong_name_broker_certificate_is_refused_with_its_reason() {
+    let pki = Pki::new();
+    let (_expired, expired_at) = pki.mosquitto("expired-server");
+    let (_valid, valid_at) = pki.mosquitto("server");
+    let wrong_name =
+        TlsOptions { upstream_server_name: Some("broker.elsewhere.example".into()), ..pki.options() };
+    for (upstream, options, reason) in
+        [(&expired_at, pki.options(), "expired"), (&valid_at, wrong_name, "wrong_name")]
+    {
+        let mut p = proxy(&pki, Transport::Tcp, upstream, Transport::Tls, options).await;
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(&connect_v4("refused", 30, None)).await.unwrap();
+        let (_, ending) = read_to_end(&mut c, Duration::from_secs(5)).await;
+        assert_ne!(ending, Ending::Open, "{reason}: the client was closed");
+        let (_conn, close) = p.next_closed(Duration::from_secs(5)).await;
+        let why = close.reason.clone().unwrap_or_default();
+        assert!(why.contains("TLS handshake with the broker failed"), "{reason}: {why}");
+        let metrics = p.running().metrics();
+        let sample = format!(
+            "mqtt_chaos_tls_handshake_failures_total{{route=\"default\",side=\"broker\",reason=\"{reason}\"}} 1"
+        );
+        assert!(metrics.contains(&sample), "{sample}\n{metrics}");
+    }
 }
 
 #[tokio::test]
