@@ -244,9 +244,12 @@ async fn readyz(State(c): State<Control>) -> Response {
         .routes
         .iter()
         .map(|r| {
+            let (listen, upstream) = r.transports();
             json!({
                 "route": r.name,
                 "upstream": r.upstream,
+                "listen_transport": listen,
+                "upstream_transport": upstream,
                 "reachable": r.reach.reachable(),
                 "last_error": r.reach.last_error(),
             })

@@ -2,6 +2,7 @@
 //! its upstream and what its Will observer watches.
 
 use crate::metrics::RouteMetrics;
+use crate::transport::Transport;
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -24,6 +25,22 @@ pub struct Route {
     /// WebSocket paths of the listener and of the upstream, where they are `ws://`/`wss://`.
     pub listen_ws: Option<String>,
     pub upstream_ws: Option<String>,
+}
+
+impl Route {
+    /// The transports of the listener and of the upstream, as their addresses' schemes say.
+    pub fn transports(&self) -> (Transport, Transport) {
+        let of = |tls: bool, ws: bool| match (tls, ws) {
+            (false, false) => Transport::Tcp,
+            (true, false) => Transport::Tls,
+            (false, true) => Transport::Ws,
+            (true, true) => Transport::Wss,
+        };
+        (
+            of(self.tls.listen.is_some(), self.listen_ws.is_some()),
+            of(self.tls.upstream.is_some(), self.upstream_ws.is_some()),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -336,6 +336,10 @@ async fn readyz_reports_per_route_whether_the_upstream_was_reachable_at_the_last
     let v = call(admin, "GET", "/readyz", None).await.json().unwrap();
     assert_eq!(v["status"], "ready", "{v}");
     assert_eq!(v["routes"][0]["reachable"], json!(true));
+    assert_eq!(
+        (&v["routes"][0]["listen_transport"], &v["routes"][0]["upstream_transport"]),
+        (&json!("tcp"), &json!("tcp"))
+    );
 }
 
 /// One raw HTTP/1.1 request (for headers `ctl` never sends); the status and body.
