@@ -48,6 +48,18 @@ async fn ws_client(
     ws
 }
 
+/// Waits until each of `reasons` is counted on the client side, and checks it is counted once.
+async fn websocket_errors_counted_once(p: &TestProxy, reasons: &[&'static str]) {
+    use crate::metrics::{metrics_when, route, sample};
+    let count = |m: &str, reason: &'static str| {
+        sample(m, "mqtt_chaos_websocket_errors_total", &route(&[("side", "client"), ("reason", reason)]))
+    };
+    let m = metrics_when(p, |m| reasons.iter().all(|r| count(m, r).is_some())).await;
+    for &reason in reasons {
+        assert_eq!(count(&m, reason), Some(1.0), "{reason}\n{m}");
+    }
+}
+
 /// The Close frame's code the proxy sends next (other frames skipped).
 async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Option<u16> {
     loop {
@@ -131,7 +143,6 @@ async fn a_websocket_client_reaches_a_tcp_broker_whatever_the_framing() {
 /// client beside them goes on undisturbed.
 #[tokio::test]
 async fn a_frame_over_the_limit_or_a_text_frame_is_closed_with_its_close_code_and_counted() {
-    use crate::metrics::{metrics_when, route, sample};
     let broker = Mosquitto::start();
     let settings = mqtt_chaos::config::Settings { ws_max_frame: 4096, ..Default::default() };
     let mut p = ws_proxy_with(&broker.addr(), Some("/mqtt"), None, settings).await;
@@ -167,14 +178,7 @@ async fn a_frame_over_the_limit_or_a_text_frame_is_closed_with_its_close_code_an
     // The bystander's connection is untouched.
     bystander.send(Message::Binary(Bytes::from_static(&[0xc0, 0]))).await.unwrap();
     assert_eq!(read_bytes(&mut bystander, 2).await, [0xd0, 0], "PINGRESP");
-    let m = metrics_when(&p, |m| {
-        sample(m, "mqtt_chaos_websocket_errors_total", &route(&[("reason", "text_frame")])) == Some(1.0)
-    })
-    .await;
-    for reason in ["frame_too_large", "text_frame"] {
-        let labels = route(&[("side", "client"), ("reason", reason)]);
-        assert_eq!(sample(&m, "mqtt_chaos_websocket_errors_total", &labels), Some(1.0), "{reason}\n{m}");
-    }
+    websocket_errors_counted_once(&p, &["frame_too_large", "text_frame"]).await;
 }
 
 /// A client that goes without a Close frame (a browser tab closed) has closed with a FIN; it
@@ -240,15 +244,7 @@ async fn a_plain_http_request_on_a_websocket_listener_is_answered_400_and_anothe
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let e = tokio_tungstenite::client_async(request, tcp).await.unwrap_err();
     assert!(e.to_string().contains("404"), "{e}");
-    use crate::metrics::{metrics_when, route, sample};
-    let m = metrics_when(&p, |m| {
-        sample(m, "mqtt_chaos_websocket_errors_total", &route(&[("reason", "not_found")])) == Some(1.0)
-    })
-    .await;
-    for reason in ["bad_request", "not_found"] {
-        let labels = route(&[("side", "client"), ("reason", reason)]);
-        assert_eq!(sample(&m, "mqtt_chaos_websocket_errors_total", &labels), Some(1.0), "{reason}\n{m}");
-    }
+    websocket_errors_counted_once(&p, &["bad_request", "not_found"]).await;
 }
 
 #[tokio::test]
