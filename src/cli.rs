@@ -505,6 +505,7 @@ impl ProxyArgs {
                 username: self.observer_username.clone(),
                 password,
                 protocol: self.observer_protocol,
+                keep_alive: None,
             })
         } else {
             None

@@ -16,7 +16,7 @@
 //! It speaks MQTT 5 or 3.1.1 (`--observer-protocol`; `auto` tries 5 first and falls back to
 //! 3.1.1 while 5 fails, and keeps what worked). Subscriptions are QoS 0 (nothing to
 //! acknowledge; over one live connection nothing is lost), Keep Alive 30 s with a PINGREQ every
-//! 30 s. Failed connections are retried after 1 s, doubling to 30 s, counted, and logged once
+//! 30 s; a PINGREQ unanswered by the next one ends the connection (the broker is gone). Failed connections are retried after 1 s, doubling to 30 s, counted, and logged once
 //! per change between connected and failing.
 
 use crate::client::{Dial, Handshake, Next, RawClient};
@@ -58,6 +58,8 @@ pub struct ObserverConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub protocol: ObserverProtocol,
+    /// Keep Alive of the observer's connection, in whole seconds (`None`: 30 s).
+    pub keep_alive: Option<Duration>,
 }
 
 impl std::fmt::Debug for ObserverConfig {
@@ -67,19 +69,27 @@ impl std::fmt::Debug for ObserverConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("protocol", &self.protocol)
+            .field("keep_alive", &self.keep_alive)
             .finish()
     }
 }
 
-/// The observer's Keep Alive, and how often it pings.
+/// The observer's Keep Alive, and how often it pings, unless [`ObserverConfig::keep_alive`] says.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long a connection attempt (TCP, TLS, WebSocket, CONNECT) may take.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 
 /// The observer's connection, or the time of its next attempt.
 enum State {
-    Connected { client: RawClient, ping_at: Instant },
-    Waiting { retry_at: Instant },
+    /// `unanswered`: a PINGREQ went out and its PINGRESP has not come yet.
+    Connected {
+        client: RawClient,
+        ping_at: Instant,
+        unanswered: bool,
+    },
+    Waiting {
+        retry_at: Instant,
+    },
 }
 
 /// What woke the observer's loop.
@@ -102,6 +112,7 @@ struct Observer {
     settled: bool,
     /// Every Will topic wanted, subscribed or not.
     topics: BTreeSet<String>,
+    keep_alive: Duration,
     /// SUBSCRIBEs sent and not yet answered, by packet id.
     pending: HashMap<u16, String>,
     packet_id: u16,
@@ -121,6 +132,7 @@ pub async fn run(
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut o = Observer {
         client_id: format!("{}{}", config.client_id, route.name),
+        keep_alive: config.keep_alive.unwrap_or(KEEP_ALIVE),
         v5: config.protocol != ObserverProtocol::V311,
         settled: config.protocol != ObserverProtocol::Auto,
         route,
@@ -137,7 +149,7 @@ pub async fn run(
     let mut state = State::Waiting { retry_at: Instant::now() };
     loop {
         let wake = match &mut state {
-            State::Connected { client, ping_at } => tokio::select! {
+            State::Connected { client, ping_at, .. } => tokio::select! {
                 _ = stop.cancelled() => Wake::Stop,
                 _ = prune.tick() => Wake::Prune,
                 ev = events.recv() => Wake::Event(ev),
@@ -178,9 +190,20 @@ pub async fn run(
             }
             Wake::Event(Err(RecvError::Closed)) => return,
             Wake::Mqtt(next) => match (next, &mut state) {
-                (Next::Quiet, State::Connected { client, ping_at }) => {
-                    *ping_at += KEEP_ALIVE;
+                // A broker that does not answer a PINGREQ within Keep Alive is gone (a half-open
+                // connection): reconnect.
+                (Next::Quiet, State::Connected { unanswered: true, .. }) => {
+                    Err(format!("no PINGRESP within {:?}", o.keep_alive))
+                }
+                (Next::Quiet, State::Connected { client, ping_at, unanswered }) => {
+                    (*ping_at, *unanswered) = (*ping_at + o.keep_alive, true);
                     client.send(&encode::PINGREQ).await.map_err(|e| e.to_string())
+                }
+                (Next::Packet(h, _), State::Connected { unanswered, .. })
+                    if h.packet_type == PacketType::Pingresp =>
+                {
+                    *unanswered = false;
+                    Ok(())
                 }
                 (Next::Packet(h, frame), _) => {
                     o.received(h, &frame);
@@ -191,7 +214,11 @@ pub async fn run(
             },
             Wake::Retry => match o.connect(&stop).await {
                 Some(Ok(client)) => {
-                    state = State::Connected { client, ping_at: Instant::now() + KEEP_ALIVE };
+                    state = State::Connected {
+                        client,
+                        ping_at: Instant::now() + o.keep_alive,
+                        unanswered: false,
+                    };
                     Ok(())
                 }
                 Some(Err(error)) => Err(error),
@@ -220,7 +247,11 @@ impl Observer {
             ws_path: route.upstream_ws.as_deref(),
         };
         let protocol = self.protocol();
-        let mut connect = ConnectSpec::new(protocol, self.client_id.clone(), KEEP_ALIVE.as_secs() as u16);
+        let mut connect = ConnectSpec::new(
+            protocol,
+            self.client_id.clone(),
+            self.keep_alive.as_secs().clamp(1, 65535) as u16,
+        );
         connect.username.clone_from(&self.config.username);
         connect.password = self.config.password.as_ref().map(|p| p.as_bytes().to_vec());
         let attempt = async {
@@ -305,7 +336,8 @@ impl Observer {
                 }
             }
             PacketType::Suback => {
-                let id = frame.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                let at = usize::from(h.header_len);
+                let id = frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
                 let Some(topic) = id.and_then(|id| self.pending.remove(&id)) else { return };
                 // The last byte is the one filter's return (3.1.1) or reason (5) code.
                 match frame.last() {

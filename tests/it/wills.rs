@@ -80,9 +80,14 @@ async fn a_will_watched_through_the_proxy_that_never_comes_is_missing() {
 
 /// A scripted broker for the Will observer: answers CONNECTs at the `accepted` protocol levels
 /// (refusing the others with CONNACK 1, unacceptable protocol version, and closing), answers a
-/// SUBSCRIBE with its SUBACK and one PUBLISH on the topic. Devices are accepted and left alone.
-/// Returns the address and the protocol levels the observer tried, in order.
+/// SUBSCRIBE with its SUBACK and one PUBLISH on the topic, and a PINGREQ only if `pings`.
+/// Devices are accepted and left alone. Returns the address and the protocol levels the
+/// observer tried, in order.
 async fn observer_broker(accepted: &'static [u8]) -> (String, Arc<Mutex<Vec<u8>>>) {
+    observer_broker_answering(accepted, false).await
+}
+
+async fn observer_broker_answering(accepted: &'static [u8], pings: bool) -> (String, Arc<Mutex<Vec<u8>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let tried = Arc::new(Mutex::new(Vec::new()));
@@ -105,6 +110,9 @@ async fn observer_broker(accepted: &'static [u8]) -> (String, Arc<Mutex<Vec<u8>>
                     if v5 { &[0x20, 0x03, 0x00, 0x00, 0x00] } else { &[0x20, 0x02, 0x00, 0x00] };
                 let _ = s.write_all(connack).await;
                 while let Ok(p) = read_packet(&mut s).await {
+                    if pings && p[0] == 0xc0 {
+                        let _ = s.write_all(&[0xd0, 0]).await;
+                    }
                     if observer && p[0] == 0x82 {
                         // SUBSCRIBE: packet id, (v5: properties), topic.
                         let props = if v5 { 1 + usize::from(p[4]) } else { 0 };
@@ -275,5 +283,30 @@ async fn the_will_observer_reaches_a_tls_broker_and_a_websocket_broker() {
         })
         .await;
         assert!(seen.is_ok(), "{name}: the observer did not see the Will on {topic}");
+    }
+}
+
+/// A broker that stops answering the observer's PINGREQ is a dead connection: the observer
+/// reconnects after one Keep Alive without a PINGRESP; one that answers keeps its connection.
+#[tokio::test]
+async fn the_will_observer_reconnects_when_its_pingreq_goes_unanswered() {
+    for answers in [false, true] {
+        let (addr, tried) = observer_broker_answering(&[4], answers).await;
+        let mut settings = observing(ObserverProtocol::V311);
+        settings.observe_wills.as_mut().unwrap().keep_alive = Some(Duration::from_secs(1));
+        let proxy = TestProxy::start_with(&addr, settings).await;
+        // Pings at 1 s and 2 s; unanswered, the connection is given up at 2 s, retried at 3 s.
+        tokio::time::sleep(Duration::from_millis(3800)).await;
+        let connects = tried.lock().unwrap().len();
+        if answers {
+            assert_eq!(connects, 1, "an answering broker keeps the observer's connection");
+        } else {
+            assert!(connects >= 2, "the observer reconnected: {connects} CONNECT(s)");
+            let m = proxy.running().metrics();
+            assert!(
+                sample(&m, "mqtt_chaos_observer_connect_failures_total", &route(&[])).unwrap() >= 1.0,
+                "{m}"
+            );
+        }
     }
 }
