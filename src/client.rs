@@ -14,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
+/// The longest a [`RawClient::send`] may wait for the broker to take the bytes.
+pub const SEND_WITHIN: Duration = Duration::from_secs(10);
+
 /// How to reach a broker: its TCP address, and TLS and WebSocket on top where its URL says so.
 #[derive(Clone, Copy)]
 pub struct Dial<'a> {
@@ -123,10 +126,19 @@ impl RawClient {
         })
     }
 
-    /// Sends `bytes` now (a WebSocket frame or TLS record goes out at the flush).
+    /// Sends `bytes` now (a WebSocket frame or TLS record goes out at the flush), within
+    /// [`SEND_WITHIN`]: a broker that stops reading does not hold its client for ever.
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
+        let send = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(SEND_WITHIN, send).await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the broker took no bytes for {SEND_WITHIN:?}"),
+            ))
+        })
     }
 
     /// Sends the CONNECT and waits for its CONNACK until `deadline`.
@@ -156,6 +168,10 @@ impl RawClient {
     /// The next packet, the end of the connection, or [`Next::Quiet`] at `deadline`.
     pub async fn next(&mut self, deadline: Instant) -> Next {
         loop {
+            // The deadline first: a peer that never stops sending cannot starve it.
+            if Instant::now() >= deadline {
+                return Next::Quiet;
+            }
             if let Some(packet) = self.take_frame() {
                 return packet;
             }
@@ -170,7 +186,20 @@ impl RawClient {
     }
 
     fn take_frame(&mut self) -> Option<Next> {
-        match self.splitter.peek(&self.buf) {
+        loop {
+            let step = self.splitter.peek(&self.buf);
+            self.splitter.advance(&step);
+            match step {
+                // Packets over 64 KiB (a large retained message) are of no interest here: skipped.
+                Step::StreamHead(h) => drop(self.buf.drain(..usize::from(h.header_len))),
+                Step::StreamBody(n) => drop(self.buf.drain(..n)),
+                other => return self.frame(other),
+            }
+        }
+    }
+
+    fn frame(&mut self, step: Step) -> Option<Next> {
+        match step {
             Step::Frame(h) => {
                 let frame: Vec<u8> = self.buf.drain(..h.frame_len()).collect();
                 if h.packet_type == PacketType::Disconnect {
@@ -179,9 +208,9 @@ impl RawClient {
                 }
                 Some(Next::Packet(h, frame))
             }
-            // The probe's peers send small packets; anything else ends the conversation.
-            Step::StreamHead(_) | Step::StreamBody(_) | Step::Malformed(_) => Some(Next::Ended(Ended::Reset)),
-            Step::NeedMore { .. } => None,
+            // Not MQTT: the conversation is over.
+            Step::Malformed(_) => Some(Next::Ended(Ended::Reset)),
+            Step::NeedMore { .. } | Step::StreamHead(_) | Step::StreamBody(_) => None,
         }
     }
 

@@ -16,7 +16,9 @@
 //! It speaks MQTT 5 or 3.1.1 (`--observer-protocol`; `auto` tries 5 first and falls back to
 //! 3.1.1 while 5 fails, and keeps what worked). Subscriptions are QoS 0 (nothing to
 //! acknowledge; over one live connection nothing is lost), Keep Alive 30 s with a PINGREQ every
-//! 30 s; a PINGREQ unanswered by the next one ends the connection (the broker is gone). Failed connections are retried after 1 s, doubling to 30 s, counted, and logged once
+//! 30 s; a PINGREQ unanswered by the next one ends the connection (the broker is gone).
+//! The back-off starts over only once a connection answered a PINGREQ, so a broker that accepts
+//! the observer and drops it at once is retried ever more slowly, not every second. Failed connections are retried after 1 s, doubling to 30 s, counted, and logged once
 //! per change between connected and failing.
 
 use crate::client::{Dial, Handshake, Next, RawClient};
@@ -185,8 +187,9 @@ pub async fn run(
             }
             Wake::Event(Ok(_)) => Ok(()),
             Wake::Event(Err(RecvError::Lagged(n))) => {
-                warn!(route = %o.route.name, missed = n, "the Will observer fell behind");
-                Ok(())
+                warn!(route = %o.route.name, missed = n,
+                    "the Will observer fell behind; taking the Will topics from the live connections");
+                o.resync(client).await
             }
             Wake::Event(Err(RecvError::Closed)) => return,
             Wake::Mqtt(next) => match (next, &mut state) {
@@ -196,13 +199,14 @@ pub async fn run(
                     Err(format!("no PINGRESP within {:?}", o.keep_alive))
                 }
                 (Next::Quiet, State::Connected { client, ping_at, unanswered }) => {
-                    (*ping_at, *unanswered) = (*ping_at + o.keep_alive, true);
+                    (*ping_at, *unanswered) = (Instant::now() + o.keep_alive, true);
                     client.send(&encode::PINGREQ).await.map_err(|e| e.to_string())
                 }
                 (Next::Packet(h, _), State::Connected { unanswered, .. })
                     if h.packet_type == PacketType::Pingresp =>
                 {
                     *unanswered = false;
+                    o.stable();
                     Ok(())
                 }
                 (Next::Packet(h, frame), _) => {
@@ -282,7 +286,9 @@ impl Observer {
         if self.failing || !self.settled {
             info!(route = %self.route.name, protocol = protocol.version(), "Will observer connected");
         }
-        (self.failing, self.settled, self.backoff) = (false, true, FIRST_BACKOFF);
+        // The back-off starts over only once the connection proved itself (its first PINGRESP):
+        // a broker that accepts and then drops the observer is retried ever more slowly.
+        self.settled = true;
         // A clean session starts without subscriptions: each topic is granted again by its SUBACK.
         self.route.observer.connected([]);
         self.pending.clear();
@@ -292,6 +298,30 @@ impl Observer {
             }
         }
         Some(Ok(client))
+    }
+
+    /// The connection answered a PINGREQ: it works.
+    fn stable(&mut self) {
+        (self.failing, self.backoff) = (false, FIRST_BACKOFF);
+    }
+
+    /// After missed events: every live connection's Will topic on this route is wanted.
+    async fn resync(&mut self, mut client: Option<&mut RawClient>) -> Result<(), String> {
+        let live: Vec<String> = self
+            .registry
+            .list()
+            .iter()
+            .filter(|c| Arc::ptr_eq(&c.route, &self.route))
+            .filter_map(|c| c.will().map(|w| w.topic.clone()))
+            .collect();
+        for topic in live {
+            if self.topics.insert(topic.clone())
+                && let Some(c) = client.as_deref_mut()
+            {
+                self.subscribe(c, &topic).await?;
+            }
+        }
+        Ok(())
     }
 
     fn next_id(&mut self) -> u16 {

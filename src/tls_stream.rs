@@ -10,9 +10,14 @@
 //! in a read into a buffer. Idle RSS per proxied TLS connection: BENCHMARKS.md.
 //!
 //! Close semantics are the transport's (see [`crate::transport`]): `shutdown` sends
-//! `close_notify`, then a FIN; a peer's `close_notify`, or a FIN without one, is the end of the
-//! stream. Errors from rustls come wrapped in an `io::Error` ([`crate::tls::failure_reason`]
-//! reads them).
+//! `close_notify`, then a FIN; a peer's `close_notify`, or a FIN without one between records, is
+//! the end of the stream (a FIN inside a record is a truncation: an error). Errors from rustls
+//! come wrapped in an `io::Error` ([`crate::tls::failure_reason`] reads them); after one the
+//! session is failed for good, and rustls is not called again.
+//!
+//! Reading may send (a key update's answer) and writing may process what was read, so both
+//! halves of a split stream must be polled by one task, as the session's pumps are: the socket
+//! keeps one waker per direction.
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::{Acceptor, UnbufferedServerConnection};
@@ -75,6 +80,16 @@ pub struct TlsStream<S> {
     /// The peer sent `close_notify`, or closed TCP.
     read_closed: bool,
     close_sent: bool,
+    /// rustls reported an error: the session is over.
+    failed: bool,
+}
+
+/// What [`TlsStream::process`] should send once the session may send application data.
+#[derive(Clone, Copy)]
+enum Send<'a> {
+    Nothing,
+    Data(&'a [u8]),
+    CloseNotify,
 }
 
 pub type ServerStream = TlsStream<UnbufferedServerConnection>;
@@ -93,23 +108,24 @@ pub async fn accept(
 ) -> io::Result<(ServerStream, Option<String>)> {
     let mut acceptor = Acceptor::default();
     let mut incoming = Vec::new();
-    let accepted = loop {
-        let fed = incoming.len();
+    let mut fed = 0;
+    let accepted = 'hello: loop {
         if read_some(&tcp, &mut incoming).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let mut new = &incoming[fed..];
-        while !new.is_empty() {
-            acceptor.read_tls(&mut new)?;
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => break accepted,
-            Ok(None) => {}
-            Err((e, mut alert)) => {
-                let mut bytes = Vec::new();
-                let _ = alert.write_all(&mut bytes);
-                let _ = tcp.try_write(&bytes);
-                return Err(tls_error(e));
+        // The acceptor takes what its buffer holds at a time: ask after each piece.
+        while fed < incoming.len() {
+            let mut new = &incoming[fed..];
+            fed += acceptor.read_tls(&mut new)?;
+            match acceptor.accept() {
+                Ok(Some(accepted)) => break 'hello accepted,
+                Ok(None) => {}
+                Err((e, mut alert)) => {
+                    let mut bytes = Vec::new();
+                    let _ = alert.write_all(&mut bytes);
+                    let _ = tcp.try_write(&bytes);
+                    return Err(tls_error(e));
+                }
             }
         }
     };
@@ -160,6 +176,7 @@ impl<S: Side> TlsStream<S> {
             out_pos: 0,
             read_closed: false,
             close_sent: false,
+            failed: false,
         }
     }
 
@@ -176,7 +193,7 @@ impl<S: Side> TlsStream<S> {
     /// Runs the handshake to its end: reads, processes, sends what rustls answers.
     async fn handshake(&mut self) -> io::Result<()> {
         loop {
-            let step = self.process(None).map(|(step, _)| step);
+            let step = self.process(Send::Nothing).map(|(step, _)| step);
             // Send what rustls has to say first (an alert, on failure).
             std::future::poll_fn(|cx| self.poll_send(cx)).await?;
             match step? {
@@ -192,21 +209,28 @@ impl<S: Side> TlsStream<S> {
     }
 
     /// Lets rustls process the ciphertext read so far: records it consumed leave `incoming`,
-    /// plaintext goes to `plain`, what it has to send to `outgoing`. With `write`, once the
-    /// session may send application data, encrypts it into `outgoing` too (how much: the
-    /// `usize`).
-    fn process(&mut self, write: Option<&[u8]>) -> io::Result<(Step, usize)> {
-        let TlsStream { conn, incoming, plain, outgoing, read_closed, .. } = self;
+    /// plaintext goes to `plain`, what it has to send to `outgoing`. Once the session may send
+    /// application data, encrypts what `send` says into `outgoing` too (how much: the `usize`).
+    fn process(&mut self, send: Send<'_>) -> io::Result<(Step, usize)> {
+        if self.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS session failed earlier"));
+        }
+        let TlsStream { conn, incoming, plain, outgoing, read_closed, failed, .. } = self;
         loop {
             let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
-                    incoming.drain(..discard);
-                    // The alert rustls queued goes out with the error.
-                    if let Ok(ConnectionState::EncodeTlsData(mut encode)) = conn.process(&mut []).state {
+                    // The alert rustls queued goes out with the error. It is found before any
+                    // deframing, but rustls' offsets into the buffer still hold: the same buffer.
+                    if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+                        conn.process(&mut incoming[..]).state
+                    {
                         let _ = encode_into(outgoing, |out| encoded(encode.encode(out)));
                     }
+                    *failed = true;
+                    *incoming = Vec::new();
+                    *plain = Vec::new();
                     return Err(tls_error(e));
                 }
             };
@@ -233,13 +257,17 @@ impl<S: Side> TlsStream<S> {
                 ConnectionState::Closed => Some((Step::Closed, 0)),
                 ConnectionState::BlockedHandshake => Some((Step::Blocked, 0)),
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let written = match write {
-                        Some(data) => {
+                    let written = match send {
+                        Send::Nothing => 0,
+                        Send::Data(data) => {
                             let data = &data[..data.len().min(WRITE_CHUNK)];
                             encode_into(outgoing, |out| encrypted(traffic.encrypt(data, out)))?;
                             data.len()
                         }
-                        None => 0,
+                        Send::CloseNotify => {
+                            encode_into(outgoing, |out| encrypted(traffic.queue_close_notify(out)))?;
+                            0
+                        }
                     };
                     Some((Step::Open, written))
                 }
@@ -269,7 +297,7 @@ impl<S: Side> TlsStream<S> {
     /// Makes `write`'s session writable (sending what is owed first) and encrypts into it.
     fn poll_encrypt(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_send(cx))?;
-        match self.process(Some(data))? {
+        match self.process(Send::Data(data))? {
             (Step::Open, n) => Poll::Ready(Ok(n)),
             (Step::Closed, _) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             (Step::Blocked, _) => Poll::Ready(Err(io::Error::other("TLS session not ready to send"))),
@@ -344,20 +372,28 @@ impl<S: Side + Unpin> AsyncRead for TlsStream<S> {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            // What rustls answered while reading (a key update) goes out as soon as it can.
+            // What rustls answered while reading (a key update's answer) goes out now if the
+            // socket takes it, else with the next write or flush.
             if !this.outgoing.is_empty() {
                 let _ = this.poll_send(cx)?;
             }
             ready!(this.tcp.poll_read_ready(cx))?;
             this.incoming.reserve(READ_CHUNK);
             match this.tcp.try_read_buf(&mut this.incoming) {
+                Ok(0) if !this.incoming.is_empty() => {
+                    this.incoming = Vec::new();
+                    let e =
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed inside a TLS record");
+                    return Poll::Ready(Err(e));
+                }
                 Ok(0) => {
-                    // A peer that closed TCP without close_notify has ended its stream all the same.
+                    // A peer that closed TCP without close_notify (between records) has ended its
+                    // stream all the same.
                     this.read_closed = true;
                     this.incoming = Vec::new();
                 }
                 Ok(_) => {
-                    if let Err(e) = this.process(None) {
+                    if let Err(e) = this.process(Send::Nothing) {
                         let _ = this.poll_send(cx); // the alert, if it can go at once
                         return Poll::Ready(Err(e));
                     }
@@ -392,9 +428,8 @@ impl<S: Side + Unpin> AsyncWrite for TlsStream<S> {
         ready!(this.poll_send(cx))?;
         if !this.close_sent {
             this.close_sent = true;
-            let TlsStream { conn, incoming, outgoing, .. } = this;
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = conn.process(&mut incoming[..]).state {
-                encode_into(outgoing, |out| encrypted(traffic.queue_close_notify(out)))?;
+            if !this.failed {
+                this.process(Send::CloseNotify)?;
             }
             ready!(this.poll_send(cx))?;
         }
@@ -586,6 +621,35 @@ mod tests {
         assert_eq!(read_in_steps(&mut theirs, 1, 64).await, b"x");
         drop(theirs.into_inner().0);
         assert_eq!(ours.read(&mut buf).await.unwrap(), 0);
+        // But one that closes inside a record has cut the stream short.
+        let (mut ours, mut theirs) = ours_and_theirs().await;
+        ours.write_all(b"x").await.unwrap();
+        ours.flush().await.unwrap();
+        assert_eq!(read_in_steps(&mut theirs, 1, 64).await, b"x");
+        let tcp = theirs.get_mut().0;
+        tcp.write_all(&[0x17, 0x03, 0x03, 0x00]).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let e = ours.read(&mut buf).await.expect_err("a truncated record");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
+    /// A peer that announces a handshake message larger than rustls allows, after a valid
+    /// hello: an error for this connection, not a panic.
+    #[tokio::test]
+    async fn an_oversized_handshake_message_is_an_error_not_a_panic() {
+        let (server_config, _) = configs();
+        let (_, client_config) = configs_named("mqtt-chaos test", &[&rustls::version::TLS12]);
+        let mut hello_conn = rustls::ClientConnection::new(client_config, localhost()).unwrap();
+        let mut hello = Vec::new();
+        hello_conn.write_tls(&mut hello).unwrap();
+        let (s, mut c) = tcp_pair().await;
+        let ours = tokio::spawn(accept(s, move |_, _| server_config));
+        c.write_all(&hello).await.unwrap();
+        // A handshake record whose message claims 0x10000 bytes (ClientKeyExchange), in part.
+        c.write_all(&[0x16, 0x03, 0x03, 0x00, 0x08, 0x10, 0x01, 0x00, 0x00, 1, 2, 3, 4]).await.unwrap();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), ours).await.unwrap();
+        let e = result.expect("no panic").err().expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
 
     #[tokio::test]

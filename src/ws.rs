@@ -114,7 +114,9 @@ impl WsStream {
 fn to_io(e: WsError) -> io::Error {
     match e {
         WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => io::Error::new(io::ErrorKind::BrokenPipe, e),
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Protocol(ProtocolError::SendAfterClosing) => io::Error::new(io::ErrorKind::BrokenPipe, e),
         other => io::Error::new(io::ErrorKind::InvalidData, other),
     }
 }
@@ -191,7 +193,7 @@ impl AsyncWrite for WsStream {
         Pin::new(&mut self.ws).poll_flush(cx).map_err(to_io)
     }
 
-    /// A Close frame with 1000 (normal closure), then the end of the stream.
+    /// A Close frame with 1000 (normal closure), then the end of the stream underneath.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
         if !self.close_queued {
@@ -208,9 +210,12 @@ impl AsyncWrite for WsStream {
             self.close_queued = true;
         }
         match ready!(Pin::new(&mut self.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {}
+            Err(e) => return Poll::Ready(Err(to_io(e))),
         }
+        // tungstenite only flushes the Close frame: end the stream underneath too (a FIN, and
+        // `close_notify` first under wss).
+        Pin::new(self.ws.get_mut()).poll_shutdown(cx)
     }
 }
 

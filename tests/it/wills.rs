@@ -310,3 +310,30 @@ async fn the_will_observer_reconnects_when_its_pingreq_goes_unanswered() {
         }
     }
 }
+
+/// A broker that accepts the observer's CONNECT and drops it at once: retried ever more slowly
+/// (1 s, then 2 s, …), not every second because each CONNACK looked like success.
+#[tokio::test]
+async fn a_broker_that_drops_the_observer_after_connack_is_retried_with_growing_back_off() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let connects = Arc::new(Mutex::new(Vec::new()));
+    let log = connects.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            if let Some((_, id)) = read_connect(&mut s).await
+                && id.starts_with("mqtt-chaos-observer-")
+            {
+                log.lock().unwrap().push(tokio::time::Instant::now());
+                let _ = s.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+            }
+        }
+    });
+    let _proxy = TestProxy::start_with(&addr, observing(ObserverProtocol::V311)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let at = connects.lock().unwrap().clone();
+    // Attempts at about 0, 1 and 3 s (the next at 7 s); every second would be 5.
+    assert_eq!(at.len(), 3, "{at:?}");
+    let gaps: Vec<f64> = at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    assert!(gaps[1] > gaps[0] * 1.5, "the back-off grows: {gaps:?}");
+}
