@@ -193,7 +193,7 @@ impl<S: Side> TlsStream<S> {
     /// Runs the handshake to its end: reads, processes, sends what rustls answers.
     async fn handshake(&mut self) -> io::Result<()> {
         loop {
-            let step = self.process(Send::Nothing).map(|(step, _)| step);
+            let step = self.process(Send::Nothing, None).map(|(step, _)| step);
             // Send what rustls has to say first (an alert, on failure).
             std::future::poll_fn(|cx| self.poll_send(cx)).await?;
             match step? {
@@ -209,40 +209,65 @@ impl<S: Side> TlsStream<S> {
     }
 
     /// Lets rustls process the ciphertext read so far: records it consumed leave `incoming`,
-    /// plaintext goes to `plain`, what it has to send to `outgoing`. Once the session may send
-    /// application data, encrypts what `send` says into `outgoing` too (how much: the `usize`).
-    fn process(&mut self, send: Send<'_>) -> io::Result<(Step, usize)> {
+    /// plaintext goes to `read_into` while it has room and nothing waits before it, the rest to
+    /// `plain`, what rustls has to send to `outgoing`. Once the session may send application
+    /// data, encrypts what `send` says into `outgoing` too (how much: the `usize`). After an
+    /// error the session is failed for good.
+    fn process(&mut self, send: Send<'_>, read_into: Option<&mut ReadBuf<'_>>) -> io::Result<(Step, usize)> {
         if self.failed {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the TLS session failed earlier"));
         }
-        let TlsStream { conn, incoming, plain, outgoing, read_closed, failed, .. } = self;
+        let mut taken = 0;
+        let result = self.process_from(&mut taken, send, read_into);
+        if result.is_ok() {
+            // Once per call: the bytes after each record are not moved record by record.
+            self.incoming.drain(..taken);
+        } else {
+            (self.failed, self.incoming, self.plain) = (true, Vec::new(), Vec::new());
+        }
+        result
+    }
+
+    /// [`TlsStream::process`] over `incoming[*taken..]`, advancing `taken` past what rustls consumed.
+    fn process_from(
+        &mut self,
+        taken: &mut usize,
+        send: Send<'_>,
+        mut read_into: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<(Step, usize)> {
+        let TlsStream { conn, incoming, plain, outgoing, read_closed, .. } = self;
         loop {
-            let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..]);
+            let UnbufferedStatus { discard, state } = conn.process(&mut incoming[*taken..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
                     // The alert rustls queued goes out with the error. It is found before any
-                    // deframing, but rustls' offsets into the buffer still hold: the same buffer.
+                    // deframing, but rustls' offsets into the buffer still hold: the same slice.
                     if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
-                        conn.process(&mut incoming[..]).state
+                        conn.process(&mut incoming[*taken..]).state
                     {
-                        let _ = encode_into(outgoing, |out| encoded(encode.encode(out)));
+                        let _ = encode_into(outgoing, SMALL, |out| encoded(encode.encode(out)));
                     }
-                    *failed = true;
-                    *incoming = Vec::new();
-                    *plain = Vec::new();
                     return Err(tls_error(e));
                 }
             };
             let done = match state {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
-                        plain.extend_from_slice(record.map_err(tls_error)?.payload);
+                        let mut payload = record.map_err(tls_error)?.payload;
+                        if plain.is_empty()
+                            && let Some(buf) = read_into.as_deref_mut()
+                        {
+                            let n = payload.len().min(buf.remaining());
+                            buf.put_slice(&payload[..n]);
+                            payload = &payload[n..];
+                        }
+                        plain.extend_from_slice(payload);
                     }
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(outgoing, |out| encoded(encode.encode(out)))?;
+                    encode_into(outgoing, SMALL, |out| encoded(encode.encode(out)))?;
                     None
                 }
                 // What was encoded is in `outgoing`, which is sent before anything else.
@@ -261,11 +286,13 @@ impl<S: Side> TlsStream<S> {
                         Send::Nothing => 0,
                         Send::Data(data) => {
                             let data = &data[..data.len().min(WRITE_CHUNK)];
-                            encode_into(outgoing, |out| encrypted(traffic.encrypt(data, out)))?;
+                            // Each record adds its header, content type and tag (22–29 bytes).
+                            let room = data.len() + (data.len() / (16 * 1024) + 1) * 64;
+                            encode_into(outgoing, room, |out| encrypted(traffic.encrypt(data, out)))?;
                             data.len()
                         }
                         Send::CloseNotify => {
-                            encode_into(outgoing, |out| encrypted(traffic.queue_close_notify(out)))?;
+                            encode_into(outgoing, SMALL, |out| encrypted(traffic.queue_close_notify(out)))?;
                             0
                         }
                     };
@@ -274,7 +301,7 @@ impl<S: Side> TlsStream<S> {
                 // Early data (never enabled here) and states of later rustls versions.
                 other => return Err(io::Error::other(format!("unexpected TLS state {other:?}"))),
             };
-            incoming.drain(..discard);
+            *taken += discard;
             if let Some(done) = done {
                 return Ok(done);
             }
@@ -297,7 +324,7 @@ impl<S: Side> TlsStream<S> {
     /// Makes `write`'s session writable (sending what is owed first) and encrypts into it.
     fn poll_encrypt(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_send(cx))?;
-        match self.process(Send::Data(data))? {
+        match self.process(Send::Data(data), None)? {
             (Step::Open, n) => Poll::Ready(Ok(n)),
             (Step::Closed, _) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             (Step::Blocked, _) => Poll::Ready(Err(io::Error::other("TLS session not ready to send"))),
@@ -327,13 +354,17 @@ fn encrypted(r: Result<usize, EncryptError>) -> io::Result<Encoded> {
     }
 }
 
-/// Lets `encode` fill the end of `out`, growing it as rustls asks.
+/// Room for what rustls sends besides application data (alerts, handshake messages; a larger
+/// one asks for more).
+const SMALL: usize = 1024;
+
+/// Lets `encode` fill the end of `out` (`room` bytes to start with), growing it as rustls asks.
 fn encode_into(
     out: &mut Vec<u8>,
+    mut room: usize,
     mut encode: impl FnMut(&mut [u8]) -> io::Result<Encoded>,
 ) -> io::Result<()> {
     let start = out.len();
-    let mut room = 1024;
     loop {
         out.resize(start + room, 0);
         match encode(&mut out[start..]) {
@@ -393,9 +424,14 @@ impl<S: Side + Unpin> AsyncRead for TlsStream<S> {
                     this.incoming = Vec::new();
                 }
                 Ok(_) => {
-                    if let Err(e) = this.process(Send::Nothing) {
+                    // Plaintext goes straight into the caller's buffer; only what does not fit waits.
+                    let before = buf.filled().len();
+                    if let Err(e) = this.process(Send::Nothing, Some(buf)) {
                         let _ = this.poll_send(cx); // the alert, if it can go at once
                         return Poll::Ready(Err(e));
+                    }
+                    if buf.filled().len() > before {
+                        return Poll::Ready(Ok(()));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -429,7 +465,7 @@ impl<S: Side + Unpin> AsyncWrite for TlsStream<S> {
         if !this.close_sent {
             this.close_sent = true;
             if !this.failed {
-                this.process(Send::CloseNotify)?;
+                this.process(Send::CloseNotify, None)?;
             }
             ready!(this.poll_send(cx))?;
         }
