@@ -115,7 +115,7 @@ impl ProbeArgs {
         let broker = self.broker.as_deref().map(parse_broker_url).transpose()?;
         let transport = broker.as_ref().map_or(Transport::Tcp, |b| b.transport);
         if !transport.tls()
-            && let Some(flag) = self.tls.given()
+            && let Some(flag) = self.tls.options().upstream_given()
         {
             return Err(format!(
                 "{flag} only applies to a TLS broker: give --broker as mqtts://HOST:PORT or wss://HOST:PORT/PATH"
@@ -455,19 +455,6 @@ pub struct UpstreamTlsArgs {
 }
 
 impl UpstreamTlsArgs {
-    /// The first flag given, for "cannot be used with --config".
-    fn given(&self) -> Option<&'static str> {
-        [
-            ("--upstream-ca", self.upstream_ca.is_some()),
-            ("--upstream-cert", self.upstream_cert.is_some()),
-            ("--upstream-key", self.upstream_key.is_some()),
-            ("--upstream-server-name", self.upstream_server_name.is_some()),
-            ("--upstream-insecure", self.upstream_insecure),
-        ]
-        .into_iter()
-        .find_map(|(flag, given)| given.then_some(flag))
-    }
-
     pub fn options(&self) -> crate::tls::TlsOptions {
         crate::tls::TlsOptions {
             upstream_ca: self.upstream_ca.clone(),
@@ -568,7 +555,7 @@ impl ProxyArgs {
     /// The routes to run, from the file or the flags. Errors are user-facing messages.
     pub fn routes(&self) -> Result<Vec<RouteConfig>, String> {
         if let Some(path) = &self.config {
-            if let Some(flag) = self.tls.upstream.given() {
+            if let Some(flag) = self.tls.upstream.options().upstream_given() {
                 return Err(format!(
                     "the argument '{flag}' cannot be used with '--config': give it per route in the routes file ({})",
                     flag.trim_start_matches("--").replace('-', "_")

@@ -124,7 +124,7 @@ struct SideLabels {
 struct FailureLabels {
     route: String,
     side: Side,
-    /// [`crate::tls::failure_reason`], [`crate::ws::Violation::reason`],
+    /// [`crate::tls::failure_reason`], [`crate::ws::Broken::reason`],
     /// [`crate::ws::handshake_failure_reason`].
     reason: &'static str,
 }

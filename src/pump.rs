@@ -137,8 +137,8 @@ where
             // The session answers with the Close frame that says why.
             Some(v) => {
                 let sender = dir.sender();
-                conn.route.metrics.on_websocket_error(sender, v.reason);
-                warn!(conn = conn.id, route = %conn.route.name, side = sender.as_str(), reason = v.reason, error = %v,
+                conn.route.metrics.on_websocket_error(sender, v.kind.reason());
+                warn!(conn = conn.id, route = %conn.route.name, side = sender.as_str(), reason = v.kind.reason(), error = %v,
                     "the WebSocket protocol was broken; closing the connection with a Close frame to that side");
                 let why = format!("the {} broke the WebSocket protocol: {v}", sender.as_str());
                 conn.note_close(Side::Proxy, CloseHow::Fin, None, Some(why), now)

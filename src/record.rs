@@ -192,6 +192,18 @@ pub struct SideTransport {
     pub websocket: Option<WebSocketInfo>,
 }
 
+impl SideTransport {
+    /// Plain TCP.
+    pub fn tcp() -> SideTransport {
+        SideTransport {
+            transport: crate::transport::Transport::Tcp,
+            tls: None,
+            unverified: false,
+            websocket: None,
+        }
+    }
+}
+
 /// The WebSocket under one side of a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WebSocketInfo {

@@ -68,32 +68,20 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     }
     let client = match &route.tls.listen {
         None => {
-            conn.set_transport(
-                Side::Client,
-                SideTransport { transport: Transport::Tcp, tls: None, unverified: false, websocket: None },
-            );
+            conn.set_transport(Side::Client, SideTransport::tcp());
             Stream::Tcp(client)
         }
-        Some(tls) => {
-            let handshake = tokio::select! {
-                biased;
-                _ = conn.cancel.cancelled() => return,
-                // Boxed: a handshake's state is large and short-lived.
-                r = Box::pin(accept_tls(&ctx, tls, client)) => r,
-            };
-            match handshake {
-                Some(stream) => stream,
-                None => return,
-            }
-        }
+        Some(tls) => match unless_cancelled(&ctx, accept_tls(&ctx, tls, client)).await {
+            Some(Some(stream)) => stream,
+            _ => return,
+        },
     };
     let client = match &route.listen_ws {
         None => client,
         Some(path) => {
-            let handshake = tokio::select! {
-                biased;
-                _ = conn.cancel.cancelled() => return,
-                r = Box::pin(handshake_within(&ctx, crate::ws::accept(client, path, ctx.settings.ws_max_frame))) => r,
+            let handshake = crate::ws::accept(client, path, ctx.settings.ws_max_frame);
+            let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
+                return;
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
@@ -112,14 +100,8 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             }
         }
     };
-    let dial = tokio::select! {
-        biased;
-        _ = conn.cancel.cancelled() => None,
-        // Boxed: the dial (with name resolution) is large and short-lived; it must not be sized
-        // into every connection's future for its whole life.
-        r = Box::pin(timeout(ctx.settings.connect_timeout, TcpStream::connect(route.upstream.as_str()))) => Some(r),
-    };
-    let broker = match dial {
+    let dial = timeout(ctx.settings.connect_timeout, TcpStream::connect(route.upstream.as_str()));
+    let broker = match unless_cancelled(&ctx, dial).await {
         Some(Ok(Ok(broker))) => broker,
         None => return,
         Some(Ok(Err(e))) => return upstream_failed(&ctx, client, e.to_string()),
@@ -137,32 +119,22 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     }
     let broker = match &route.tls.upstream {
         None => {
-            conn.set_transport(
-                Side::Broker,
-                SideTransport { transport: Transport::Tcp, tls: None, unverified: false, websocket: None },
-            );
+            conn.set_transport(Side::Broker, SideTransport::tcp());
             Stream::Tcp(broker)
         }
-        Some(tls) => {
-            let handshake = tokio::select! {
-                biased;
-                _ = conn.cancel.cancelled() => return,
-                r = Box::pin(connect_tls(&ctx, tls, broker)) => r,
-            };
-            match handshake {
-                Ok(stream) => stream,
-                Err(why) => return upstream_failed(&ctx, client, why),
-            }
-        }
+        Some(tls) => match unless_cancelled(&ctx, connect_tls(&ctx, tls, broker)).await {
+            Some(Ok(stream)) => stream,
+            Some(Err(why)) => return upstream_failed(&ctx, client, why),
+            None => return,
+        },
     };
     let broker = match &route.upstream_ws {
         None => broker,
         Some(path) => {
             let tls = route.tls.upstream.is_some();
-            let handshake = tokio::select! {
-                biased;
-                _ = conn.cancel.cancelled() => return,
-                r = Box::pin(handshake_within(&ctx, crate::ws::connect(broker, &route.upstream, path, tls, ctx.settings.ws_max_frame))) => r,
+            let handshake = crate::ws::connect(broker, &route.upstream, path, tls, ctx.settings.ws_max_frame);
+            let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
+                return;
             };
             match handshake {
                 Ok((ws, subprotocol)) => {
@@ -180,6 +152,17 @@ async fn serve(ctx: Ctx, client: TcpStream) {
         info!(conn = conn.id, route = %route.name, upstream = %route.upstream, "the upstream broker is reachable again");
     }
     relay(&ctx, client, broker).await;
+}
+
+/// Runs one step of setting a connection up (a handshake, the dial) unless the connection is
+/// cancelled first (`None`). Boxed: a step's state is large and short-lived; it must not be sized
+/// into every connection's future for its whole life.
+async fn unless_cancelled<T>(ctx: &Ctx, step: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = ctx.conn.cancel.cancelled() => None,
+        r = Box::pin(step) => Some(r),
+    }
 }
 
 /// The client's TLS handshake on a `mqtts` listener, within `--connect-timeout`. The ALPN
@@ -443,19 +426,19 @@ async fn carry_out(ctx: &Ctx, action: ConnAction, applied: &Applied, mut client:
             match side {
                 SideSpec::Both => {
                     if !rst {
-                        tokio::join!(close_notify(&mut client), close_notify(&mut broker));
+                        tokio::join!(close_cleanly(&mut client), close_cleanly(&mut broker));
                     }
                 }
                 SideSpec::Client => {
                     if !rst {
-                        close_notify(&mut client).await;
+                        close_cleanly(&mut client).await;
                     }
                     drop(client);
                     hold_half_open(ctx, broker, Side::Broker).await;
                 }
                 SideSpec::Broker => {
                     if !rst {
-                        close_notify(&mut broker).await;
+                        close_cleanly(&mut broker).await;
                     }
                     drop(broker);
                     hold_half_open(ctx, client, Side::Client).await;
@@ -465,12 +448,10 @@ async fn carry_out(ctx: &Ctx, action: ConnAction, applied: &Applied, mut client:
     }
 }
 
-/// A side closed with FIN gets its transport's clean end first, bounded to a second: TLS a
-/// `close_notify`, WebSocket a Close frame (1000); plain TCP needs nothing before the FIN of its drop.
-async fn close_notify(stream: &mut Stream) {
-    if stream.transport() != Transport::Tcp {
-        let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
-    }
+/// A side closed with FIN gets its transport's clean end, bounded to a second: a FIN on TCP,
+/// `close_notify` and FIN on TLS, a Close frame (1000) on WebSocket.
+async fn close_cleanly(stream: &mut Stream) {
+    let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
 /// Keeps the side a rule left open connected, reading and discarding what it sends, until it

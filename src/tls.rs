@@ -34,6 +34,32 @@ pub struct TlsOptions {
     pub upstream_insecure: bool,
 }
 
+impl TlsOptions {
+    /// The first listener option given (its flag), if any.
+    pub fn listener_given(&self) -> Option<&'static str> {
+        first_given(&[
+            ("--tls-cert", self.cert.is_some()),
+            ("--tls-key", self.key.is_some()),
+            ("--tls-client-ca", self.client_ca.is_some()),
+        ])
+    }
+
+    /// The first upstream option given (its flag), if any.
+    pub fn upstream_given(&self) -> Option<&'static str> {
+        first_given(&[
+            ("--upstream-ca", self.upstream_ca.is_some()),
+            ("--upstream-cert", self.upstream_cert.is_some()),
+            ("--upstream-key", self.upstream_key.is_some()),
+            ("--upstream-server-name", self.upstream_server_name.is_some()),
+            ("--upstream-insecure", self.upstream_insecure),
+        ])
+    }
+}
+
+fn first_given(options: &[(&'static str, bool)]) -> Option<&'static str> {
+    options.iter().find_map(|&(flag, given)| given.then_some(flag))
+}
+
 /// Why a TLS configuration could not be built; `field` names the flag or routes-file field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}{}{file}: {message}", if file.is_empty() { "" } else { " " })]
@@ -491,29 +517,11 @@ impl RouteTls {
                 "only applies to a TLS {side}: write it as mqtts://HOST:PORT or wss://HOST:PORT/PATH"
             ),
         };
-        if !listen.tls() {
-            for (field, given) in [
-                ("--tls-cert", options.cert.is_some()),
-                ("--tls-key", options.key.is_some()),
-                ("--tls-client-ca", options.client_ca.is_some()),
-            ] {
-                if given {
-                    return Err(unused(field, "listener (--listen)"));
-                }
-            }
+        if let Some(field) = options.listener_given().filter(|_| !listen.tls()) {
+            return Err(unused(field, "listener (--listen)"));
         }
-        if !upstream.tls() {
-            for (field, given) in [
-                ("--upstream-ca", options.upstream_ca.is_some()),
-                ("--upstream-cert", options.upstream_cert.is_some()),
-                ("--upstream-key", options.upstream_key.is_some()),
-                ("--upstream-server-name", options.upstream_server_name.is_some()),
-                ("--upstream-insecure", options.upstream_insecure),
-            ] {
-                if given {
-                    return Err(unused(field, "upstream (--upstream)"));
-                }
-            }
+        if let Some(field) = options.upstream_given().filter(|_| !upstream.tls()) {
+            return Err(unused(field, "upstream (--upstream)"));
         }
         let host = upstream_addr.rsplit_once(':').map_or(upstream_addr, |(h, _)| h);
         Ok(RouteTls {

@@ -60,15 +60,6 @@ impl Stream {
         }
     }
 
-    pub fn transport(&self) -> Transport {
-        match self {
-            Stream::Tcp(_) => Transport::Tcp,
-            Stream::TlsServer(_) | Stream::TlsClient(_) => Transport::Tls,
-            Stream::Ws(s) if s.inner().transport().tls() => Transport::Wss,
-            Stream::Ws(_) => Transport::Ws,
-        }
-    }
-
     /// A read half and a write half for the two pumps of one task. Plain TCP is split without
     /// a lock; a TLS stream, whose halves share one session state, through tokio's split.
     pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
@@ -85,47 +76,42 @@ impl Stream {
     }
 }
 
+/// What every side's stream is; [`Stream`] delegates to the one it holds.
+trait Io: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+
+impl Stream {
+    fn io(&mut self) -> Pin<&mut dyn Io> {
+        match self {
+            Stream::Tcp(s) => Pin::new(s),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()),
+            Stream::Ws(s) => Pin::new(s.as_mut()),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut *self {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Ws(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        self.io().poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Stream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut *self {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Ws(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut *self {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Ws(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        self.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut *self {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::Ws(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        self.io().poll_shutdown(cx)
     }
 }
 

@@ -33,12 +33,42 @@ fn config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(max_frame)).max_frame_size(Some(max_frame))
 }
 
+/// The ways a peer breaks the WebSocket protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// A frame (or message) over `--ws-max-frame`.
+    FrameTooLarge,
+    /// MQTT travels in binary frames.
+    TextFrame,
+    /// A malformed frame.
+    Protocol,
+}
+
+impl Broken {
+    /// The metrics' `reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Broken::FrameTooLarge => "frame_too_large",
+            Broken::TextFrame => "text_frame",
+            Broken::Protocol => "protocol",
+        }
+    }
+
+    /// The Close code that tells the peer why: too big, unsupported data, protocol error.
+    fn close_code(self) -> u16 {
+        match self {
+            Broken::FrameTooLarge => 1009,
+            Broken::TextFrame => 1003,
+            Broken::Protocol => 1002,
+        }
+    }
+}
+
 /// How a peer broke the WebSocket protocol; carried inside the `io::Error` its stream returns.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Violation {
-    /// The metrics' `reason`: `frame_too_large`, `text_frame`, `protocol`.
-    pub reason: &'static str,
+    pub kind: Broken,
     pub message: String,
 }
 
@@ -46,10 +76,6 @@ impl Violation {
     /// The violation an error from a [`WsStream`] carries, if it is one.
     pub fn of(e: &io::Error) -> Option<&Violation> {
         e.get_ref().and_then(|inner| inner.downcast_ref::<Violation>())
-    }
-
-    fn error(reason: &'static str, message: String) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, Violation { reason, message })
     }
 }
 
@@ -78,9 +104,8 @@ pub struct WsStream {
     pub close_code: Option<u16>,
     /// A Close frame was queued by `poll_shutdown`.
     close_queued: bool,
-    /// The Close code owed to a peer that broke the protocol: 1009 (too big), 1003 (unsupported
-    /// data), 1002 (protocol error); sent by [`WsStream::close_for_violation`].
-    violated: Option<u16>,
+    /// How the peer broke the protocol: its Close frame is owed ([`WsStream::close_for_violation`]).
+    violated: Option<Broken>,
 }
 
 impl WsStream {
@@ -100,10 +125,16 @@ impl WsStream {
     /// within a second: the peer learns why it is closed.
     pub async fn close_for_violation(&mut self) {
         use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-        if let Some(code) = self.violated.take() {
-            let frame = CloseFrame { code: code.into(), reason: "".into() };
+        if let Some(broken) = self.violated.take() {
+            let frame = CloseFrame { code: broken.close_code().into(), reason: "".into() };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.ws.close(Some(frame))).await;
         }
+    }
+
+    /// Notes how the peer broke the protocol and returns the error that says so.
+    fn broke(&mut self, kind: Broken, message: String) -> Poll<io::Result<()>> {
+        self.violated = Some(kind);
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, Violation { kind, message })))
     }
 
     pub fn inner(&self) -> &Stream {
@@ -139,31 +170,21 @@ impl AsyncRead for WsStream {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(WsError::Capacity(e))) => {
-                    this.violated = Some(1009);
-                    return Poll::Ready(Err(Violation::error(
-                        "frame_too_large",
-                        format!("WebSocket frame over --ws-max-frame: {e}"),
-                    )));
+                    return this
+                        .broke(Broken::FrameTooLarge, format!("WebSocket frame over --ws-max-frame: {e}"));
                 }
                 // TCP closed without a Close frame (as browsers do when a tab goes): a FIN.
                 Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(WsError::Protocol(e))) => {
-                    this.violated = Some(1002);
-                    return Poll::Ready(Err(Violation::error(
-                        "protocol",
-                        format!("WebSocket protocol error: {e}"),
-                    )));
+                    return this.broke(Broken::Protocol, format!("WebSocket protocol error: {e}"));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 Some(Ok(Message::Binary(b))) => this.frame = b,
                 Some(Ok(Message::Text(_))) => {
-                    this.violated = Some(1003);
-                    return Poll::Ready(Err(Violation::error(
-                        "text_frame",
-                        "a text WebSocket frame: MQTT travels in binary frames".into(),
-                    )));
+                    let message = "a text WebSocket frame: MQTT travels in binary frames".to_string();
+                    return this.broke(Broken::TextFrame, message);
                 }
                 Some(Ok(Message::Ping(_))) => {
                     this.pings += 1;
