@@ -250,6 +250,16 @@ struct State {
     ended: Option<Instant>,
 }
 
+impl State {
+    /// How `side` is connected (the client's for any side but the broker).
+    fn transport_of(&mut self, side: Side) -> &mut Option<SideTransport> {
+        match side {
+            Side::Broker => &mut self.broker_transport,
+            _ => &mut self.client_transport,
+        }
+    }
+}
+
 /// Topic filters remembered per connection; a client that subscribes to more is taken to
 /// watch every topic (its Wills can never be called unobservable wrongly).
 pub const MAX_FILTERS: usize = 1000;
@@ -454,11 +464,7 @@ impl Connection {
         let ws = WebSocketInfo { path: path.to_string(), subprotocol, pings: 0, pongs: 0, close_code: None };
         use crate::transport::Transport;
         let mut s = self.state();
-        let t = match side {
-            Side::Broker => &mut s.broker_transport,
-            _ => &mut s.client_transport,
-        };
-        if let Some(t) = t {
+        if let Some(t) = s.transport_of(side) {
             t.transport = if t.transport.tls() { Transport::Wss } else { Transport::Ws };
             t.websocket = Some(ws);
         }
@@ -467,22 +473,14 @@ impl Connection {
     /// What a side's WebSocket counted by the time its stream ended.
     pub(crate) fn set_websocket_end(&self, side: Side, pings: u64, pongs: u64, close_code: Option<u16>) {
         let mut s = self.state();
-        let t = match side {
-            Side::Broker => &mut s.broker_transport,
-            _ => &mut s.client_transport,
-        };
-        if let Some(ws) = t.as_mut().and_then(|t| t.websocket.as_mut()) {
+        if let Some(ws) = s.transport_of(side).as_mut().and_then(|t| t.websocket.as_mut()) {
             (ws.pings, ws.pongs, ws.close_code) = (pings, pongs, close_code);
         }
     }
 
     /// How the client (`Side::Client`) or the broker is connected.
     pub(crate) fn set_transport(&self, side: Side, t: SideTransport) {
-        let mut s = self.state();
-        match side {
-            Side::Broker => s.broker_transport = Some(t),
-            _ => s.client_transport = Some(t),
-        }
+        *self.state().transport_of(side) = Some(t);
     }
 
     pub(crate) fn set_broker(&self, addr: SocketAddr, at: Instant) {
