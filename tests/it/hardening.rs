@@ -126,6 +126,17 @@ fn size_flags_at_the_edges_stop_the_start_with_exit_2_naming_the_flag() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(message), "{flag} {value}: {err}");
     }
+    // The edges themselves are accepted: the proxy starts with each.
+    for value in ["1KiB", "268435460B"] {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = spawn_binary(
+            &["proxy", "--listen", &listen, "--upstream", "h:1", "--ws-max-frame", value],
+            &listen,
+        );
+        assert!(child.try_wait().unwrap().is_none(), "--ws-max-frame {value}: still running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 #[tokio::test]
