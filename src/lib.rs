@@ -25,6 +25,7 @@
 //! | [`probe`] | `mqtt-chaos probe`: scenarios run through the in-process proxy against a broker (or the embedded one), verdicts against the specification, the report |
 //! | [`summary`] | the headline numbers per route without Prometheus (`/summary`, `ctl summary`, the log at stop) |
 //! | [`cli`] | the command line (clap), every flag with an `MQTT_CHAOS_*` env variable |
+//! | [`text`] | peer input written as text: control characters escaped (a leaf) |
 //! | [`names`] | the one rule for rule, profile and route names (length, no control characters) |
 //!
 //! See ARCHITECTURE.md for the data path as a diagram.
@@ -49,6 +50,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod summary;
+pub mod text;
 pub mod tls;
 pub mod tls_stream;
 pub mod transport;
