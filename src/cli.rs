@@ -344,6 +344,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_WS_MAX_FRAME", default_value = "16MiB", value_parser = config::parse_size)]
     pub ws_max_frame: usize,
 
+    /// Most bytes all ws/wss connections together may hold of frames not yet complete (a frame is
+    /// forwarded only whole); at the limit a connection holding part of a frame stops reading
+    /// until others finish. Default 64MiB, or --ws-max-frame if larger; at least --ws-max-frame.
+    #[arg(long, env = "MQTT_CHAOS_WS_MAX_HELD", value_parser = config::parse_size)]
+    pub ws_max_held: Option<usize>,
+
     /// After one side sent FIN, how long the other direction may go on before both are closed (0s: for ever).
     #[arg(long, env = "MQTT_CHAOS_HALF_CLOSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub half_close_timeout: Duration,
@@ -529,6 +535,17 @@ impl ProxyArgs {
                 self.ws_max_frame
             ));
         }
+        let ws_max_held = match self.ws_max_held {
+            None => crate::ws::DEFAULT_MAX_HELD.max(self.ws_max_frame),
+            Some(held) if held < self.ws_max_frame => {
+                return Err(format!(
+                    "--ws-max-held: {held} bytes is under --ws-max-frame ({} bytes): a frame that large could never \
+                     be held whole; raise --ws-max-held or lower --ws-max-frame",
+                    self.ws_max_frame
+                ));
+            }
+            Some(held) => held,
+        };
         Ok(Settings {
             connect_timeout: self.connect_timeout,
             shutdown_grace: self.shutdown_grace,
@@ -536,6 +553,7 @@ impl ProxyArgs {
             max_buffered_packet: self.max_buffered_packet,
             max_connect_packet: self.max_connect_packet,
             ws_max_frame: self.ws_max_frame,
+            ws_max_held,
             will_timeout: self.will_timeout,
             half_close_timeout: self.half_close_timeout,
             max_connections: self.max_connections,

@@ -57,6 +57,7 @@ impl<'a> Dial<'a> {
                         path,
                         self.tls.is_some(),
                         crate::ws::DEFAULT_MAX_FRAME,
+                        None,
                     )
                     .await
                     .map_err(|e| std::io::Error::new(e.kind(), format!("WebSocket handshake failed: {e}")))?;

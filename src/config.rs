@@ -43,6 +43,9 @@ pub struct Settings {
     pub max_connect_packet: usize,
     /// Largest WebSocket frame (or message) a `ws`/`wss` side may send.
     pub ws_max_frame: usize,
+    /// Most bytes all WebSocket connections together may hold of unfinished frames
+    /// (`--ws-max-held`; see [`crate::ws::HeldBytes`]).
+    pub ws_max_held: usize,
     /// How long after the Will Delay Interval an expected Will may take to be seen.
     pub will_timeout: Duration,
     /// After one direction ended with a FIN, how long the other may go on before the proxy
@@ -73,6 +76,7 @@ impl Default for Settings {
             max_buffered_packet: 256 * 1024,
             max_connect_packet: crate::codec::frame::DEFAULT_MAX_HANDSHAKE,
             ws_max_frame: crate::ws::DEFAULT_MAX_FRAME,
+            ws_max_held: crate::ws::DEFAULT_MAX_HELD,
             will_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(30),
             max_connections: 0,

@@ -370,6 +370,11 @@ pub struct ScrapeTime {
     pub tracked_entries: Vec<(&'static str, u64)>,
     /// `GET /events` subscribers dropped for falling behind.
     pub event_subscribers_dropped: u64,
+    /// Bytes of unfinished WebSocket frames held, over all connections, and their limit.
+    pub websocket_held_bytes: u64,
+    pub websocket_held_limit_bytes: u64,
+    /// Times a WebSocket connection stopped reading at `--ws-max-held`.
+    pub websocket_reads_paused: u64,
 }
 
 /// The source of [`ScrapeTime`], a collector that encodes it at each scrape.
@@ -414,6 +419,25 @@ impl Collector for Scraped {
         counter.encode(e.encode_descriptor(
             "mqtt_chaos_event_subscribers_dropped",
             "GET /events subscribers dropped because they fell more than 4,096 events behind.",
+            None,
+            counter.metric_type(),
+        )?)?;
+        gauge(now.websocket_held_bytes).encode(e.encode_descriptor(
+            "mqtt_chaos_websocket_held_bytes",
+            "Bytes of WebSocket frames not yet complete or not yet forwarded, over all connections.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        gauge(now.websocket_held_limit_bytes).encode(e.encode_descriptor(
+            "mqtt_chaos_websocket_held_limit_bytes",
+            "The limit on mqtt_chaos_websocket_held_bytes (--ws-max-held).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let counter = ConstCounter::new(now.websocket_reads_paused);
+        counter.encode(e.encode_descriptor(
+            "mqtt_chaos_websocket_reads_paused",
+            "Times a WebSocket connection stopped reading because --ws-max-held was reached.",
             None,
             counter.metric_type(),
         )?)
@@ -929,6 +953,9 @@ mod tests {
             rules_active: vec![("r".into(), 2)],
             tracked_entries: vec![("wills", 3)],
             event_subscribers_dropped: 4,
+            websocket_held_bytes: 5,
+            websocket_held_limit_bytes: 6,
+            websocket_reads_paused: 7,
         }
     }
 
@@ -973,6 +1000,9 @@ mod tests {
             "mqtt_chaos_rules_active{route=\"r\"} 2",
             "mqtt_chaos_tracked_entries{index=\"wills\"} 3",
             "mqtt_chaos_event_subscribers_dropped_total 4",
+            "mqtt_chaos_websocket_held_bytes 5",
+            "mqtt_chaos_websocket_held_limit_bytes 6",
+            "mqtt_chaos_websocket_reads_paused_total 7",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
         }

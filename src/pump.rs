@@ -60,6 +60,8 @@ pub(crate) struct Ctx {
     pub stop: CancellationToken,
     /// This connection's place under `--max-connections`, given back when the session ends.
     pub _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// What WebSocket connections hold of unfinished frames (`--ws-max-held`).
+    pub ws_held: Arc<crate::ws::HeldBytes>,
 }
 
 impl Ctx {

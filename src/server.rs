@@ -19,6 +19,7 @@ use crate::record::Registry;
 use crate::route::Route;
 use crate::session;
 use crate::vocab::CloseHow;
+use crate::ws::HeldBytes;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct Proxy {
     settings: Arc<Settings>,
     rules: Arc<RuleBook>,
     metrics: Arc<Metrics>,
+    /// What WebSocket connections hold of unfinished frames, against `--ws-max-held`.
+    ws_held: Arc<HeldBytes>,
 }
 
 impl Proxy {
@@ -59,7 +62,9 @@ impl Proxy {
         let waking = registry.clone();
         let rules = Arc::new(RuleBook::with_waker(Box::new(move |affected| waking.wake(affected))));
         let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
-        let metrics = Arc::new(Metrics::new(scrape_time(names, rules.clone(), registry.clone())));
+        let ws_held = HeldBytes::new(settings.ws_max_held);
+        let metrics =
+            Arc::new(Metrics::new(scrape_time(names, rules.clone(), registry.clone(), ws_held.clone())));
         let mut listeners = Vec::with_capacity(routes.len());
         let loops = settings.event_loops.max(1);
         let mut more_loops: Vec<Vec<_>> = (1..loops).map(|_| Vec::new()).collect();
@@ -88,7 +93,7 @@ impl Proxy {
             }
             listeners.push((route, listener));
         }
-        Ok(Proxy { listeners, more_loops, registry, settings: Arc::new(settings), rules, metrics })
+        Ok(Proxy { listeners, more_loops, registry, settings: Arc::new(settings), rules, metrics, ws_held })
     }
 
     /// Makes `rules` the rules in force (before or after start).
@@ -131,6 +136,7 @@ impl Proxy {
             tracker: tracker.clone(),
             rules: self.rules.clone(),
             permits,
+            ws_held: self.ws_held.clone(),
         };
         let mut accept_loops = Vec::new();
         for (route, listener) in self.listeners {
@@ -195,6 +201,7 @@ struct Accepting {
     rules: Arc<RuleBook>,
     /// `--max-connections`, shared by every route's accept loop (none: no limit).
     permits: Option<Arc<Semaphore>>,
+    ws_held: Arc<HeldBytes>,
 }
 
 struct Acceptor {
@@ -260,6 +267,7 @@ impl Acceptor {
             faults: Mutex::new(faults),
             stop: CancellationToken::new(),
             _permit: permit,
+            ws_held: self.shared.ws_held.clone(),
         };
         // No tracing span per connection: every log line carries `conn` itself, and a span would
         // keep a slot (with its formatted fields) in the subscriber's slab for every connection
@@ -332,6 +340,7 @@ fn scrape_time(
     routes: Vec<String>,
     rules: Arc<RuleBook>,
     registry: Arc<Registry>,
+    ws_held: Arc<HeldBytes>,
 ) -> impl Fn() -> ScrapeTime + Send + Sync + 'static {
     move || {
         let rules = rules.current();
@@ -348,6 +357,9 @@ fn scrape_time(
             rules_active: routes.iter().map(|r| (r.clone(), applies(r))).collect(),
             tracked_entries: registry.tracked_entries().to_vec(),
             event_subscribers_dropped: registry.events_dropped.load(std::sync::atomic::Ordering::Relaxed),
+            websocket_held_bytes: ws_held.held() as u64,
+            websocket_held_limit_bytes: ws_held.limit() as u64,
+            websocket_reads_paused: ws_held.pauses(),
         }
     }
 }

@@ -79,7 +79,8 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     let client = match &route.listen_ws {
         None => client,
         Some(path) => {
-            let handshake = crate::ws::accept(client, path, ctx.settings.ws_max_frame);
+            let handshake =
+                crate::ws::accept(client, path, ctx.settings.ws_max_frame, Some(ctx.ws_held.clone()));
             let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
                 return;
             };
@@ -132,7 +133,8 @@ async fn serve(ctx: Ctx, client: TcpStream) {
         None => broker,
         Some(path) => {
             let tls = route.tls.upstream.is_some();
-            let handshake = crate::ws::connect(broker, &route.upstream, path, tls, ctx.settings.ws_max_frame);
+            let (max_frame, held) = (ctx.settings.ws_max_frame, Some(ctx.ws_held.clone()));
+            let handshake = crate::ws::connect(broker, &route.upstream, path, tls, max_frame, held);
             let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
                 return;
             };

@@ -37,6 +37,7 @@ fn ctx_and_book(settings: Settings, rules: Vec<&str>) -> (Ctx, crate::fault::Rul
         faults: Mutex::new(ConnFaults::new(rx)),
         stop: CancellationToken::new(),
         _permit: None,
+        ws_held: crate::ws::HeldBytes::new(crate::ws::DEFAULT_MAX_HELD),
     };
     (ctx, book)
 }

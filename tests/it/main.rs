@@ -13,6 +13,7 @@ mod keepalive;
 mod large;
 mod lifecycle;
 mod metrics;
+mod peer_bounds;
 mod probe;
 mod pubsub;
 mod readme;

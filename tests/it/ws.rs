@@ -35,7 +35,7 @@ async fn ws_proxy_with(
 }
 
 /// A WebSocket client of the proxy's `/mqtt` listener, connected to the broker behind it.
-async fn ws_client(
+pub(crate) async fn ws_client(
     addr: std::net::SocketAddr,
     client_id: &str,
 ) -> tokio_tungstenite::WebSocketStream<TcpStream> {
@@ -72,7 +72,7 @@ async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> O
 }
 
 /// Reads binary frames until `n` bytes came (answering nothing itself).
-async fn read_bytes<S>(ws: &mut S, n: usize) -> Vec<u8>
+pub(crate) async fn read_bytes<S>(ws: &mut S, n: usize) -> Vec<u8>
 where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
