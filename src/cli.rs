@@ -298,12 +298,14 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Address to accept MQTT clients on: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS).
+    /// Address to accept MQTT clients on: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS),
+    /// ws://HOST:PORT/PATH (WebSocket), wss://HOST:PORT/PATH (WebSocket over TLS); PATH defaults to /mqtt.
     #[arg(long, env = "MQTT_CHAOS_LISTEN", conflicts_with = "config", requires = "upstream")]
     pub listen: Option<String>,
 
-    /// Broker to forward to: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS); a host name
-    /// is resolved at every connection.
+    /// Broker to forward to: HOST:PORT or mqtt://HOST:PORT (TCP), mqtts://HOST:PORT (TLS),
+    /// ws://HOST:PORT/PATH (WebSocket), wss://HOST:PORT/PATH (WebSocket over TLS); PATH defaults to
+    /// /mqtt. A host name is resolved at every connection.
     #[arg(long, env = "MQTT_CHAOS_UPSTREAM", conflicts_with = "config", requires = "listen")]
     pub upstream: Option<String>,
 

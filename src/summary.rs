@@ -62,6 +62,26 @@ pub fn of(routes: &[Arc<Route>]) -> Value {
     json!({ "routes": routes })
 }
 
+/// `n` with its noun, singular for one: `1 connection`, `2 connections`.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+}
+
+/// How often: `once`, `3 times`.
+fn times(n: u64) -> String {
+    if n == 1 { "once".to_string() } else { format!("{n} times") }
+}
+
+/// One entry of the closes line: `2 keepalive_timeout (fin by the broker)`; the proxy's own
+/// closes (cause `proxy`, closed by the proxy) say so once: `1 ended by the proxy (fin)`.
+fn close_words(n: u64, cause: &str, how: &str, by: &str) -> String {
+    if cause == "proxy" && by == "proxy" {
+        format!("{n} ended by the proxy ({how})")
+    } else {
+        format!("{n} {cause} ({how} by the {by})")
+    }
+}
+
 /// The summary as lines a person reads (`ctl summary`, the log at stop).
 pub fn text(summary: &Value) -> String {
     let mut out = String::new();
@@ -69,10 +89,10 @@ pub fn text(summary: &Value) -> String {
         let n = |v: &Value| v.as_u64().unwrap_or(0);
         let c = &r["connections"];
         out.push_str(&format!(
-            "route {} → {}: {} connections ({} open, {} rejected, {} failed to reach the broker)\n",
+            "route {} → {}: {} ({} open, {} rejected, {} failed to reach the broker)\n",
             r["route"].as_str().unwrap_or(""),
             r["upstream"].as_str().unwrap_or(""),
-            n(&c["total"]),
+            counted(n(&c["total"]), "connection", "connections"),
             n(&c["active"]),
             n(&c["rejected"]),
             n(&c["upstream_failures"])
@@ -82,12 +102,11 @@ pub fn text(summary: &Value) -> String {
             .into_iter()
             .flatten()
             .map(|c| {
-                format!(
-                    "{} {} ({} by {})",
+                close_words(
                     n(&c["count"]),
                     c["cause"].as_str().unwrap_or(""),
                     c["how"].as_str().unwrap_or(""),
-                    c["closed_by"].as_str().unwrap_or("")
+                    c["closed_by"].as_str().unwrap_or(""),
                 )
             })
             .collect();
@@ -98,27 +117,29 @@ pub fn text(summary: &Value) -> String {
             let d = &r[key];
             if n(&d["count"]) > 0 {
                 out.push_str(&format!(
-                    "  {side} detected a silent peer {} times: median {} × Keep Alive, max {} ×\n",
-                    n(&d["count"]),
+                    "  {side} detected a silent peer {}: median {} × Keep Alive, max {} ×\n",
+                    times(n(&d["count"])),
                     d["median"],
                     d["max"]
                 ));
             }
         }
+        // Each expected Will ends in exactly one outcome, or is still awaited: the parts add up.
         let w = &r["wills"];
-        if n(&w["expected"]) > 0 {
+        let expected = n(&w["expected"]);
+        if expected > 0 {
+            let [observed, missing, unobservable] =
+                [&w["observed"], &w["missing"], &w["unobservable"]].map(n);
+            let awaited = expected.saturating_sub(observed + missing + unobservable);
             out.push_str(&format!(
-                "  Wills: {} expected, {} observed, {} missing, {} unobservable (nothing watched their topic)\n",
-                n(&w["expected"]),
-                n(&w["observed"]),
-                n(&w["missing"]),
-                n(&w["unobservable"])
+                "  Wills: {expected} expected = {observed} observed + {missing} missing + {unobservable} unobservable \
+                 (nothing watched their topic) + {awaited} still awaited\n"
             ));
         }
         let t = &r["takeovers"];
         if TakeoverOutcome::ALL.iter().any(|o| n(&t[o.as_str()]) > 0) {
             out.push_str(&format!(
-                "  takeovers: {} old connection closed, {} with DISCONNECT 0x8E, {} not enforced, {} preempted\n",
+                "  takeovers by outcome: old connection closed {}, DISCONNECT 0x8E {}, not enforced {}, preempted {}\n",
                 n(&t["closed"]),
                 n(&t["disconnect_0x8e"]),
                 n(&t["not_enforced"]),
@@ -127,13 +148,104 @@ pub fn text(summary: &Value) -> String {
         }
         for f in r["faults"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "  fault {} ({} {}): {} times\n",
+                "  fault {} ({} {}): applied {}\n",
                 f["rule"].as_str().unwrap_or(""),
                 f["action"].as_str().unwrap_or(""),
                 f["direction"].as_str().unwrap_or(""),
-                n(&f["count"])
+                times(n(&f["count"]))
             ));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(connections: u64, closes: Value, detections: u64, wills: Value, faults: Value) -> Value {
+        json!({"routes": [{
+            "route": "default",
+            "upstream": "127.0.0.1:1883",
+            "connections": {"total": connections, "active": 0, "rejected": 0, "upstream_failures": 0},
+            "closes": closes,
+            "broker_detection_ratio": {"count": detections, "median": 1.5, "max": 1.5},
+            "client_detection_ratio": {"count": 0},
+            "wills": wills,
+            "takeovers": {"closed": 0, "disconnect_0x8e": 0, "not_enforced": 0, "preempted": 0},
+            "faults": faults,
+        }]})
+    }
+
+    #[test]
+    fn one_of_something_is_singular_and_several_are_plural() {
+        let one = text(&route(
+            1,
+            json!([]),
+            1,
+            json!({"expected": 0}),
+            json!([{"rule": "mute", "action": "drop", "direction": "client_to_broker", "count": 1}]),
+        ));
+        assert!(one.contains(": 1 connection (0 open"), "{one}");
+        assert!(one.contains("broker detected a silent peer once: median 1.5 × Keep Alive"), "{one}");
+        assert!(one.contains("fault mute (drop client_to_broker): applied once\n"), "{one}");
+        assert!(!one.contains(" 1 times") && !one.contains("1 connections"), "{one}");
+        let many = text(&route(
+            3,
+            json!([]),
+            2,
+            json!({"expected": 0}),
+            json!([{"rule": "mute", "action": "drop", "direction": "client_to_broker", "count": 3}]),
+        ));
+        assert!(many.contains(": 3 connections (0 open"), "{many}");
+        assert!(many.contains("broker detected a silent peer 2 times: median"), "{many}");
+        assert!(many.contains("fault mute (drop client_to_broker): applied 3 times\n"), "{many}");
+    }
+
+    #[test]
+    fn a_close_by_the_proxy_names_the_proxy_once_and_others_name_who_closed() {
+        let s = text(&route(
+            3,
+            json!([
+                {"closed_by": "proxy", "how": "fin", "cause": "proxy", "count": 1},
+                {"closed_by": "broker", "how": "fin", "cause": "keepalive_timeout", "count": 2},
+            ]),
+            0,
+            json!({"expected": 0}),
+            json!([]),
+        ));
+        assert!(
+            s.contains("  closes: 1 ended by the proxy (fin), 2 keepalive_timeout (fin by the broker)\n"),
+            "{s}"
+        );
+        assert!(!s.contains("proxy by proxy") && !s.contains("by proxy"), "{s}");
+    }
+
+    #[test]
+    fn the_wills_outcomes_and_those_still_awaited_add_up_to_the_expected() {
+        let s = text(&route(
+            5,
+            json!([]),
+            0,
+            json!({"expected": 5, "observed": 2, "missing": 1, "unobservable": 1}),
+            json!([]),
+        ));
+        assert!(
+            s.contains(
+                "Wills: 5 expected = 2 observed + 1 missing + 1 unobservable (nothing watched their topic) + 1 still awaited\n"
+            ),
+            "{s}"
+        );
+        let settled = text(&route(
+            1,
+            json!([]),
+            0,
+            json!({"expected": 1, "observed": 1, "missing": 0, "unobservable": 0}),
+            json!([]),
+        ));
+        assert!(settled.contains("Wills: 1 expected = 1 observed + 0 missing + 0 unobservable"), "{settled}");
+        assert!(settled.contains("+ 0 still awaited"), "{settled}");
+        let none = text(&route(1, json!([]), 0, json!({"expected": 0}), json!([])));
+        assert!(!none.contains("Wills"), "no line without an expected Will: {none}");
+    }
 }

@@ -471,3 +471,19 @@ async fn with_two_threads_connections_are_served_by_both_event_loops() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("event_loops=2"), "{}", stderr(&out));
 }
+
+#[test]
+fn help_names_every_transport_of_listen_and_upstream() {
+    let out = run(&["proxy", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen <LISTEN>", "--upstream <UPSTREAM>"] {
+        let from = help.find(flag).unwrap_or_else(|| panic!("{flag} missing from:\n{help}"));
+        // The flag's own text: up to the next flag.
+        let text = &help[from + flag.len()..];
+        let text = &text[..text.find("\n  -").unwrap_or(text.len())];
+        for scheme in ["mqtt://", "mqtts://", "ws://", "wss://"] {
+            assert!(text.contains(scheme), "{flag} does not mention {scheme}:\n{text}");
+        }
+    }
+}

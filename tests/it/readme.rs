@@ -5,10 +5,13 @@
 //! `./target/release/mqtt-chaos` name the binary these tests built, and `cargo build --release`
 //! is skipped (that binary is built); `apt-get install -y P…` becomes a check that P is
 //! installed; `.ci/run` is skipped (it is what runs this test). The upstream broker on 1883 is a
-//! mosquitto the test starts; a block's background jobs (`&`) must still be running when the
-//! block ends; a proxy started in the foreground is run until it listens and stopped with
-//! SIGTERM (exit 0) before the next one starts, or at the end. `mqtt-chaos probe` may exit 1
-//! (the broker broke a MUST: a finding, which the README says) but must print its report.
+//! mosquitto the test starts; a block's background jobs (`&`) that it does not stop itself must
+//! still be running when the block ends; a proxy started in the foreground is run until it
+//! listens and stopped with SIGTERM (exit 0) before the next one starts, or at the end.
+//! `mqtt-chaos probe` may exit 1 (the broker broke a MUST: a finding, which the README says) but
+//! must print its report. Where a block starts a subscriber for one message (`mosquitto_sub …
+//! -C 1`), each of its `mosquitto_pub -t TOPIC -m MESSAGE` must have reached it; the by-hand
+//! block's proxy must print its summary when the block stops it.
 
 use crate::harness::*;
 use std::collections::BTreeMap;
@@ -79,13 +82,24 @@ fn wait_port(port: u16, what: &str) {
     }
 }
 
+/// The value of `flag` in a `mosquitto_pub` line, without its quotes.
+fn published<'a>(line: &'a str, flag: &str) -> &'a str {
+    let after = line.split_once(&format!(" {flag} ")).unwrap_or_else(|| panic!("{flag} in `{line}`")).1;
+    match after.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next().unwrap(),
+        None => after.split_whitespace().next().unwrap(),
+    }
+}
+
 #[test]
 fn every_shell_block_of_the_readme_runs_as_written() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut ports: BTreeMap<u16, u16> =
-        [1884, 1885, 8884, 18830, 18840, 19184, 9184, 9090].into_iter().map(|p| (p, free_port())).collect();
+    let mut ports: BTreeMap<u16, u16> = [1884, 1885, 1886, 8080, 8884, 8885, 18830, 18840, 19184, 9184, 9090]
+        .into_iter()
+        .map(|p| (p, free_port()))
+        .collect();
     ports.insert(1883, broker.port);
     let admin_port = ports[&9184];
     // The README's routes file, where its command expects it.
@@ -180,6 +194,24 @@ fn every_shell_block_of_the_readme_runs_as_written() {
             "each probe printed its report:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if block.lines().any(|l| l.starts_with("mosquitto_sub") && l.contains(" -C 1 ")) {
+            for publish in block.lines().filter(|l| l.starts_with("mosquitto_pub")) {
+                let (topic, message) = (published(publish, "-t"), published(publish, "-m"));
+                assert!(
+                    stdout.lines().any(|l| l == format!("{topic} {message}")),
+                    "`{publish}` did not reach the block's subscriber:\n{stdout}"
+                );
+            }
+        }
+        if block.contains("ctl watch") {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("summary:\nroute default"),
+                "the stopped proxy printed its summary:\n{stderr}"
+            );
+            assert!(stdout.contains("sleepy"), "ctl watch showed the client:\n{stdout}");
+        }
         if block.contains("curl") {
             let answers = String::from_utf8_lossy(&out.stdout);
             assert!(answers.contains("\"name\":\"mute\""), "the rule was added: {answers}");
