@@ -14,7 +14,7 @@
 //! | `POST /connections/{id}/rules` | add a rule for one live connection only |
 //! | `DELETE /connections/{id}/rules/{name}` | remove a rule of one live connection; 404 if it has none of that name |
 //! | `GET /profiles` | the profiles in `--profiles-dir` and the built-in ones (`source`), each with its description or its error |
-//! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body |
+//! | `PUT /profile` | activate a profile: `{"name": "…"}` (from `--profiles-dir`, else built in) or a TOML body; its rules replace every global rule, and the answer (the new rules) names those it `replaced` |
 //! | `GET /events?conn=ID&client_id=GLOB` | Server-Sent Events as things happen: `connect`, `connack`, `fault` (a rule's first application on a connection), `closed`, `detection`, `will`, `rules` (the filters pick connections; rule changes always pass); a subscriber that falls behind is dropped and counted |
 //! | `GET /summary` | per route: connections, closes, detections (count, median and max × Keep Alive), Wills, takeovers, faults by rule |
 //! | `POST /reset` | remove every rule, global and per-connection: back to passthrough; says how many of each |
@@ -560,8 +560,11 @@ async fn activate_profile(
     };
     tracing::info!(profile = %profile.spec.name, rules = profile.rules.len(), "profile activated through the admin API");
     let set = profile.rule_set();
-    let body = rules_body(&set);
-    c.rules.replace(set);
+    let mut body = rules_body(&set);
+    let old = c.rules.replace(set);
+    // What the activation removed: every global rule in force before (connections' own stay).
+    let removed: Vec<&str> = old.rules.iter().map(|r| r.name()).collect();
+    body["replaced"] = json!({"profile": old.profile, "rules": removed});
     let change = format!("profile {:?} activated ({} rules)", profile.spec.name, profile.rules.len());
     c.registry.emit(crate::record::Event::Rules { change });
     ok(StatusCode::OK, body)

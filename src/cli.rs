@@ -231,8 +231,50 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Give up when the admin API does not accept the connection, or send the head of its
+    /// answer, within this time; or pauses that long within an answer, or takes over 6 times it
+    /// for a whole answer (exit 1). Answers are also bounded in size: head 64 KiB, body 64 MiB.
+    #[arg(
+        long,
+        global = true,
+        env = "MQTT_CHAOS_CTL_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = parse_ctl_timeout
+    )]
+    pub timeout: Duration,
+
+    /// The largest answer body ctl reads (a larger one is an error, exit 1). 64 MiB holds the
+    /// records of 60,000 connections; more with --closed-history or long client ids may need more.
+    #[arg(
+        long,
+        global = true,
+        env = "MQTT_CHAOS_CTL_MAX_ANSWER",
+        default_value = "64MiB",
+        value_name = "SIZE",
+        value_parser = parse_ctl_size
+    )]
+    pub max_answer: usize,
+
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// A `ctl` size limit: over zero.
+fn parse_ctl_size(text: &str) -> Result<usize, String> {
+    match config::parse_size(text)? {
+        0 => Err("must be over 0".to_string()),
+        n => Ok(n),
+    }
+}
+
+/// A `ctl` time limit: over zero, at most a year.
+fn parse_ctl_timeout(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > crate::fault::rule::MAX_DURATION {
+        return Err(format!("{} is not between 1ms and 1 year", humantime::format_duration(d)));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,13 +309,23 @@ pub enum CtlCommand {
         conn: Option<u64>,
     },
     /// Activate a profile: a name the proxy knows (its --profiles-dir, or built in), or a local TOML file.
+    ///
+    /// The profile's rules replace every global rule in force, those of the previous profile and
+    /// those added with `ctl add` alike; ctl prints which it removed. Connections' own rules
+    /// (`ctl add --conn`) are kept.
     Profile { profile: String },
     /// List the profiles the running proxy can activate by name.
     Profiles,
     /// The headline numbers per route: connections, closes, detections, Wills, takeovers, faults.
     Summary,
     /// Follow what happens, live: connects, CONNACKs, faults, closes, rule changes (until Ctrl-C).
+    ///
+    /// When the proxy stops or drops this watcher, or goes silent, ctl says so and exits 1.
     Watch {
+        /// Take the proxy as gone when it sends nothing for this long, not even the keep-alive
+        /// it sends every 15 s without events.
+        #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_ctl_timeout)]
+        max_silence: Duration,
         /// Only this connection.
         #[arg(long, value_name = "ID")]
         conn: Option<u64>,

@@ -1,13 +1,48 @@
 //! `mqtt-chaos ctl`: the admin API for shells and scripts.
 //!
-//! A deliberately small HTTP/1.1 client (one request per connection, `Connection: close`) — the
-//! admin API is on loopback or a trusted network and needs no TLS — plus table rendering.
+//! An HTTP/1.1 client (hyper's, one request per connection; the admin API is on loopback or a
+//! trusted network and needs no TLS), the `GET /events` reader of `ctl watch`, and the tables.
+//!
+//! ctl is the client of a server it does not control (a wrong `--admin`, something else on the
+//! port, a stuck proxy), so every answer is bounded: its head to [`HEAD_LIMIT`], its body to
+//! [`BODY_LIMIT`] (unless `--max-answer`), an event of `ctl watch` to [`EVENT_LIMIT`]; the
+//! connection and the head of the answer must arrive within the client's timeout ([`TIMEOUT`]
+//! unless `--timeout`), a body may pause no longer than that and must be complete within
+//! [`ANSWER_TIMEOUTS`] times it; `watch` takes a stream silent for [`WATCH_SILENCE`] (unless
+//! `--max-silence`; the proxy sends a keep-alive every 15 s) as gone, and says when the stream
+//! ends. An answer that is cut short or is not the JSON it should be is an error naming the URL.
+//!
+//! Text from the API (client ids, reason strings, names) goes through [`crate::text::escaped`]
+//! in tables and event lines; `--json` prints the API's JSON exact.
 
 use crate::fault::RuleSpec;
+use crate::text::{Escaped, escaped};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
 use serde_json::Value;
+use std::ops::ControlFlow;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest head (status line and headers) of an answer.
+pub const HEAD_LIMIT: usize = 64 * 1024;
+/// Largest body of an answer unless `--max-answer`. The largest the proxy sends is `GET /connections` (about 1 KB per
+/// connection, more with long client ids): 64 MiB holds 60,000 connections of 1 KB, or 900 with
+/// 64 KiB client ids (the MQTT maximum; 6 bytes a character if they are all escaped, 1 if not);
+/// `--closed-history` up to 1,000,000 and `--max-connections` 0 (no limit) can make more.
+pub const BODY_LIMIT: usize = 64 * 1024 * 1024;
+/// Largest event of `ctl watch` (a line, and the data of one event): the proxy's are under 1 KB
+/// plus a client id and a Will topic (64 KiB each at most, escaped up to 6 times that).
+pub const EVENT_LIMIT: usize = 1024 * 1024;
+/// Default time for the connection, then for the head of the answer, and the longest pause
+/// within a body.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole answer must arrive within this many times the timeout.
+pub const ANSWER_TIMEOUTS: u32 = 6;
+/// Default silence after which `ctl watch` takes the proxy as gone: four of its keep-alives
+/// (an SSE comment every 15 s without events) missed.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(60);
 
 /// An admin API endpoint.
 #[derive(Debug, Clone)]
@@ -15,28 +50,81 @@ pub struct Client {
     /// `host:port`.
     authority: String,
     token: Option<String>,
+    timeout: Duration,
+    max_body: usize,
 }
 
 /// A response: status and body text.
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    /// The body (invalid UTF-8 replaced; [`Reply::json`] refuses such a body).
     pub body: String,
+    /// What was asked: `http://host:port/path`.
+    pub url: String,
+    utf8: bool,
 }
 
 impl Reply {
+    /// The body as JSON; an error naming the URL when it is not JSON (cut short, say).
     pub fn json(&self) -> Result<Value, String> {
-        serde_json::from_str(&self.body)
-            .map_err(|e| format!("the admin API answered {} with a non-JSON body ({e})", self.status))
+        let what = |e: &dyn std::fmt::Display| {
+            format!(
+                "the admin API at {} answered {} with a body that is not JSON ({e})",
+                self.url, self.status
+            )
+        };
+        if !self.utf8 {
+            return Err(what(&"invalid UTF-8"));
+        }
+        serde_json::from_str(&self.body).map_err(|e| what(&e))
     }
 
-    /// The error message of a JSON error body, or the raw body.
+    /// The error message of a JSON error body, or the start of the raw body; escaped, as it goes
+    /// to a terminal.
     pub fn error(&self) -> String {
-        self.json()
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| self.body.clone())
+        let message = self.json().ok().and_then(|v| v["error"].as_str().map(str::to_string));
+        let message = message.unwrap_or_else(|| {
+            let mut start: String = self.body.chars().take(500).collect();
+            if start.len() < self.body.len() {
+                start.push('…');
+            }
+            start
+        });
+        escaped(&message).into_owned()
     }
+}
+
+/// Aborts the task driving a connection when the exchange is over or abandoned.
+struct Driving(tokio::task::AbortHandle);
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A size as people write it: `64 MiB`, `512 KiB`, or bytes.
+fn size(bytes: usize) -> String {
+    match bytes {
+        b if b > 0 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b > 0 && b % 1024 == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// A hyper error with its causes, for a message.
+fn explain(e: &hyper::Error) -> String {
+    if e.is_parse_too_large() {
+        return format!("the head of the answer is over ctl's {} KiB limit", HEAD_LIMIT / 1024);
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 impl Client {
@@ -46,7 +134,72 @@ impl Client {
         if rest.contains('/') || url.starts_with("https://") || !rest.contains(':') {
             return Err(format!("--admin must be http://HOST:PORT, got {url:?}"));
         }
-        Ok(Client { authority: rest.to_string(), token })
+        if rest.parse::<hyper::http::uri::Authority>().is_err() {
+            return Err(format!("--admin must be http://HOST:PORT, got {url:?}"));
+        }
+        Ok(Client { authority: rest.to_string(), token, timeout: TIMEOUT, max_body: BODY_LIMIT })
+    }
+
+    /// The time for the connection, then for the head of an answer, and the longest pause in a
+    /// body (default [`TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The largest body of an answer (default [`BODY_LIMIT`]).
+    pub fn with_max_answer(mut self, bytes: usize) -> Client {
+        self.max_body = bytes;
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.authority)
+    }
+
+    /// Connects, sends the request, and waits for the head of the answer: all within the timeout.
+    async fn open(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(hyper::Response<Incoming>, Driving), String> {
+        let url = self.url(path);
+        let mut request =
+            hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, &self.authority);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(t) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(|e| format!("cannot ask {url}: {e}"))?;
+        let exchange = async {
+            let stream = TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| format!("admin API at {} unreachable: {e}", self.authority))?;
+            let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+                .max_header_size(HEAD_LIMIT)
+                .max_buf_size(HEAD_LIMIT.max(8192) * 2)
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("{url}: {}", explain(&e)))?;
+            let driving = Driving(tokio::spawn(connection).abort_handle());
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("the admin API at {url} sent no valid answer: {}", explain(&e)))?;
+            Ok((response, driving))
+        };
+        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| {
+            format!(
+                "the admin API at {url} did not answer within {} (see --timeout)",
+                humantime::format_duration(self.timeout)
+            )
+        })?
     }
 
     pub async fn request(
@@ -56,110 +209,225 @@ impl Client {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<Reply, String> {
-        let fail = |e: std::io::Error| format!("admin API at {} unreachable: {e}", self.authority);
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.authority))
-            .await
-            .map_err(|_| format!("admin API at {} did not answer within 5 s", self.authority))?
-            .map_err(fail)?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.authority,
-            body.len()
-        );
-        if let Some(t) = content_type {
-            head.push_str(&format!("Content-Type: {t}\r\n"));
+        let url = self.url(path);
+        let deadline = Instant::now() + self.timeout.saturating_mul(ANSWER_TIMEOUTS);
+        let headers: Vec<(&str, &str)> = content_type.map(|t| ("content-type", t)).into_iter().collect();
+        let (response, _driving) = self.open(method, path, &headers, body).await?;
+        let status = response.status().as_u16();
+        let too_large = || {
+            format!(
+                "the answer of the admin API at {url} is over ctl's {} limit (see --max-answer)",
+                size(self.max_body)
+            )
+        };
+        let announced = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > self.max_body as u64) {
+            return Err(too_large());
         }
-        if let Some(t) = &self.token {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        let mut incoming = response.into_body();
+        let mut raw = Vec::with_capacity(announced.unwrap_or(0).min(1 << 20) as usize);
+        loop {
+            let pause = (Instant::now() + self.timeout).min(deadline);
+            let frame = tokio::time::timeout_at(pause, incoming.frame()).await.map_err(|_| {
+                format!(
+                    "the admin API at {url} stopped sending its answer (nothing for {}, or not complete within {})",
+                    humantime::format_duration(self.timeout),
+                    humantime::format_duration(self.timeout.saturating_mul(ANSWER_TIMEOUTS))
+                )
+            })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| {
+                format!("the answer of the admin API at {url} was cut short: {}", explain(&e))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if raw.len() + data.len() > self.max_body {
+                    return Err(too_large());
+                }
+                raw.extend_from_slice(&data);
+            }
         }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).await.map_err(fail)?;
-        stream.write_all(body).await.map_err(fail)?;
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
-            .await
-            .map_err(|_| format!("admin API at {} did not finish its answer within 30 s", self.authority))?
-            .map_err(fail)?;
-        parse_response(&raw)
+        let (body, utf8) = match String::from_utf8(raw) {
+            Ok(body) => (body, true),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+        };
+        Ok(Reply { status, body, url, utf8 })
     }
-}
 
-impl Client {
     /// Follows `GET /events` (with its query): calls `on_open` once the proxy has subscribed this
     /// watcher (every event from then on arrives), then `on_event(kind, data)` for each event
-    /// until the proxy ends the stream. Asked as HTTP/1.0 so that the body is the raw event
-    /// stream, delimited by the close.
+    /// (`data` is JSON) until `on_event` breaks (then `Ok`). An end of the stream, a silence of
+    /// `max_silence`, an event over [`EVENT_LIMIT`] or one that is not JSON is an error saying so.
     pub async fn watch(
         &self,
         query: &str,
+        max_silence: Duration,
         on_open: impl FnOnce(),
-        mut on_event: impl FnMut(&str, &str),
+        mut on_event: impl FnMut(&str, &Value, &str) -> ControlFlow<()>,
     ) -> Result<(), String> {
-        use tokio::io::AsyncBufReadExt;
-        let fail = |e: std::io::Error| format!("admin API at {} unreachable: {e}", self.authority);
-        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.authority))
-            .await
-            .map_err(|_| format!("admin API at {} did not answer within 5 s", self.authority))?
-            .map_err(fail)?;
-        let mut stream = tokio::io::BufReader::new(stream);
-        let mut head = format!(
-            "GET /events{query} HTTP/1.0\r\nHost: {}\r\nAccept: text/event-stream\r\n",
-            self.authority
-        );
-        if let Some(t) = &self.token {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.get_mut().write_all(head.as_bytes()).await.map_err(fail)?;
-        let mut line = String::new();
-        stream.read_line(&mut line).await.map_err(fail)?;
-        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        // The headers, up to the blank line.
-        loop {
-            line.clear();
-            if stream.read_line(&mut line).await.map_err(fail)? == 0 || line.trim().is_empty() {
-                break;
-            }
-        }
+        let path = format!("/events{query}");
+        let url = self.url(&path);
+        let (response, _driving) = self.open("GET", &path, &[("accept", "text/event-stream")], b"").await?;
+        let status = response.status().as_u16();
         if status != 200 {
-            let mut body = String::new();
-            let _ = stream.read_to_string(&mut body).await;
-            let reply = Reply { status, body };
+            // The error body, read with the bounds of any answer.
+            let mut incoming = response.into_body();
+            let mut raw = Vec::new();
+            while let Ok(Some(Ok(frame))) = tokio::time::timeout(self.timeout, incoming.frame()).await {
+                if let Ok(data) = frame.into_data() {
+                    raw.extend_from_slice(&data[..data.len().min(self.max_body.saturating_sub(raw.len()))]);
+                }
+                if raw.len() >= self.max_body {
+                    break;
+                }
+            }
+            let body = String::from_utf8_lossy(&raw).into_owned();
+            let reply = Reply { status, body, url, utf8: true };
             return Err(format!("{} ({status})", reply.error()));
         }
         on_open();
-        let (mut kind, mut data) = (String::new(), String::new());
+        let mut incoming = response.into_body();
+        let mut events = EventStream::default();
         loop {
-            line.clear();
-            if stream.read_line(&mut line).await.map_err(fail)? == 0 {
-                return Ok(());
+            let frame = tokio::time::timeout(max_silence, incoming.frame()).await.map_err(|_| {
+                format!(
+                    "the admin API at {url} sent nothing for {}, not even its keep-alive (every 15 s): \
+                     taken as gone (see --max-silence)",
+                    humantime::format_duration(max_silence)
+                )
+            })?;
+            let frame = match frame {
+                None => {
+                    return Err(format!(
+                        "the event stream of {url} ended: the proxy stopped, or dropped this watcher \
+                         (one that falls too far behind is dropped; see its log)"
+                    ));
+                }
+                Some(frame) => frame.map_err(|e| {
+                    format!("the event stream of {url} broke off: {} (did the proxy stop?)", explain(&e))
+                })?,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            let mut failed = None;
+            let flow = events.feed(&data, |kind, data| match serde_json::from_str::<Value>(data) {
+                Ok(value) => on_event(kind, &value, data),
+                Err(e) => {
+                    failed = Some(format!(
+                        "the admin API at {url} sent a {} event whose data is not JSON ({e})",
+                        Escaped(kind)
+                    ));
+                    ControlFlow::Break(())
+                }
+            });
+            let flow = flow.map_err(|e| format!("the admin API at {url} sent {e}"))?;
+            if let Some(failed) = failed {
+                return Err(failed);
             }
-            let l = line.trim_end_matches(['\r', '\n']);
-            if let Some(k) = l.strip_prefix("event:") {
-                kind = k.trim().to_string();
-            } else if let Some(d) = l.strip_prefix("data:") {
-                data.push_str(d.trim_start());
-            } else if l.is_empty() && !data.is_empty() {
-                on_event(&kind, &data);
-                kind.clear();
-                data.clear();
+            if flow.is_break() {
+                return Ok(());
             }
         }
     }
 }
 
-/// One `/events` event as a line a person reads.
-pub fn event_line(kind: &str, data: &str) -> String {
-    let v: Value = serde_json::from_str(data).unwrap_or_default();
+/// A Server-Sent Events parser (the WHATWG rules: lines end in CR LF, LF or CR; `event:` names
+/// the kind, `data:` lines are joined with newlines, a blank line ends the event, `:` lines are
+/// comments, other fields are ignored) holding at most [`EVENT_LIMIT`] of a line and of an event.
+#[derive(Debug, Default)]
+struct EventStream {
+    line: Vec<u8>,
+    /// The last byte was a CR: an LF right after it ends no second line.
+    after_cr: bool,
+    kind: String,
+    data: String,
+    has_data: bool,
+}
+
+impl EventStream {
+    /// Feeds bytes; calls `on_event(kind, data)` for each complete event, until it breaks.
+    fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_event: impl FnMut(&str, &str) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, String> {
+        while !bytes.is_empty() {
+            if std::mem::take(&mut self.after_cr) && bytes[0] == b'\n' {
+                bytes = &bytes[1..];
+                continue;
+            }
+            let Some(end) = bytes.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                if self.line.len() + bytes.len() > EVENT_LIMIT {
+                    return Err(format!("an event line over ctl's {} MiB limit", EVENT_LIMIT >> 20));
+                }
+                self.line.extend_from_slice(bytes);
+                break;
+            };
+            if self.line.len() + end > EVENT_LIMIT {
+                return Err(format!("an event line over ctl's {} MiB limit", EVENT_LIMIT >> 20));
+            }
+            self.line.extend_from_slice(&bytes[..end]);
+            self.after_cr = bytes[end] == b'\r';
+            bytes = &bytes[end + 1..];
+            let line = std::mem::take(&mut self.line);
+            if self.line_done(&line, &mut on_event)?.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    fn line_done(
+        &mut self,
+        line: &[u8],
+        on_event: &mut impl FnMut(&str, &str) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, String> {
+        if line.is_empty() {
+            let kind = std::mem::take(&mut self.kind);
+            let data = std::mem::take(&mut self.data);
+            if std::mem::take(&mut self.has_data) {
+                let kind = if kind.is_empty() { "message" } else { kind.as_str() };
+                return Ok(on_event(kind, &data));
+            }
+            return Ok(ControlFlow::Continue(()));
+        }
+        let line = String::from_utf8_lossy(line);
+        let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => self.kind = value.to_string(),
+            "data" => {
+                if self.data.len() + value.len() + 1 > EVENT_LIMIT {
+                    return Err(format!("an event over ctl's {} MiB limit", EVENT_LIMIT >> 20));
+                }
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            _ => {} // a comment (the keep-alive), `id`, `retry`
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+/// One `/events` event as a line a person reads; every text from the API is escaped.
+pub fn event_line(kind: &str, v: &Value) -> String {
     let s = |k: &str| match &v[k] {
         Value::Null => "-".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => escaped(s).into_owned(),
+        other => escaped(&other.to_string()).into_owned(),
     };
     let client_id = v["client_id"].as_str().filter(|id| !id.is_empty()).unwrap_or("no client id");
-    let conn = format!("conn {} ({client_id})", s("conn"));
-    let faults: Vec<String> =
-        v["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
+    let conn = format!("conn {} ({})", s("conn"), Escaped(client_id));
+    let faults: Vec<String> = v["faults"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(rule, n)| format!("{}={}", Escaped(rule), Escaped(&n.to_string())))
+        .collect();
     let faults = if faults.is_empty() { "none".to_string() } else { faults.join(",") };
     match kind {
         "connect" => format!(
@@ -197,43 +465,8 @@ pub fn event_line(kind: &str, data: &str) -> String {
             s("delay_s"),
             s("watched_by")
         ),
-        other => format!("{other} {data}"),
+        other => format!("{} {}", Escaped(other), Escaped(&v.to_string())),
     }
-}
-
-/// Parses an HTTP/1.1 response (content-length, chunked, or read-to-close bodies).
-fn parse_response(raw: &[u8]) -> Result<Reply, String> {
-    let split =
-        raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed HTTP response (no header end)")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or("malformed HTTP status line")?;
-    let chunked = lines.any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
-    });
-    let mut body = &raw[split + 4..];
-    let body = if chunked {
-        let mut out = Vec::new();
-        loop {
-            let end = body.windows(2).position(|w| w == b"\r\n").ok_or("malformed chunk")?;
-            let size = usize::from_str_radix(String::from_utf8_lossy(&body[..end]).trim(), 16)
-                .map_err(|_| "malformed chunk size")?;
-            body = &body[end + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(body.get(..size).ok_or("truncated chunk")?);
-            body = body.get(size + 2..).unwrap_or_default();
-        }
-        out
-    } else {
-        body.to_vec()
-    };
-    Ok(Reply { status, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// A rules file as `ctl add` takes it: a profile, or just `[[rules]]` tables.
@@ -291,6 +524,11 @@ fn json_rules(text: &str) -> Result<Vec<RuleSpec>, serde_json::Error> {
     }
 }
 
+/// A string of the API's JSON as table text: escaped, or `default` when it is not a string.
+fn cell<'a>(v: &'a Value, default: &'a str) -> std::borrow::Cow<'a, str> {
+    escaped(v.as_str().unwrap_or(default))
+}
+
 /// Profiles (`GET /profiles`) as a table.
 pub fn profiles_table(v: &Value) -> String {
     let mut out = format!("{:<28} {:<9} {:>5}  {}\n", "NAME", "SOURCE", "RULES", "DESCRIPTION");
@@ -303,16 +541,27 @@ pub fn profiles_table(v: &Value) -> String {
         }
         out.push_str(&format!(
             "{:<28} {:<9} {:>5}  {}\n",
-            p["name"].as_str().unwrap_or(""),
-            p["source"].as_str().unwrap_or(""),
+            cell(&p["name"], ""),
+            cell(&p["source"], ""),
             rules,
-            about
+            escaped(&about)
         ));
     }
     out
 }
 
+/// `rule=count,…` of a record's `faults` object, escaped.
+fn fault_counts(faults: &Value) -> Vec<String> {
+    faults
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(rule, n)| format!("{}={}", escaped(rule), escaped(&n.to_string())))
+        .collect()
+}
+
 /// Connections as a table: their state (for closed ones, how and why they closed) and faults.
+/// Client ids and every other text are escaped.
 pub fn connections_table(v: &Value) -> String {
     let mut out = format!(
         "{:<6} {:<10} {:<24} {:<34} {:<5} {:<14} {:>8} {:>10} {:>10}  {:<16} {}\n",
@@ -330,25 +579,21 @@ pub fn connections_table(v: &Value) -> String {
     );
     for c in v.as_array().into_iter().flatten() {
         let ka = |k: &str| c["keep_alive"][k].as_u64().map_or("-".to_string(), |n| n.to_string());
-        let faults: Vec<String> =
-            c["faults"].as_object().into_iter().flatten().map(|(rule, n)| format!("{rule}={n}")).collect();
-        let own: Vec<&str> =
-            c["local_rules"].as_array().into_iter().flatten().filter_map(|r| r["name"].as_str()).collect();
+        let own: Vec<_> =
+            c["local_rules"].as_array().into_iter().flatten().map(|r| cell(&r["name"], "?")).collect();
         let close = &c["close"];
         let state = match (c["state"].as_str().unwrap_or("-"), c["state_detail"].as_str()) {
-            ("closed", _) => format!(
-                "closed: {} by {}",
-                close["cause"].as_str().unwrap_or("-"),
-                close["closed_by"].as_str().unwrap_or("-")
-            ),
-            (state, Some(detail)) => format!("{state}: {detail}"),
-            (state, None) => state.to_string(),
+            ("closed", _) => {
+                format!("closed: {} by {}", cell(&close["cause"], "-"), cell(&close["closed_by"], "-"))
+            }
+            (state, Some(detail)) => format!("{}: {}", escaped(state), escaped(detail)),
+            (state, None) => escaped(state).into_owned(),
         };
         out.push_str(&format!(
             "{:<6} {:<10} {:<24} {:<34} {:<5} {:<14} {:>8.1} {:>10} {:>10}  {:<16} {}\n",
             c["id"].as_u64().unwrap_or(0),
-            c["route"].as_str().unwrap_or(""),
-            c["client_id"].as_str().unwrap_or("-"),
+            cell(&c["route"], ""),
+            cell(&c["client_id"], "-"),
             state,
             c["protocol"].as_u64().map_or("-".to_string(), |p| p.to_string()),
             format!("{}/{}/{}", ka("requested"), ka("broker_enforced"), ka("client_enforced")),
@@ -356,7 +601,7 @@ pub fn connections_table(v: &Value) -> String {
             c["client_to_broker"]["bytes"].as_u64().unwrap_or(0),
             c["broker_to_client"]["bytes"].as_u64().unwrap_or(0),
             if own.is_empty() { "-".to_string() } else { own.join(",") },
-            faults.join(","),
+            fault_counts(&c["faults"]).join(","),
         ));
     }
     out
@@ -364,7 +609,7 @@ pub fn connections_table(v: &Value) -> String {
 
 /// The rules in force as a table.
 pub fn rules_table(v: &Value) -> String {
-    let mut out = format!("profile: {}\n", v["profile"].as_str().unwrap_or("(none)"));
+    let mut out = format!("profile: {}\n", cell(&v["profile"], "(none)"));
     out.push_str(&format!(
         "{:<28} {:<18} {:<17} {:<20} {:<8} {:<8}\n",
         "NAME", "ACTION", "DIRECTION", "PACKETS", "AFTER", "DURATION"
@@ -375,15 +620,44 @@ pub fn rules_table(v: &Value) -> String {
             .map_or("all".to_string(), |p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","));
         out.push_str(&format!(
             "{:<28} {:<18} {:<17} {:<20} {:<8} {:<8}\n",
-            r["name"].as_str().unwrap_or(""),
-            r["action"].as_str().unwrap_or(""),
-            r["direction"].as_str().unwrap_or("both"),
-            packets,
-            r["after"].as_str().unwrap_or("0s"),
-            r["duration"].as_str().unwrap_or("-"),
+            cell(&r["name"], ""),
+            cell(&r["action"], ""),
+            cell(&r["direction"], "both"),
+            escaped(&packets),
+            cell(&r["after"], "0s"),
+            cell(&r["duration"], "-"),
         ));
     }
     out
+}
+
+/// What `PUT /profile` replaced (its answer's `replaced`): a line saying which rules the
+/// activation removed, or `None` when there were none (or the proxy does not say).
+pub fn replaced_line(v: &Value) -> Option<String> {
+    let names: Vec<_> = v["replaced"]["rules"].as_array()?.iter().map(|n| cell(n, "?")).collect();
+    if names.is_empty() {
+        return None;
+    }
+    let from = match v["replaced"]["profile"].as_str() {
+        Some(p) => format!(" (profile {} and any added since)", escaped(p)),
+        None => String::new(),
+    };
+    Some(format!(
+        "removed the {} global rule{} in force before{from}: {}; connections' own rules are kept\n",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    ))
+}
+
+/// Whether an answer has the shape its table needs: a list (`connections`, `profiles`) or an
+/// object (`rules`, `summary`, …); `what` names it for the error.
+pub fn expect_shape(reply: &Reply, v: &Value, list: bool, what: &str) -> Result<(), String> {
+    let fits = if list { v.is_array() } else { v.is_object() };
+    if fits {
+        return Ok(());
+    }
+    Err(format!("the admin API at {} answered {} with JSON that is not {what}", reply.url, reply.status))
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).
@@ -400,16 +674,62 @@ pub fn percent_encode(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The events `feed` yields for `chunks` fed one after the other.
+    fn events_of(chunks: &[&[u8]]) -> Result<Vec<(String, String)>, String> {
+        let mut parser = EventStream::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let flow = parser.feed(chunk, |k, d| {
+                out.push((k.to_string(), d.to_string()));
+                ControlFlow::Continue(())
+            })?;
+            assert!(flow.is_continue());
+        }
+        Ok(out)
+    }
+
     #[test]
-    fn parses_length_and_chunked_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "{}"));
-        let r = parse_response(
-            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.body.as_str()), (404, "abcde"));
-        assert!(parse_response(b"garbage").is_err());
+    fn server_sent_events_split_anywhere_and_any_line_ending() {
+        let one = |k: &str, d: &str| (k.to_string(), d.to_string());
+        let stream: &[u8] =
+            b":\n\nevent: connect\ndata: {\"a\":1}\n\nevent:closed\r\ndata:x\r\ndata: y\r\n\r\ndata: z\r\r";
+        let expected = vec![one("connect", "{\"a\":1}"), one("closed", "x\ny"), one("message", "z")];
+        assert_eq!(events_of(&[stream]).unwrap(), expected);
+        // Byte by byte: a CR LF split between two reads is one line end, not two.
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(events_of(&bytes).unwrap(), expected);
+    }
+
+    #[test]
+    fn an_event_line_or_an_event_over_the_limit_is_an_error() {
+        let long = vec![b'x'; EVENT_LIMIT / 2 + 1];
+        let e = events_of(&[b"data: ", &long, &long]).unwrap_err();
+        assert!(e.contains("event line over ctl's 1 MiB limit"), "{e}");
+        let line = [b"data: ".as_slice(), &long, b"\n"].concat();
+        let e = events_of(&[&line, &line]).unwrap_err();
+        assert!(e.contains("an event over ctl's 1 MiB limit"), "{e}");
+        // Up to the limit is fine.
+        assert_eq!(events_of(&[&line, b"\n"]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn text_from_the_api_is_escaped_in_tables_and_event_lines() {
+        let hostile = "dev\n\u{1b}[31mred";
+        let record = serde_json::json!([{"id": 1, "client_id": hostile, "route": "r\u{7}",
+            "state": "closed", "close": {"cause": "x\ry", "closed_by": "client"},
+            "local_rules": [{"name": "a\u{202e}b"}], "faults": {"f\n": 1}}]);
+        let table = connections_table(&record);
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(!table.contains('\u{1b}') && !table.contains('\r') && !table.contains('\u{7}'), "{table}");
+        assert!(
+            table.contains(r"dev\n\u{1b}[31mred")
+                && table.contains(r"a\u{202e}b")
+                && table.contains(r"f\n=1")
+        );
+        let event = serde_json::json!({"conn": 1, "client_id": hostile, "protocol": 4});
+        let line = event_line("connect", &event);
+        assert_eq!(line, r"conn 1 (dev\n\u{1b}[31mred) CONNECT protocol 4 Keep Alive - (forwarded -)");
+        assert!(!event_line("odd\u{1b}", &event).contains('\u{1b}'));
     }
 
     #[test]

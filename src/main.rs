@@ -9,7 +9,9 @@ use clap::Parser;
 use mqtt_chaos::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, LogFormat, ProbeArgs, ProxyArgs};
 use mqtt_chaos::fault::profile;
 use mqtt_chaos::server::Proxy;
+use mqtt_chaos::text;
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
@@ -39,38 +41,64 @@ fn main() -> ExitCode {
         Command::Probe(args) => runtime.block_on(probe(*args)),
         Command::Profiles(args) => {
             let listing = mqtt_chaos::fault::profile::listing(&args.profiles_dir);
-            if args.json {
-                println!("{listing}");
-            } else {
-                print!("{}", mqtt_chaos::ctl::profiles_table(&listing));
-            }
-            ExitCode::SUCCESS
+            let text =
+                if args.json { format!("{listing}\n") } else { mqtt_chaos::ctl::profiles_table(&listing) };
+            output_done(write_out(&text))
         }
     }
+}
+
+/// Writes `text` to stdout (flushed). A closed pipe (`ctl … | head`) is an error of kind
+/// `BrokenPipe`, which [`output_done`] takes as a quiet end.
+fn write_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// The exit code once the output is written: a reader that went away (a closed pipe) ends the
+/// command quietly, any other write error is said.
+fn output_done(written: std::io::Result<()>) -> ExitCode {
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            say(&format!("cannot write the output: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// An error on stderr, never a panic (stderr may be a closed pipe too).
+fn say(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "mqtt-chaos: {message}");
 }
 
 /// `mqtt-chaos ctl …`: one admin API request, printed as a table or JSON.
 async fn ctl(args: CtlArgs) -> ExitCode {
     use mqtt_chaos::ctl;
     let client = match ctl::Client::new(&args.admin, args.admin_token.clone()) {
-        Ok(c) => c,
+        Ok(c) => c.with_timeout(args.timeout).with_max_answer(args.max_answer),
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e);
             return ExitCode::from(2);
         }
     };
     let json = Some("application/json");
+    let segment = ctl::percent_encode;
     let request = match &args.command {
         CtlCommand::Connections { closed } => {
             let path = if *closed { "/connections?state=closed" } else { "/connections" };
             Ok(("GET", path.to_string(), None, Vec::new()))
         }
         CtlCommand::Kill { id, how } => {
-            Ok(("DELETE", format!("/connections/{id}?how={how}"), None, Vec::new()))
+            Ok(("DELETE", format!("/connections/{id}?how={}", segment(how)), None, Vec::new()))
         }
         CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
         CtlCommand::Add { rule, conn } => return ctl_add(&client, rule, *conn, args.json).await,
-        CtlCommand::Watch { conn, client_id } => {
+        CtlCommand::Watch { conn, client_id, max_silence } => {
             let mut query = Vec::new();
             if let Some(id) = conn {
                 query.push(format!("conn={id}"));
@@ -81,29 +109,42 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
             let json = args.json;
             let admin = args.admin.clone();
+            let mut written = Ok(());
             let watched = client
                 .watch(
                     &query,
-                    || eprintln!("watching the events of {admin} (Ctrl-C to stop)"),
-                    |kind, data| {
-                        if json {
-                            println!("{{\"event\":\"{kind}\",\"data\":{data}}}");
+                    *max_silence,
+                    || {
+                        use std::io::Write;
+                        let note =
+                            format!("watching the events of {} (Ctrl-C to stop)", text::escaped(&admin));
+                        let _ = writeln!(std::io::stderr(), "{note}");
+                    },
+                    |kind, value, data| {
+                        let line = if json {
+                            // The data exact; a newline between JSON tokens (data of several
+                            // lines) is a space, so each event stays one line.
+                            let kind = serde_json::Value::from(kind);
+                            format!("{{\"event\":{kind},\"data\":{}}}\n", data.replace('\n', " "))
                         } else {
                             let at = humantime::format_rfc3339_millis(std::time::SystemTime::now());
-                            println!("{at} {}", ctl::event_line(kind, data));
-                        }
+                            format!("{at} {}\n", ctl::event_line(kind, value))
+                        };
+                        written = write_out(&line);
+                        if written.is_ok() { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
                     },
                 )
                 .await;
             return match watched {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => output_done(written),
                 Err(e) => {
-                    eprintln!("mqtt-chaos: {e}");
+                    say(&e);
                     ExitCode::from(1)
                 }
             };
         }
         CtlCommand::Remove { name, conn } => {
+            let name = segment(name);
             let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
             Ok(("DELETE", path, None, Vec::new()))
         }
@@ -124,79 +165,108 @@ async fn ctl(args: CtlArgs) -> ExitCode {
     let (method, path, content_type, body) = match request {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e);
             return ExitCode::from(2);
         }
     };
     let reply = match client.request(method, &path, content_type, &body).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e);
             return ExitCode::from(1);
         }
     };
     if !(200..300).contains(&reply.status) {
-        eprintln!("mqtt-chaos: {} ({})", reply.error(), reply.status);
+        say(&format!("{} ({})", reply.error(), reply.status));
         return ExitCode::from(1);
     }
+    // Every answer is JSON of a known shape; anything else (cut short, say) is an error.
+    let (list, what) = match &args.command {
+        CtlCommand::Connections { .. } => (true, "a list of connections"),
+        CtlCommand::Profiles => (true, "a list of profiles"),
+        CtlCommand::Rules | CtlCommand::Profile { .. } => (false, "the rules in force"),
+        CtlCommand::Summary => (false, "a summary"),
+        _ => (false, "an object"),
+    };
+    let value = match reply.json().and_then(|v| ctl::expect_shape(&reply, &v, list, what).map(|()| v)) {
+        Ok(v) => v,
+        Err(e) => {
+            say(&e);
+            return ExitCode::from(1);
+        }
+    };
     if args.json {
-        println!("{}", reply.body);
-        return ExitCode::SUCCESS;
+        return output_done(write_out(&format!("{}\n", reply.body)));
     }
-    let value = reply.json().unwrap_or_default();
-    match &args.command {
-        CtlCommand::Connections { .. } => print!("{}", ctl::connections_table(&value)),
-        CtlCommand::Rules | CtlCommand::Profile { .. } => print!("{}", ctl::rules_table(&value)),
-        CtlCommand::Kill { id, how } => println!("closed connection {id} ({how})"),
+    let text = match &args.command {
+        CtlCommand::Connections { .. } => ctl::connections_table(&value),
+        CtlCommand::Rules => ctl::rules_table(&value),
+        CtlCommand::Profile { .. } => {
+            ctl::rules_table(&value) + &ctl::replaced_line(&value).unwrap_or_default()
+        }
+        CtlCommand::Kill { id, how } => format!("closed connection {id} ({})\n", text::escaped(how)),
         CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
-        CtlCommand::Profiles => print!("{}", ctl::profiles_table(&value)),
-        CtlCommand::Summary => print!("{}", mqtt_chaos::summary::text(&value)),
+        CtlCommand::Profiles => ctl::profiles_table(&value),
+        CtlCommand::Summary => mqtt_chaos::summary::text(&value),
         CtlCommand::Watch { .. } => unreachable!("handled above"),
-        CtlCommand::Remove { name, conn: None } => println!("removed rule {name}"),
-        CtlCommand::Remove { name, conn: Some(id) } => println!("removed rule {name} from connection {id}"),
-        CtlCommand::Reset => println!(
-            "all rules removed ({} global, {} of single connections)",
+        CtlCommand::Remove { name, conn: None } => format!("removed rule {}\n", text::escaped(name)),
+        CtlCommand::Remove { name, conn: Some(id) } => {
+            format!("removed rule {} from connection {id}\n", text::escaped(name))
+        }
+        CtlCommand::Reset => format!(
+            "all rules removed ({} global, {} of single connections)\n",
             value["removed"]["global"].as_u64().unwrap_or(0),
             value["removed"]["local"].as_u64().unwrap_or(0)
         ),
-    }
-    ExitCode::SUCCESS
+    };
+    output_done(write_out(&text))
 }
 
 /// `ctl add`: one request per rule, in order; stops at the first refusal (exit 1, saying how
-/// many were added before it).
+/// many were added before it). A closed stdout does not stop the adding.
 async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>, json: bool) -> ExitCode {
     let bodies = match mqtt_chaos::ctl::rule_bodies(rule) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e);
             return ExitCode::from(2);
         }
     };
     let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
+    let mut written = Ok(());
     for (added, body) in bodies.iter().enumerate() {
+        let before = if added > 0 { format!(" (after adding {added})") } else { String::new() };
         let reply = match client.request("POST", &path, Some("application/json"), body).await {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("mqtt-chaos: {e}");
+                say(&format!("{e}{before}"));
                 return ExitCode::from(1);
             }
         };
         if !(200..300).contains(&reply.status) {
-            let before = if added > 0 { format!(" (after adding {added})") } else { String::new() };
-            eprintln!("mqtt-chaos: {} ({}){before}", reply.error(), reply.status);
+            say(&format!("{} ({}){before}", reply.error(), reply.status));
             return ExitCode::from(1);
         }
-        let value = reply.json().unwrap_or_default();
-        match conn {
-            _ if json => println!("{}", reply.body),
-            None => println!("added rule {}", value["name"].as_str().unwrap_or("")),
-            Some(id) => {
-                println!("added rule {} to connection {id}", value["rule"]["name"].as_str().unwrap_or(""))
+        let value = match reply.json() {
+            Ok(v) => v,
+            Err(e) => {
+                say(&format!("{e}{before}"));
+                return ExitCode::from(1);
             }
+        };
+        let line = match conn {
+            _ if json => format!("{}\n", reply.body),
+            None => format!("added rule {}\n", text::escaped(value["name"].as_str().unwrap_or(""))),
+            Some(id) => format!(
+                "added rule {} to connection {id}\n",
+                text::escaped(value["rule"]["name"].as_str().unwrap_or(""))
+            ),
+        };
+        if written.is_ok() {
+            written = write_out(&line);
         }
     }
-    ExitCode::SUCCESS
+    output_done(written)
 }
 
 /// `mqtt-chaos check FILE…`: every profile is loaded and validated; all errors are reported.

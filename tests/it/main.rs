@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod ctl;
 mod dashboard;
 mod faults;
 mod hardening;
