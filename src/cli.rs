@@ -372,7 +372,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// How long dialing the broker may take before the client is closed.
+    /// How long each side's setup may take before the client is closed: the client's TLS and
+    /// WebSocket handshakes together; the dial, TLS and WebSocket handshakes to the broker together.
     #[arg(long, env = "MQTT_CHAOS_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 

@@ -254,7 +254,7 @@ impl Monitor {
 
     fn observed(&mut self, w: ExpectedWill, at: Instant) {
         let delay = at.saturating_duration_since(w.closed_at).as_secs_f64();
-        debug!(conn = w.conn_id, topic = %w.topic(), delay_s = delay, "Will observed");
+        debug!(conn = w.conn_id, topic = w.topic(), delay_s = delay, "Will observed");
         w.settle(&self.registry, WillOutcome::Observed, Some(delay));
     }
 
@@ -265,13 +265,16 @@ impl Monitor {
         for w in due {
             let outcome = match &w.watched_by {
                 Some(by) => {
-                    info!(conn = w.conn_id, topic = %w.topic(), watched_by = %by,
+                    info!(conn = w.conn_id, topic = w.topic(), watched_by = %by,
                         "expected Will not seen, although it was watched");
                     WillOutcome::Missing
                 }
                 None => {
-                    info!(conn = w.conn_id, topic = %w.topic(),
-                        "Will not seen, and nothing could have seen it: no subscription through the proxy matched its topic and the Will observer was not watching it (--observe-wills)");
+                    info!(
+                        conn = w.conn_id,
+                        topic = w.topic(),
+                        "Will not seen, and nothing could have seen it: no subscription through the proxy matched its topic and the Will observer was not watching it (--observe-wills)"
+                    );
                     WillOutcome::Unobservable
                 }
             };

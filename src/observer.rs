@@ -243,7 +243,21 @@ impl Observer {
     }
 
     /// One connection attempt: connect, CONNECT, and SUBSCRIBE every wanted topic. `None`: stopped.
+    /// With `auto` not settled yet, a broker that refuses MQTT 5 is asked again at once in
+    /// 3.1.1: that fallback is the plan, not a failure.
     async fn connect(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, String>> {
+        match self.attempt(stop).await? {
+            Err(e) if !self.settled && self.v5 => {
+                info!(route = %self.route.name, answer = e.as_str(),
+                    "the upstream refused the Will observer's MQTT 5 CONNECT; trying MQTT 3.1.1");
+                self.v5 = false;
+                self.attempt(stop).await
+            }
+            result => Some(result),
+        }
+    }
+
+    async fn attempt(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, String>> {
         let route = self.route.clone();
         let dial = Dial {
             addr: &route.upstream,
@@ -376,7 +390,7 @@ impl Observer {
                             self.route.observer.subscribed(&topic);
                         }
                     }
-                    code => warn!(route = %self.route.name, topic = %topic,
+                    code => warn!(route = %self.route.name, topic = &*topic,
                         code = format!("{:#04x}", code.copied().unwrap_or_default()),
                         "the broker refused the Will observer's subscription; Wills on this topic are seen only through the proxy"),
                 }

@@ -116,7 +116,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut pump = Pump {
-        inspector: Inspector { ctx, dir, first: true, raw: false },
+        inspector: Inspector { ctx, dir, first: true, raw: false, close_to_announce: false },
         splitter: Splitter::with_limits(ctx.settings.max_buffered_packet, ctx.settings.max_connect_packet),
         buf: Vec::new(),
         start: 0,
@@ -301,6 +301,21 @@ impl Pump<'_> {
         let now = Instant::now();
         let mut batch = Batch::default();
         let (cursor, outcome) = self.decide(now, &mut batch);
+        let written = self.write_out(writer).await;
+        let conn = &self.inspector.ctx.conn;
+        if batch.bytes > 0 && written.is_ok() {
+            conn.commit(self.inspector.dir, &batch, Instant::now());
+        }
+        if std::mem::take(&mut self.inspector.close_to_announce) {
+            conn.announce_close();
+        }
+        written?;
+        self.start = cursor;
+        outcome
+    }
+
+    /// Writes what the decide phase chose: runs of forwarded packets, one write each.
+    async fn write_out<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> Result<(), PumpEnd> {
         let wrote = !self.out.is_empty();
         for out in self.out.drain(..) {
             let bytes = match &out {
@@ -313,11 +328,7 @@ impl Pump<'_> {
             // A no-op on TCP; TLS may hold records back until flushed.
             writer.flush().await.map_err(PumpEnd::WriteError)?;
         }
-        if batch.bytes > 0 {
-            self.inspector.ctx.conn.commit(self.inspector.dir, &batch, Instant::now());
-        }
-        self.start = cursor;
-        outcome
+        Ok(())
     }
 
     /// The decide phase of [`Pump::forward`]: fills `self.out`, returns how far the buffer was
@@ -502,6 +513,10 @@ struct Inspector<'a> {
     first: bool,
     /// The direction is relayed raw (its bytes stopped being MQTT).
     raw: bool,
+    /// A DISCONNECT in the batch being decided closed the connection: the close is recorded
+    /// now (it is the first), announced once the batch it ends is written and counted, so the
+    /// close line's byte counts include it.
+    close_to_announce: bool,
 }
 
 impl Inspector<'_> {
@@ -582,8 +597,14 @@ impl Inspector<'_> {
                 let will_watch = connect.will.as_ref().map(|w| self.ctx.registry.watch_topic(&w.topic));
                 conn.on_connect(&connect, forwarded, will_watch);
                 self.ctx.registry.on_connect(conn);
-                debug!(conn = conn.id, client_id = %connect.client_id, protocol = level,
-                    keep_alive = connect.keep_alive, will = connect.will.is_some(), "CONNECT");
+                debug!(
+                    conn = conn.id,
+                    client_id = &*connect.client_id,
+                    protocol = level,
+                    keep_alive = connect.keep_alive,
+                    will = connect.will.is_some(),
+                    "CONNECT"
+                );
                 self.emit(|| Event::Connect(conn.clone()));
                 self.ctx.conn.wake();
             }
@@ -622,7 +643,8 @@ impl Inspector<'_> {
                     debug!(conn = conn.id, direction = %dir, error = %e, "DISCONNECT could not be decoded");
                     None
                 });
-                conn.note_close(dir.sender(), CloseHow::Disconnect, reason, None, now);
+                self.close_to_announce |=
+                    conn.record_close(dir.sender(), CloseHow::Disconnect, reason, None, now);
                 conn.route.metrics.on_disconnect(dir, reason.map_or("none", reason_name));
             }
             (Direction::BrokerToClient, PacketType::Pingresp) => conn.on_pingresp(now),

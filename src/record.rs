@@ -676,10 +676,29 @@ impl Connection {
         Some(gap.as_secs_f64() / f64::from(keep_alive))
     }
 
-    /// Records the first close seen on this connection; later ones are ignored (the first
-    /// tells who noticed first). Returns whether this one was the first.
+    /// Records the first close seen on this connection and announces it (log line, event);
+    /// later ones are ignored (the first tells who noticed first). Returns whether this one
+    /// was the first.
     pub(crate) fn note_close(
         self: &Arc<Self>,
+        closed_by: Side,
+        how: CloseHow,
+        disconnect_reason: Option<u8>,
+        reason: Option<String>,
+        at: Instant,
+    ) -> bool {
+        let first = self.record_close(closed_by, how, disconnect_reason, reason, at);
+        if first {
+            self.announce_close();
+        }
+        first
+    }
+
+    /// [`Connection::note_close`] without the announcement, for a close seen in the middle of
+    /// a batch: its caller announces it ([`Connection::announce_close`]) once the batch is
+    /// counted, so the close line counts the batch's bytes.
+    pub(crate) fn record_close(
+        &self,
         closed_by: Side,
         how: CloseHow,
         disconnect_reason: Option<u8>,
@@ -735,11 +754,15 @@ impl Connection {
                 keep_alive_enforced,
             });
         }
+        true
+    }
+
+    /// Logs the first close and tells the registry (the `Closed` event).
+    pub(crate) fn announce_close(self: &Arc<Self>) {
         self.log_close();
         if let Some(registry) = self.registry.upgrade() {
             registry.on_first_close(self);
         }
-        true
     }
 
     /// The connection's first close line: who closed, how, why, after what silence, with the
@@ -751,12 +774,14 @@ impl Connection {
             conn = s.id,
             route = %s.route,
             client = %s.client_addr,
-            client_id = %s.client_id.as_deref().unwrap_or(""),
+            // Peer input is recorded as a string: the text log quotes and escapes it (no forged
+            // lines, no escape sequences), the JSON log keeps it exact.
+            client_id = s.client_id.as_deref().unwrap_or(""),
             protocol = s.protocol.map(|p| p.level()).unwrap_or(0),
             closed_by = %close.closed_by.as_str(),
             how = %close.how.as_str(),
             cause = %close.cause.as_str(),
-            reason = %close.reason.as_deref().unwrap_or("-"),
+            reason = close.reason.as_deref().unwrap_or("-"),
             silence_s = close.silence_s.map(round3),
             silence_ratio = close.silence_ratio.map(round3),
             keep_alive = close.keep_alive_enforced,

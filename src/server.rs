@@ -364,14 +364,23 @@ fn scrape_time(
     }
 }
 
-/// Dials a route's upstream once at start and logs the result: brokers often start late in
-/// staging, so an unreachable one is a warning, not a failure (`/readyz` reports it).
+/// Reaches a route's upstream once at start, over its whole transport (the TLS and WebSocket
+/// handshakes included: a bare TCP connect would make the broker log, and count, a failed
+/// handshake), closes cleanly and logs the result: brokers often start late in staging, so an
+/// unreachable one is a warning, not a failure (`/readyz` reports it).
 async fn probe_upstream(route: Arc<Route>, within: Duration) {
-    let dial = tokio::time::timeout(within, tokio::net::TcpStream::connect(route.upstream.as_str())).await;
-    let result = match dial {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {}", humantime::format_duration(within))),
+    let dial = crate::client::Dial {
+        addr: &route.upstream,
+        tls: route.tls.upstream.as_deref(),
+        ws_path: route.upstream_ws.as_deref(),
+    };
+    let result = match dial.connect(within).await {
+        Ok(mut stream) => {
+            // close_notify under TLS, a Close frame on a WebSocket, then the FIN.
+            let _ = tokio::time::timeout(within, tokio::io::AsyncWriteExt::shutdown(&mut stream)).await;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
     };
     match &result {
         Ok(()) => info!(route = %route.name, upstream = %route.upstream, "upstream reachable"),

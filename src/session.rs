@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 /// Runs one connection to its end. However the session ends — it returns, its task is dropped,
@@ -66,12 +66,15 @@ async fn serve(ctx: Ctx, client: TcpStream) {
     if let Err(e) = client.set_nodelay(true) {
         debug!(conn = conn.id, error = %e, "TCP_NODELAY on the client socket failed");
     }
+    // `--connect-timeout` bounds each side's whole setup: the client's TLS and WebSocket
+    // handshakes together; the dial, TLS and WebSocket handshakes towards the broker together.
+    let client_deadline = Instant::now() + ctx.settings.connect_timeout;
     let client = match &route.tls.listen {
         None => {
             conn.set_transport(Side::Client, SideTransport::tcp());
             Stream::Tcp(client)
         }
-        Some(tls) => match unless_cancelled(&ctx, accept_tls(&ctx, tls, client)).await {
+        Some(tls) => match unless_cancelled(&ctx, accept_tls(&ctx, tls, client, client_deadline)).await {
             Some(Some(stream)) => stream,
             _ => return,
         },
@@ -81,7 +84,9 @@ async fn serve(ctx: Ctx, client: TcpStream) {
         Some(path) => {
             let handshake =
                 crate::ws::accept(client, path, ctx.settings.ws_max_frame, Some(ctx.ws_held.clone()));
-            let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
+            let Some(handshake) =
+                unless_cancelled(&ctx, handshake_within(&ctx, client_deadline, handshake)).await
+            else {
                 return;
             };
             match handshake {
@@ -90,9 +95,19 @@ async fn serve(ctx: Ctx, client: TcpStream) {
                     Stream::Ws(Box::new(ws))
                 }
                 Err(e) => {
-                    let reason = crate::ws::handshake_failure_reason(&e);
+                    let Some(reason) = crate::ws::handshake_failure_reason(&e) else {
+                        debug!(conn = conn.id, error = %e, "the client left before its WebSocket request");
+                        conn.note_close(
+                            Side::Client,
+                            CloseHow::Fin,
+                            None,
+                            Some(e.to_string()),
+                            Instant::now(),
+                        );
+                        return;
+                    };
                     route.metrics.on_websocket_error(Side::Client, reason);
-                    info!(conn = conn.id, route = %route.name, client = %conn.client_addr, reason, error = %e,
+                    info!(conn = conn.id, route = %route.name, client = %conn.client_addr, reason, error = e.to_string().as_str(),
                         "WebSocket handshake with the client failed; closing it");
                     let why = format!("WebSocket handshake with the client failed: {e}");
                     conn.note_close(Side::Proxy, CloseHow::Error, None, Some(why), Instant::now());
@@ -101,7 +116,8 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             }
         }
     };
-    let dial = timeout(ctx.settings.connect_timeout, TcpStream::connect(route.upstream.as_str()));
+    let broker_deadline = Instant::now() + ctx.settings.connect_timeout;
+    let dial = timeout_at(broker_deadline, TcpStream::connect(route.upstream.as_str()));
     let broker = match unless_cancelled(&ctx, dial).await {
         Some(Ok(Ok(broker))) => broker,
         None => return,
@@ -123,7 +139,7 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             conn.set_transport(Side::Broker, SideTransport::tcp());
             Stream::Tcp(broker)
         }
-        Some(tls) => match unless_cancelled(&ctx, connect_tls(&ctx, tls, broker)).await {
+        Some(tls) => match unless_cancelled(&ctx, connect_tls(&ctx, tls, broker, broker_deadline)).await {
             Some(Ok(stream)) => stream,
             Some(Err(why)) => return upstream_failed(&ctx, client, why),
             None => return,
@@ -135,7 +151,9 @@ async fn serve(ctx: Ctx, client: TcpStream) {
             let tls = route.tls.upstream.is_some();
             let (max_frame, held) = (ctx.settings.ws_max_frame, Some(ctx.ws_held.clone()));
             let handshake = crate::ws::connect(broker, &route.upstream, path, tls, max_frame, held);
-            let Some(handshake) = unless_cancelled(&ctx, handshake_within(&ctx, handshake)).await else {
+            let Some(handshake) =
+                unless_cancelled(&ctx, handshake_within(&ctx, broker_deadline, handshake)).await
+            else {
                 return;
             };
             match handshake {
@@ -170,7 +188,7 @@ async fn unless_cancelled<T>(ctx: &Ctx, step: impl Future<Output = T>) -> Option
 /// The client's TLS handshake on a `mqtts` listener, within `--connect-timeout`. The ALPN
 /// protocol the client offers first is accepted (the broker behind may expect it); the SNI is
 /// recorded. A failure is one log line, a count by reason, and the close of this connection.
-async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Stream> {
+async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream, deadline: Instant) -> Option<Stream> {
     let conn = &ctx.conn;
     let started = Instant::now();
     let handshake = crate::tls_stream::accept(tcp, |_sni, alpn| match alpn.into_iter().next() {
@@ -181,7 +199,7 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
         }
         None => tls.config.clone(),
     });
-    let result = handshake_within(ctx, handshake).await;
+    let result = handshake_within(ctx, deadline, handshake).await;
     match result {
         Ok((stream, sni)) => {
             conn.route.metrics.on_tls_handshake(Side::Client, started.elapsed().as_secs_f64());
@@ -200,7 +218,7 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
         Err(e) => {
             let reason = crate::tls::failure_reason(&e);
             conn.route.metrics.on_tls_failure(Side::Client, reason);
-            info!(conn = conn.id, route = %conn.route.name, client = %conn.client_addr, reason, error = %e,
+            info!(conn = conn.id, route = %conn.route.name, client = %conn.client_addr, reason, error = e.to_string().as_str(),
                 "TLS handshake with the client failed; closing it");
             conn.note_close(
                 Side::Proxy,
@@ -214,12 +232,14 @@ async fn accept_tls(ctx: &Ctx, tls: &ServerSide, tcp: TcpStream) -> Option<Strea
     }
 }
 
-/// A handshake bounded by `--connect-timeout` (running out of time is a `TimedOut` error).
+/// A handshake bounded by its side's setup deadline (`--connect-timeout` from the start of that side's setup;
+/// running out of time is a `TimedOut` error).
 async fn handshake_within<T>(
     ctx: &Ctx,
+    deadline: Instant,
     handshake: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
-    timeout(ctx.settings.connect_timeout, handshake).await.unwrap_or_else(|_| {
+    timeout_at(deadline, handshake).await.unwrap_or_else(|_| {
         Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
@@ -229,11 +249,16 @@ async fn handshake_within<T>(
 
 /// The TLS handshake with the broker, within `--connect-timeout`. `Err` says why, for the
 /// upstream-failure path (the failure is also counted by reason).
-async fn connect_tls(ctx: &Ctx, tls: &ClientSide, tcp: TcpStream) -> Result<Stream, String> {
+async fn connect_tls(
+    ctx: &Ctx,
+    tls: &ClientSide,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Result<Stream, String> {
     let conn = &ctx.conn;
     let started = Instant::now();
     let handshake = crate::tls_stream::connect(tcp, tls.config.clone(), tls.server_name.clone());
-    let result = handshake_within(ctx, handshake).await;
+    let result = handshake_within(ctx, deadline, handshake).await;
     match result {
         Ok(stream) => {
             conn.route.metrics.on_tls_handshake(Side::Broker, started.elapsed().as_secs_f64());

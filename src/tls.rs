@@ -455,8 +455,16 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
             _ => "io",
         };
     };
-    use rustls::{CertificateError, Error};
+    use rustls::{CertificateError, Error, PeerIncompatible};
     match inner {
+        // No TLS version both speak: the proxy speaks 1.2 and 1.3. A TLS 1.0 or 1.1 hello is
+        // refused for the signature algorithms extension it cannot carry, before its version.
+        Error::PeerIncompatible(
+            PeerIncompatible::Tls12NotOffered
+            | PeerIncompatible::Tls12NotOfferedOrEnabled
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
+        ) => "protocol_version",
         Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
             "expired"
         }

@@ -706,4 +706,26 @@ mod tests {
         let e = accept(s, |_, _| server_config).await.err().expect("HTTP is not TLS");
         assert_eq!(crate::tls::failure_reason(&e), "not_tls", "{e}");
     }
+
+    /// A TLS 1.1 ClientHello (as an old device sends): version 3.2, one cipher suite
+    /// (TLS_RSA_WITH_AES_128_CBC_SHA), no extensions.
+    fn tls11_client_hello() -> Vec<u8> {
+        let mut hello = vec![0x03, 0x02];
+        hello.extend([0x11; 32]); // random
+        hello.extend([0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]); // no session id, suites, compression
+        let mut handshake = vec![0x01, 0x00, 0x00, hello.len() as u8];
+        handshake.extend(hello);
+        let mut record = vec![0x16, 0x03, 0x01, 0x00, handshake.len() as u8];
+        record.extend(handshake);
+        record
+    }
+
+    #[tokio::test]
+    async fn a_tls_1_1_client_is_refused_for_its_protocol_version() {
+        let (s, mut c) = tcp_pair().await;
+        c.write_all(&tls11_client_hello()).await.unwrap();
+        let (server_config, _) = configs();
+        let e = accept(s, |_, _| server_config).await.err().expect("TLS 1.1 is refused");
+        assert_eq!(crate::tls::failure_reason(&e), "protocol_version", "{e}");
+    }
 }

@@ -293,14 +293,16 @@ impl Violation {
     }
 }
 
-/// Why a WebSocket handshake with a client failed, for the metrics' `reason`.
-pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
-    match e.kind() {
+/// Why a WebSocket handshake with a client failed, for the metrics' `reason`; `None` when the
+/// client only closed before sending a whole request (a port or health check: not an error).
+pub fn handshake_failure_reason(e: &io::Error) -> Option<&'static str> {
+    Some(match e.kind() {
+        io::ErrorKind::UnexpectedEof => return None,
         io::ErrorKind::NotFound => "not_found",
         io::ErrorKind::InvalidData => "bad_request",
         io::ErrorKind::TimedOut => "timeout",
         _ => "handshake",
-    }
+    })
 }
 
 /// The subprotocols MQTT clients ask for, preferred first.
@@ -554,6 +556,13 @@ pub async fn accept(
         Ok(_) => {}
         Err(WsError::Http(_)) => {
             return Err(io::Error::new(io::ErrorKind::NotFound, "a WebSocket request for another path"));
+        }
+        // Closed before its request was complete: a port check or a health check, not an error.
+        Err(WsError::Protocol(ProtocolError::HandshakeIncomplete)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed before its WebSocket request was complete",
+            ));
         }
         Err(e) => {
             // Not a WebSocket upgrade (or a broken one): say so in HTTP, then close.
