@@ -74,14 +74,16 @@ pub struct ProbeArgs {
 
     /// The Keep Alive k the scenarios use, seconds (1–3600).
     #[arg(long, env = "MQTT_CHAOS_PROBE_KEEPALIVE", default_value_t = 2, value_name = "SECS")]
-    pub keepalive: u16,
+    pub keepalive: u64,
 
     /// Scenarios to run, comma-separated (default: all): keepalive, ping-resets, half-open,
     /// keepalive-zero, takeover, server-keepalive, will-delay, rewrite.
     #[arg(long, env = "MQTT_CHAOS_PROBE_SCENARIOS", value_name = "LIST")]
     pub scenarios: Option<String>,
 
-    /// Runs of each scenario (1–100), all at once; the report gives min/median/max.
+    /// Runs of each scenario (1–100); the report gives min/median/max. They overlap, their starts
+    /// spread over 6 s (run i starts frac(i × 0.618) × 6 s after the first) so that a broker's
+    /// coarse Keep Alive timer (mosquitto 2.0: every 6 s) is met in every phase.
     #[arg(long, env = "MQTT_CHAOS_PROBE_REPEAT", default_value_t = 1, value_name = "N")]
     pub repeat: u32,
 
@@ -180,7 +182,7 @@ impl ProbeArgs {
             username: self.username.clone(),
             password,
             protocols,
-            keepalive: self.keepalive,
+            keepalive: u16::try_from(self.keepalive).expect("checked: 1 to 3600"),
             scenarios,
             repeat: self.repeat,
             timeout: Duration::from_secs(self.timeout),

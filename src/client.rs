@@ -109,6 +109,8 @@ pub struct RawClient {
     splitter: Splitter,
     /// A DISCONNECT the broker sent (`Some(None)` before MQTT 5), kept for [`Ended::Fin`].
     disconnect: Option<Option<u8>>,
+    /// That DISCONNECT's Reason String (MQTT 5).
+    disconnect_reason_string: Option<String>,
     pub local: SocketAddr,
 }
 
@@ -123,6 +125,7 @@ impl RawClient {
             buf: Vec::with_capacity(512),
             splitter: Splitter::new(64 * 1024),
             disconnect: None,
+            disconnect_reason_string: None,
             local,
         })
     }
@@ -149,10 +152,26 @@ impl RawClient {
         deadline: Instant,
     ) -> std::io::Result<Handshake> {
         self.send(&connect.encode()).await?;
+        // The broker's first packet must be a CONNACK [MQTT-3.2.0-1]: a reply that is no MQTT at
+        // all (an HTTP or TLS server) or a CONNACK that cannot be one is told for what it is as
+        // soon as its first bytes arrive, instead of waiting for a CONNACK that will never come.
+        loop {
+            match first_reply(&self.buf, self.protocol, self.splitter.limit_for(PacketType::Connack)) {
+                FirstReply::NeedMore => {}
+                FirstReply::Mqtt => break,
+                FirstReply::Wrong(why) => return Err(invalid(why)),
+            }
+            match self.fill(deadline).await {
+                None => {}
+                Some(Next::Ended(e)) => return Ok(Handshake::Closed(e)),
+                Some(_) => return Ok(Handshake::Silent),
+            }
+        }
         loop {
             match self.next(deadline).await {
                 Next::Packet(h, frame) if h.packet_type == PacketType::Connack => {
-                    let connack = Connack::decode(&frame, &h, self.protocol).map_err(invalid)?;
+                    let connack = Connack::decode(&frame, &h, self.protocol)
+                        .map_err(|e| invalid(format!("malformed CONNACK: {e}")))?;
                     return Ok(if connack.code == 0 {
                         Handshake::Accepted(connack)
                     } else {
@@ -176,14 +195,30 @@ impl RawClient {
             if let Some(packet) = self.take_frame() {
                 return packet;
             }
-            let mut chunk = [0u8; 4096];
-            match timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => return Next::Quiet,
-                Ok(Ok(0)) => return Next::Ended(Ended::Fin { disconnect: self.disconnect }),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Ok(Err(_)) => return Next::Ended(Ended::Reset),
+            if let Some(end) = self.fill(deadline).await {
+                return end;
             }
         }
+    }
+
+    /// Reads what the broker sent into the buffer: `None` when bytes arrived, else how the
+    /// connection ended or [`Next::Quiet`] at `deadline`.
+    async fn fill(&mut self, deadline: Instant) -> Option<Next> {
+        let mut chunk = [0u8; 4096];
+        match timeout_at(deadline, self.stream.read(&mut chunk)).await {
+            Err(_) => Some(Next::Quiet),
+            Ok(Ok(0)) => Some(Next::Ended(Ended::Fin { disconnect: self.disconnect })),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                None
+            }
+            Ok(Err(_)) => Some(Next::Ended(Ended::Reset)),
+        }
+    }
+
+    /// The Reason String of the last DISCONNECT the broker sent (MQTT 5 property 0x1F).
+    pub fn disconnect_reason_string(&self) -> Option<&str> {
+        self.disconnect_reason_string.as_deref()
     }
 
     fn take_frame(&mut self) -> Option<Next> {
@@ -206,6 +241,7 @@ impl RawClient {
                 if h.packet_type == PacketType::Disconnect {
                     self.disconnect =
                         Some(Disconnect::decode(&frame, &h, self.protocol).ok().and_then(|d| d.reason));
+                    self.disconnect_reason_string = Disconnect::reason_string(&frame, &h, self.protocol);
                 }
                 Some(Next::Packet(h, frame))
             }
@@ -275,6 +311,130 @@ pub struct Pinging {
     pub ended: Option<(Instant, Ended)>,
 }
 
+/// What the front of a broker's reply to a CONNECT is.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstReply {
+    /// Too few bytes to tell.
+    NeedMore,
+    /// A CONNACK's fixed header (or an MQTT 5 DISCONNECT or AUTH): read on as MQTT.
+    Mqtt,
+    /// Not what an MQTT broker answers, in words (the broker's bytes escaped and shortened).
+    Wrong(String),
+}
+
+/// Judges the first bytes of the reply to a CONNECT: a CONNACK whose remaining length fits
+/// (at least its two bytes of flags and code, at most `max_connack` in all), or, from an MQTT 5
+/// broker, a DISCONNECT or AUTH; anything else is no CONNACK.
+fn first_reply(buf: &[u8], protocol: Protocol, max_connack: usize) -> FirstReply {
+    let Some(&first) = buf.first() else { return FirstReply::NeedMore };
+    match first >> 4 {
+        2 => match FrameHeader::parse(buf) {
+            Ok(None) => FirstReply::NeedMore,
+            Err(_) => FirstReply::Wrong(format!(
+                "malformed CONNACK: its remaining length runs over 4 bytes ({})",
+                shown(buf)
+            )),
+            Ok(Some(h)) if h.remaining_len < 2 => FirstReply::Wrong(format!(
+                "malformed CONNACK: remaining length {}, too short for its flags and code ({})",
+                h.remaining_len,
+                shown(buf)
+            )),
+            Ok(Some(h)) if h.frame_len() > max_connack => FirstReply::Wrong(format!(
+                "malformed CONNACK: remaining length {}, over the {max_connack} bytes a CONNACK may take here ({})",
+                h.remaining_len,
+                shown(buf)
+            )),
+            Ok(Some(_)) => FirstReply::Mqtt,
+        },
+        14 | 15 if protocol == Protocol::V5 => FirstReply::Mqtt,
+        _ => FirstReply::Wrong(format!("not MQTT: the reply starts with {}", shown(buf))),
+    }
+}
+
+/// The first bytes (`buf` is not empty) of a peer's reply for a message: as text in backticks,
+/// escaped ([`crate::text::escaped`]: `\r\n`), when they start with a printable character (a
+/// text protocol such as HTTP), else in hex; at most 24 bytes, `…` when there is more.
+fn shown(buf: &[u8]) -> String {
+    const MAX: usize = 24;
+    let head = &buf[..buf.len().min(MAX)];
+    let more = if buf.len() > MAX { "…" } else { "" };
+    if head[0].is_ascii_graphic() {
+        format!("`{}`{more}", crate::text::escaped(&String::from_utf8_lossy(head)))
+    } else {
+        let hex: Vec<String> = head.iter().map(|b| format!("{b:02x}")).collect();
+        format!("bytes {}{}", hex.join(" "), if more.is_empty() { "" } else { " …" })
+    }
+}
+
 fn invalid(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1024 * 1024;
+
+    #[test]
+    fn a_connack_header_reads_on_and_too_few_bytes_wait() {
+        assert_eq!(first_reply(&[], Protocol::V311, MAX), FirstReply::NeedMore);
+        assert_eq!(first_reply(&[0x20], Protocol::V311, MAX), FirstReply::NeedMore);
+        assert_eq!(first_reply(&[0x20, 0x02], Protocol::V311, MAX), FirstReply::Mqtt);
+        assert_eq!(first_reply(&[0x20, 0x80], Protocol::V5, MAX), FirstReply::NeedMore);
+        assert_eq!(first_reply(&[0x20, 0x09, 0, 0], Protocol::V5, MAX), FirstReply::Mqtt);
+        // MQTT 5 may close with DISCONNECT instead (read on: the refusal names its reason).
+        assert_eq!(first_reply(&[0xe0, 0x01, 0x82], Protocol::V5, MAX), FirstReply::Mqtt);
+    }
+
+    #[test]
+    fn an_http_answer_is_not_mqtt_and_shown_escaped_and_shortened() {
+        let FirstReply::Wrong(why) =
+            first_reply(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", Protocol::V311, MAX)
+        else {
+            panic!()
+        };
+        assert_eq!(why, "not MQTT: the reply starts with `HTTP/1.1 400 Bad Request`…");
+        let FirstReply::Wrong(why) = first_reply(b"HTTP/1.0 200\r\n\x1b[2J", Protocol::V5, MAX) else {
+            panic!()
+        };
+        assert_eq!(why, r"not MQTT: the reply starts with `HTTP/1.0 200\r\n\u{1b}[2J`");
+        let FirstReply::Wrong(why) = first_reply(b"SSH-2.0\r\n", Protocol::V5, MAX) else { panic!() };
+        assert_eq!(why, r"not MQTT: the reply starts with `SSH-2.0\r\n`");
+        // A TLS alert to a plain-text CONNECT.
+        let FirstReply::Wrong(why) =
+            first_reply(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46], Protocol::V5, MAX)
+        else {
+            panic!()
+        };
+        assert_eq!(why, "not MQTT: the reply starts with bytes 15 03 03 00 02 02 46");
+    }
+
+    #[test]
+    fn a_connack_of_an_impossible_length_is_malformed() {
+        let wrong = |buf: &[u8]| match first_reply(buf, Protocol::V5, MAX) {
+            FirstReply::Wrong(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            wrong(&[0x20, 0xff, 0xff, 0xff, 0x7f, 0]),
+            "malformed CONNACK: remaining length 268435455, over the 1048576 bytes a CONNACK may take here (bytes 20 ff ff ff 7f 00)"
+        );
+        assert!(
+            wrong(&[0x20, 0xff, 0xff, 0xff, 0xff, 0x01])
+                .starts_with("malformed CONNACK: its remaining length runs over 4 bytes")
+        );
+        assert!(wrong(&[0x20, 0x01, 0x00]).starts_with("malformed CONNACK: remaining length 1, too short"));
+    }
+
+    #[test]
+    fn a_disconnect_reason_string_is_read() {
+        let frame = [0xe0, 0x0a, 0x8d, 0x08, 0x1f, 0x00, 0x05, b'i', b'd', b'l', b'e', b'!'];
+        let h = FrameHeader::parse(&frame).unwrap().unwrap();
+        assert_eq!(Disconnect::reason_string(&frame, &h, Protocol::V5).as_deref(), Some("idle!"));
+        assert_eq!(Disconnect::reason_string(&frame, &h, Protocol::V311), None);
+        let short = [0xe0, 0x01, 0x8d];
+        let h = FrameHeader::parse(&short).unwrap().unwrap();
+        assert_eq!(Disconnect::reason_string(&short, &h, Protocol::V5), None);
+    }
 }

@@ -402,7 +402,8 @@ async fn probe(args: ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Output files are opened first: a path that cannot be written fails now, not after a minute.
+    // Output files are checked first: a path that cannot be written fails now, not after a
+    // minute. They are written only once there is a report (exit 2 leaves none behind).
     let mut outputs = Vec::new();
     for (flag, path, form) in [
         ("--json", &args.json, report::json as fn(&report::Report) -> String),
@@ -410,7 +411,7 @@ async fn probe(args: ProbeArgs) -> ExitCode {
         ("--markdown", &args.markdown, report::markdown),
     ] {
         if let Some(path) = path {
-            match std::fs::File::create(path) {
+            match report::OutputFile::check(path) {
                 Ok(file) => outputs.push((flag, path, file, form)),
                 Err(e) => {
                     eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
@@ -449,9 +450,8 @@ async fn probe(args: ProbeArgs) -> ExitCode {
         }
     };
     say(format!("\n{}", report::text(&report)));
-    for (flag, path, mut file, form) in outputs {
-        use std::io::Write;
-        if let Err(e) = file.write_all(form(&report).as_bytes()) {
+    for (flag, path, file, form) in outputs {
+        if let Err(e) = file.write(&form(&report)) {
             eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
             return ExitCode::from(2);
         }

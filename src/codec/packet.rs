@@ -466,6 +466,26 @@ impl Disconnect {
         }
         Ok(Disconnect { reason: Some(reason) })
     }
+
+    /// The Reason String (property 0x1F) of a complete MQTT 5 DISCONNECT frame, if it has a
+    /// well-formed one.
+    pub fn reason_string(frame: &[u8], header: &FrameHeader, protocol: Protocol) -> Option<String> {
+        if protocol != Protocol::V5 {
+            return None;
+        }
+        let mut r = Reader::new(frame, header, "DISCONNECT");
+        if r.remaining() < 2 {
+            return None;
+        }
+        r.u8().ok()?;
+        let mut found = None;
+        for prop in r.properties().ok()? {
+            if let (0x1f, PropValue::Bytes(b)) = prop.ok()? {
+                found = Some(String::from_utf8_lossy(b).into_owned());
+            }
+        }
+        found
+    }
 }
 
 impl Publish {

@@ -52,7 +52,17 @@ pub async fn watch(
     let mut c = RawClient::open(dial, protocol, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
     match c.handshake(&connect, deadline).await.map_err(|e| e.to_string())? {
         Handshake::Accepted(_) => {}
-        other => return Err(format!("the Will watcher's CONNECT was not accepted: {other:?}")),
+        other => {
+            let reason = match &other {
+                Handshake::Refused(c) => c.reason_string.as_deref().map(crate::text::escaped),
+                _ => None,
+            };
+            return Err(format!(
+                "the Will watcher's CONNECT was not accepted: {}{}",
+                super::scenario::refusal(&other),
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            ));
+        }
     }
     c.send(&encode::subscribe(protocol, 1, filter, 0)).await.map_err(|e| e.to_string())?;
     loop {

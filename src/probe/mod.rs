@@ -3,7 +3,8 @@
 //! It finds out which MQTT versions the broker accepts (a CONNECT straight to it), starts the
 //! proxy in process (the same [`Proxy`] as `mqtt-chaos proxy`) in front of it with one rule per
 //! scenario (matched by client id), subscribes a Will watcher straight to the broker, and runs
-//! every scenario × protocol × repeat at once with raw clients through the proxy. Closes are
+//! every scenario × protocol at once with raw clients through the proxy, the repeats of each
+//! starting spread over a broker's timer phase ([`stagger`]). Closes are
 //! read from the proxy's connection records, Wills from the watcher; [`judge`] turns them into
 //! verdicts, [`report`] into the table, Markdown, JSON and JUnit.
 //!
@@ -75,6 +76,9 @@ pub enum ProbeError {
     Unreachable { address: String, cause: String },
     #[error("the broker at {address} refused the probe: {how}")]
     Refused { address: String, how: String },
+    /// The reply to a CONNECT was no CONNACK (an HTTP or TLS server, a malformed CONNACK).
+    #[error("the broker at {address} gave no valid CONNACK to the MQTT {protocol} CONNECT: {what}")]
+    NotMqtt { address: String, protocol: &'static str, what: String },
     #[error("{0}")]
     Setup(String),
 }
@@ -131,7 +135,7 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
             (t, address, Some(embedded::IMPLEMENTATION.to_string()))
         }
     };
-    let run_id = run_id();
+    let run_id = run_id(&address);
     let prefix = format!("mcp{run_id}");
     let mut broker = Broker {
         address: address.clone(),
@@ -145,22 +149,29 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
     };
     let mut accepted = Vec::new();
     for &p in &opts.protocols {
-        match identify(opts.dial(&targets[&p]), p, opts, &prefix).await? {
+        match identify(opts.dial(&targets[&p]), p, opts, &prefix, &mut broker.reason_strings).await? {
             Ok(connack) => {
                 accepted.push(p);
                 broker.protocols.push(p.version());
                 if p == Protocol::V5 {
                     broker.server_keepalive = connack.server_keep_alive;
                     broker.assigned_client_id = connack.assigned_client_id;
-                    broker.reason_strings.extend(connack.reason_string);
+                    if let Some(r) = connack.reason_string {
+                        if !broker.reason_strings.contains(&r) {
+                            broker.reason_strings.push(r);
+                        }
+                    }
                 }
             }
             Err(how) => broker.refused.push(Refused { protocol: p.version(), how }),
         }
     }
     if accepted.is_empty() {
-        let how =
-            broker.refused.iter().map(|r| format!("MQTT {}: {}", r.protocol, r.how)).collect::<Vec<_>>();
+        let how = broker
+            .refused
+            .iter()
+            .map(|r| format!("MQTT {}: {}", r.protocol, crate::text::escaped(&r.how)))
+            .collect::<Vec<_>>();
         return Err(ProbeError::Refused { address, how: how.join("; ") });
     }
 
@@ -250,8 +261,11 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
             }
             let label = format!("{} (MQTT {})", s.id(), p.version());
             progress.start(&label);
-            let runs =
-                futures_util::future::join_all((1..=opts.repeat).map(|i| scenario::run(ctx, s, p, i))).await;
+            let runs = futures_util::future::join_all((1..=opts.repeat).map(|i| async move {
+                tokio::time::sleep(stagger(i - 1)).await;
+                scenario::run(ctx, s, p, i).await
+            }))
+            .await;
             let row = report::row(s, p, opts.keepalive, &tol, &runs);
             progress.finish(&label, row.verdict, &row.detail);
             row
@@ -280,6 +294,7 @@ pub async fn run(opts: &Options, progress: &Progress) -> Result<Report, ProbeErr
         results,
         summary,
         duration_s: (began.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        run_id,
     })
 }
 
@@ -289,11 +304,31 @@ pub fn exit_code(r: &Report) -> u8 {
     u8::from(r.results.iter().any(|row| failing(row.verdict)))
 }
 
-/// Four hex digits that keep this run's client ids and Will topics apart from other runs'.
-fn run_id() -> String {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    format!("{:04x}", (nanos ^ std::process::id().rotate_left(16)) & 0xffff)
+/// The longest a run waits before it starts: the repeats of a scenario start spread over this
+/// window, the period of the coarsest Keep Alive timer known (mosquitto 2.0 checks every 6 s,
+/// in whole seconds).
+pub const STAGGER_WINDOW: Duration = Duration::from_secs(6);
+
+/// When run `i` (from 0) of a scenario starts, after the first: `frac(i × φ)` (φ the golden
+/// ratio) of [`STAGGER_WINDOW`]. Run 0 starts at once (`--repeat 1` waits for nothing); the
+/// starts of any number of runs fall evenly over the window, and so over every phase of a
+/// broker's timer of up to 6 s, whole seconds included, instead of all in the same phase.
+pub fn stagger(i: u32) -> Duration {
+    const PHI_FRAC: f64 = 0.618_033_988_749_894_9;
+    STAGGER_WINDOW.mul_f64((f64::from(i) * PHI_FRAC).fract())
+}
+
+/// Twelve hex digits that keep this run's client ids and Will topics apart from every other
+/// probe's, even one started at the same instant against the same broker: the process id (two
+/// processes alive at once have different ones) and 24 bits of a hash of the clock, the
+/// broker's address and the process's random hash keys (for probes on other hosts).
+fn run_id(address: &str) -> String {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().hash(&mut h);
+    address.hash(&mut h);
+    std::process::id().hash(&mut h);
+    format!("{:06x}{:06x}", std::process::id() & 0xff_ffff, h.finish() & 0xff_ffff)
 }
 
 /// A CONNECT straight to the broker: `Ok(CONNACK)` if accepted, `Err(how)` if this version is
@@ -303,6 +338,7 @@ async fn identify(
     protocol: Protocol,
     opts: &Options,
     prefix: &str,
+    reason_strings: &mut Vec<String>,
 ) -> Result<Result<crate::codec::Connack, String>, ProbeError> {
     let within = opts.timeout.min(Duration::from_secs(10));
     // MQTT 5 with an empty client id shows the id the broker assigns; some refuse it (0x85).
@@ -318,10 +354,22 @@ async fn identify(
         let mut connect = ConnectSpec::new(protocol, client_id, opts.keepalive);
         connect.username.clone_from(&opts.username);
         connect.password.clone_from(&opts.password);
-        let h = c
-            .handshake(&connect, Instant::now() + within)
-            .await
-            .map_err(|e| ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() })?;
+        let h = c.handshake(&connect, Instant::now() + within).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                ProbeError::NotMqtt {
+                    address: addr.clone(),
+                    protocol: protocol.version(),
+                    what: e.to_string(),
+                }
+            } else {
+                ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() }
+            }
+        })?;
+        if let Some(r) = c.disconnect_reason_string() {
+            if !reason_strings.iter().any(|x| x == r) {
+                reason_strings.push(r.to_string());
+            }
+        }
         match h {
             Handshake::Accepted(connack) => {
                 c.disconnect().await;
@@ -339,7 +387,10 @@ async fn identify(
                         "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
                         protocol.version(),
                         connack.code,
-                        connack.reason_string.map(|r| format!(": {r}")).unwrap_or_default()
+                        connack
+                            .reason_string
+                            .map(|r| format!(": {}", crate::text::escaped(&r)))
+                            .unwrap_or_default()
                     ),
                 });
             }
@@ -390,6 +441,40 @@ mod tests {
     }
 
     #[test]
+    fn repeats_start_spread_over_every_phase_of_a_six_second_timer() {
+        assert_eq!(stagger(0), Duration::ZERO, "--repeat 1 waits for nothing");
+        for n in 2..=100u32 {
+            let starts: Vec<f64> = (0..n).map(|i| stagger(i).as_secs_f64()).collect();
+            assert!(starts.iter().all(|&s| (0.0..6.0).contains(&s)), "{n}: {starts:?}");
+            // The largest gap between starts on the 6 s circle, and on a whole-second one (a
+            // broker that rounds to whole seconds): none is left unvisited for long.
+            for period in [6.0, 1.0] {
+                let mut phases: Vec<f64> = starts.iter().map(|s| s % period).collect();
+                phases.sort_by(f64::total_cmp);
+                let wrap = period - phases[phases.len() - 1] + phases[0];
+                let widest = phases.windows(2).map(|w| w[1] - w[0]).fold(wrap, f64::max);
+                let runs = if period == 6.0 { n } else { n.min(6) };
+                assert!(widest <= 2.7 * period / f64::from(runs), "{n} runs, period {period}: gap {widest}");
+            }
+        }
+        // Three runs against mosquitto's 6 s check: three different phases, over 1 s apart.
+        let three: Vec<f64> = (0..3).map(|i| stagger(i).as_secs_f64()).collect();
+        assert!((three[1] - 3.708).abs() < 0.01 && (three[2] - 1.416).abs() < 0.01, "{three:?}");
+    }
+
+    #[test]
+    fn run_ids_differ_between_processes_and_client_ids_stay_within_23_characters() {
+        let id = run_id("b:1883");
+        assert_eq!(id.len(), 12);
+        assert!(id.starts_with(&format!("{:06x}", std::process::id() & 0xff_ffff)), "{id}");
+        // The hash keys are random per process and call: two ids at the same instant differ.
+        assert_ne!(run_id("b:1883")[6..], run_id("b:1883")[6..]);
+        let prefix = format!("mcp{id}");
+        let longest = scenario::client_id(&prefix, Scenario::ServerKeepalive, Protocol::V5, 100, "m");
+        assert_eq!(longest.len(), 23, "{longest}");
+    }
+
+    #[test]
     fn the_exit_code_is_1_for_fails_and_for_deviates_only_when_strict() {
         let tol = Tolerance::default();
         let row = |v: Verdict| {
@@ -418,6 +503,7 @@ mod tests {
             summary: report::Summary::of(&rows),
             results: rows,
             duration_s: 1.0,
+            run_id: String::new(),
         };
         assert_eq!(exit_code(&report(vec![row(Verdict::Conforms), row(Verdict::NotApplicable)], false)), 0);
         assert_eq!(exit_code(&report(vec![row(Verdict::Deviates)], false)), 0);

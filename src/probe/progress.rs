@@ -55,6 +55,7 @@ impl Progress {
         s.running.retain(|l| l != label);
         s.done += 1;
         let (done, total) = (s.done, s.total);
+        let detail = crate::text::escaped(detail);
         self.line(&mut s, &format!("finished  {label}: {} — {detail} [{done}/{total}]", verdict.as_str()));
     }
 

@@ -4,9 +4,11 @@
 use super::judge::{Judged, Stats, Tolerance, Verdict};
 use super::scenario::{CaseRun, Scenario};
 use crate::codec::Protocol;
+use crate::text::escaped;
 use crate::vocab::CloseHow;
 use serde::Serialize;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 /// The JSON report's schema version (PROBE.md); bumped on any incompatible change.
 pub const SCHEMA: u32 = 1;
@@ -120,6 +122,9 @@ pub struct Report {
     pub results: Vec<Row>,
     pub summary: Summary,
     pub duration_s: f64,
+    /// What keeps this run apart from others: its client ids start with `mcp` and it, its Will
+    /// topics live under `mqtt-chaos/probe/` and it.
+    pub run_id: String,
 }
 
 /// The case a multi-case scenario's top-level fields come from.
@@ -324,15 +329,19 @@ fn header(r: &Report) -> Vec<String> {
     });
     let mut accepted = if b.protocols.is_empty() { "none".to_string() } else { b.protocols.join(", ") };
     for refused in &b.refused {
-        let _ = write!(accepted, "; refused {}: {}", refused.protocol, refused.how);
+        let _ = write!(accepted, "; refused {}: {}", refused.protocol, escaped(&refused.how));
     }
     lines.push(format!("protocols accepted: MQTT {accepted}"));
     if b.protocols.contains(&"5") {
         lines.push(format!(
             "MQTT 5 CONNACK: Server Keep Alive {}, assigned client id {}, reason strings {}",
             b.server_keepalive.map_or("none".to_string(), |s| s.to_string()),
-            b.assigned_client_id.as_deref().map_or("none".to_string(), |s| format!("{s:?}")),
-            if b.reason_strings.is_empty() { "none".to_string() } else { format!("{:?}", b.reason_strings) }
+            b.assigned_client_id.as_deref().map_or("none".to_string(), quoted),
+            if b.reason_strings.is_empty() {
+                "none".to_string()
+            } else {
+                b.reason_strings.iter().map(|r| quoted(r)).collect::<Vec<_>>().join(", ")
+            }
         ));
     }
     lines.push(format!(
@@ -346,6 +355,12 @@ fn header(r: &Report) -> Vec<String> {
         r.tolerance.will_late_s
     ));
     lines
+}
+
+/// Peer text in quotes for the header, escaped ([`escaped`]) so that it cannot forge lines or
+/// drive the terminal.
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", escaped(s))
 }
 
 fn summary_line(r: &Report) -> String {
@@ -377,7 +392,7 @@ pub fn text(r: &Report) -> String {
                 row.scenario.to_string(),
                 row.protocol.to_string(),
                 row.verdict.as_str().to_string(),
-                row.measured_words(),
+                escaped(&row.measured_words()).into_owned(),
                 row.expected_short.clone(),
             ]
         })
@@ -405,8 +420,14 @@ pub fn text(r: &Report) -> String {
     }
     let _ = writeln!(out, "\ndetails:");
     for row in &r.results {
-        let _ =
-            writeln!(out, "  {} {}: {} — {}", row.scenario, row.protocol, row.verdict.as_str(), row.detail);
+        let _ = writeln!(
+            out,
+            "  {} {}: {} — {}",
+            row.scenario,
+            row.protocol,
+            row.verdict.as_str(),
+            escaped(&row.detail)
+        );
     }
     let _ = writeln!(out, "\nwhat the specification expects:");
     let mut seen = Vec::new();
@@ -427,7 +448,7 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(out, "- {line}");
     }
     out.push_str("\n| scenario | protocol | verdict | measured | expectation |\n|---|---|---|---|---|\n");
-    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let cell = |s: &str| escaped(s).replace('|', "\\|");
     for row in &r.results {
         let _ = writeln!(
             out,
@@ -507,6 +528,57 @@ fn xml(s: &str) -> String {
     out
 }
 
+/// A report file asked for (`--json`, `--junit`, `--markdown`): checked before the probe starts,
+/// written only once there is a report. A probe that ends without one (exit 2) leaves no file
+/// behind, and an existing file is never left half-written: the report goes to a temporary file
+/// beside it, renamed over it.
+#[derive(Debug)]
+pub struct OutputFile {
+    /// Where the report goes (an existing path's symbolic links resolved).
+    target: PathBuf,
+}
+
+impl OutputFile {
+    /// Checks that `path` can be written — its directory takes a new file, an existing file
+    /// opens for writing — and creates nothing that stays.
+    pub fn check(path: &Path) -> std::io::Result<OutputFile> {
+        let target = match std::fs::canonicalize(path) {
+            Ok(existing) if existing.is_dir() => {
+                return Err(std::io::Error::other("is a directory"));
+            }
+            Ok(existing) => {
+                std::fs::OpenOptions::new().append(true).open(&existing)?;
+                existing
+            }
+            Err(_) => path.to_path_buf(),
+        };
+        let out = OutputFile { target };
+        std::fs::OpenOptions::new().write(true).create_new(true).open(out.temp())?;
+        std::fs::remove_file(out.temp())?;
+        Ok(out)
+    }
+
+    /// Writes `content` whole: to the temporary file, then renamed over the target.
+    pub fn write(&self, content: &str) -> std::io::Result<()> {
+        let temp = self.temp();
+        // A file written over keeps its permissions.
+        let keep = std::fs::metadata(&self.target).map(|m| m.permissions());
+        let written = std::fs::write(&temp, content)
+            .and_then(|()| keep.map_or(Ok(()), |p| std::fs::set_permissions(&temp, p)))
+            .and_then(|()| std::fs::rename(&temp, &self.target));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        written
+    }
+
+    /// `.NAME.PID.tmp` beside the target.
+    fn temp(&self) -> PathBuf {
+        let name = self.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.target.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    }
+}
+
 /// The report as JSON (schema 1, PROBE.md), pretty-printed.
 pub fn json(r: &Report) -> String {
     let mut s = serde_json::to_string_pretty(r).expect("a report serializes");
@@ -557,6 +629,20 @@ mod tests {
             "{}",
             row.detail
         );
+    }
+
+    #[test]
+    fn a_report_file_is_checked_first_and_written_whole_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        let out = OutputFile::check(&path).unwrap();
+        let listing = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(listing(), 0, "checking creates nothing that stays");
+        out.write("{}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+        assert_eq!(listing(), 1, "no temporary file left");
+        assert!(OutputFile::check(dir.path()).unwrap_err().to_string().contains("is a directory"));
+        assert!(OutputFile::check(&dir.path().join("missing/r.json")).is_err());
     }
 
     #[test]

@@ -247,8 +247,15 @@ pub struct Ctx {
     pub topic_root: String,
     pub username: Option<String>,
     pub password: Option<Vec<u8>>,
-    /// Every Reason String a CONNACK to a scenario's client carried (for the report's header).
+    /// Every Reason String a CONNACK or DISCONNECT to a scenario's client carried (for the
+    /// report's header).
     pub reason_strings: Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// A scenario client's id: the run's prefix, the scenario's code, the protocol level, the run
+/// (from 1) and the case's letter.
+pub(crate) fn client_id(prefix: &str, s: Scenario, protocol: Protocol, run: u32, case: &str) -> String {
+    format!("{prefix}{}{}r{run}{case}", s.code(), protocol.level())
 }
 
 /// Up to this long for the proxy's record of a close the client saw.
@@ -256,7 +263,7 @@ const RECORD_WAIT: Duration = Duration::from_secs(2);
 
 impl Ctx {
     fn client_id(&self, s: Scenario, protocol: Protocol, run: u32, case: &str) -> String {
-        format!("{}{}{}r{run}{case}", self.prefix, s.code(), protocol.level())
+        client_id(&self.prefix, s, protocol, run, case)
     }
 
     fn connect(&self, protocol: Protocol, client_id: &str, keep_alive: u16) -> ConnectSpec {
@@ -301,7 +308,15 @@ impl Ctx {
                 self.reason_strings.lock().expect("reason strings lock").insert(r.clone());
             }
         }
+        self.note_disconnect(&c);
         Ok((c, h))
+    }
+
+    /// Notes the Reason String of the DISCONNECT the broker sent `c`, if it sent one with one.
+    fn note_disconnect(&self, c: &RawClient) {
+        if let Some(r) = c.disconnect_reason_string() {
+            self.reason_strings.lock().expect("reason strings lock").insert(r.to_string());
+        }
     }
 
     /// The proxy's record of `client`'s close as a [`CloseSeen`], and when it closed.
@@ -335,8 +350,16 @@ pub fn refusal(h: &Handshake) -> String {
     match h {
         Handshake::Accepted(_) => "accepted".into(),
         Handshake::Refused(c) => format!("CONNECT refused with CONNACK code {:#04x}", c.code),
-        Handshake::Closed(Ended::Reset) => "the broker reset the connection before any CONNACK".into(),
-        Handshake::Closed(Ended::Fin { .. }) => "the broker closed the connection before any CONNACK".into(),
+        Handshake::Closed(Ended::Reset) => "the broker reset the connection (RST) before CONNACK".into(),
+        Handshake::Closed(Ended::Fin { disconnect: None }) => {
+            "the broker closed with FIN before CONNACK".into()
+        }
+        Handshake::Closed(Ended::Fin { disconnect: Some(None) }) => {
+            "the broker sent DISCONNECT and closed before CONNACK".into()
+        }
+        Handshake::Closed(Ended::Fin { disconnect: Some(Some(r)) }) => {
+            format!("the broker sent DISCONNECT {r:#04x} and closed before CONNACK")
+        }
         Handshake::Silent => "no CONNACK".into(),
     }
 }
@@ -409,6 +432,7 @@ async fn judge_silent_close(
         let waited_s = 1.5 * f64::from(k) + ctx.timeout.as_secs_f64();
         return (CaseRun::new("", judge::keepalive_close(k, None, waited_s, &ctx.tol)), None);
     }
+    ctx.note_disconnect(c);
     match ctx.close_of(c.local).await {
         Some((seen, at)) => (
             CaseRun::new("", judge::keepalive_close(k, Some(&seen), 0.0, &ctx.tol)).with_close(&seen, k),
@@ -436,6 +460,7 @@ async fn ping_resets(ctx: &Ctx, protocol: Protocol, run: u32) -> CaseRun {
     let k = connack.server_keep_alive.unwrap_or(ctx.k);
     let mut pinging = c.ping_until(Some(ctx.half(k)), start + 3 * Duration::from_secs(k.into())).await;
     if let Some((at, _)) = pinging.ended {
+        ctx.note_disconnect(&c);
         let after = at.saturating_duration_since(start).as_secs_f64();
         return CaseRun::new(
             "",
@@ -479,6 +504,7 @@ async fn keepalive_zero(ctx: &Ctx, protocol: Protocol, run: u32) -> CaseRun {
     let quiet = 3 * Duration::from_secs(ctx.k.into());
     let announced = connack.server_keep_alive.filter(|&s| s > 0);
     let pinging = c.ping_until(None, start + quiet).await;
+    ctx.note_disconnect(&c);
     let mut case = match (pinging.ended, ctx.close_of(c.local).await.filter(|_| pinging.ended.is_some())) {
         (None, _) => CaseRun::new(
             "",
@@ -546,6 +572,7 @@ async fn takeover(ctx: &Ctx, protocol: Protocol, run: u32, clean: bool) -> CaseR
         return not_accepted(case_name, &h);
     }
     let ended = old.ping_until(None, second + ctx.timeout).await.ended;
+    ctx.note_disconnect(&old);
     let mut case = if ended.is_none() {
         let mut c = CaseRun::new(
             case_name,

@@ -191,7 +191,7 @@ async fn the_embedded_broker_is_probed_in_one_command() {
 async fn mosquitto_is_probed_and_its_coarse_timer_shows() {
     let m = Mosquitto::start();
     let url = format!("mqtt://{}", m.addr());
-    let p = probe(&["--broker", &url, "--repeat", "2"]).await;
+    let p = probe(&["--broker", &url, "--repeat", "3"]).await;
     let out = p.stdout();
     assert_eq!(p.code(), 0, "mosquitto 2.0 fails no MUST:\n{out}\n{}", p.stderr());
     assert_eq!(p.json["broker"]["embedded"], false);
@@ -200,10 +200,15 @@ async fn mosquitto_is_probed_and_its_coarse_timer_shows() {
     for v in ["3.1.1", "5"] {
         for s in ["keepalive", "half-open", "rewrite"] {
             let r = p.result(s, v);
-            assert_eq!(r["runs"], 2);
-            // Its Keep Alive check runs every few seconds: anywhere from about 1.5 × to 5 ×.
+            assert_eq!(r["runs"], 3);
+            // Its Keep Alive check runs every 6 s: anywhere from about 1.5 × to 5 ×.
             let (lo, hi) = (r["ratio"]["min"].as_f64().unwrap(), r["ratio"]["max"].as_f64().unwrap());
             assert!(lo >= 1.0 && hi <= 5.5, "{s} {v}: {lo}–{hi}");
+            // The runs start 1.4 s and 3.7 s apart (PROBE.md), so they meet that check in three
+            // phases: three different closes, not one instant measured three times.
+            let close = &r["close_after_s"];
+            let spread = close["max"].as_f64().unwrap() - close["min"].as_f64().unwrap();
+            assert!(spread >= 1.0, "{s} {v}: {close}");
             assert!(["conforms", "deviates"].contains(&r["verdict"].as_str().unwrap()), "{s} {v}: {r}");
             // Just a FIN: no DISCONNECT 0x8D.
             assert_eq!(r["close_how"], "fin", "{s} {v}: {r}");
@@ -332,6 +337,26 @@ async fn disconnect_reasons_0x8d_and_0x8e_are_reported() {
     assert_eq!(p.verdict("takeover", "3.1.1"), "conforms");
 }
 
+/// The Reason String of a broker's DISCONNECT is in the report: exact in the JSON, escaped in
+/// the terminal's header (it is the broker's text: it could hold escape sequences).
+#[tokio::test]
+async fn the_reason_string_of_a_brokers_disconnect_is_reported() {
+    let said = "idle too long\x1b[2J\nFORGED";
+    let b = MiniBroker::start(Behaviour {
+        keepalive_reason: Some(0x8d),
+        keepalive_reason_string: Some(said.into()),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = b.probe("keepalive", &["--protocol", "5"]).await;
+    assert_eq!(p.code(), 0, "{}", p.stdout());
+    assert_eq!(p.json["broker"]["reason_strings"], serde_json::json!([said]));
+    let out = p.stdout();
+    assert!(out.contains(r#"reason strings "idle too long\u{1b}[2J\nFORGED""#), "{out}");
+    assert!(!out.contains('\x1b') && !out.contains("\nFORGED"), "{out}");
+    assert!(p.markdown.contains(r"\u{1b}[2J\nFORGED") && !p.markdown.contains('\x1b'), "{}", p.markdown);
+}
+
 #[tokio::test]
 async fn a_broker_that_rejects_keepalive_zero_deviates() {
     let b = MiniBroker::start(Behaviour { reject_keepalive_zero: true, ..Behaviour::default() }).await;
@@ -423,6 +448,146 @@ async fn a_broker_that_refuses_the_will_watcher_stops_the_probe_with_the_reason(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Servers that do not answer a CONNECT with a CONNACK: told for what they are, at once, and no
+// report file left behind (exit 2)
+
+/// A server that answers each connection's first bytes with `reply` and then, with `close`,
+/// closes it (FIN), else keeps it open (and silent) for a minute.
+async fn answering(reply: &'static [u8], close: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+                let _ = s.write_all(reply).await;
+                if close {
+                    let _ = s.shutdown().await;
+                    // Drain until the probe closes: the close stays a FIN, never a reset.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                } else {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Runs the probe of `addr` (`--timeout 20`) with `--json`, `--junit` and `--markdown` in a
+/// fresh directory: its exit code, stderr, how long it took, and the files left in the directory.
+async fn probe_failing(addr: &str) -> (Option<i32>, String, Duration, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(binary());
+    cmd.args(["probe", "--broker", addr, "--scenarios", "keepalive", "--timeout", "20"]);
+    for (flag, name) in [("--json", "r.json"), ("--junit", "r.xml"), ("--markdown", "r.md")] {
+        cmd.arg(flag).arg(dir.path().join(name));
+    }
+    cmd.env_remove("RUST_LOG").stdin(Stdio::null());
+    let began = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let took = began.elapsed();
+    let left = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), took, left)
+}
+
+#[tokio::test]
+async fn a_server_that_answers_with_http_is_not_mqtt_and_the_probe_says_so_at_once() {
+    let addr = answering(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nBad Request", false).await;
+    let (code, err, took, left) = probe_failing(&addr).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the broker at {addr} gave no valid CONNACK to the MQTT 3.1.1 CONNECT: not MQTT: the reply starts with `HTTP/1."
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("CONNACK code"), "no CONNACK was ever sent: {err}");
+    // The connection stays open: waiting for a CONNACK would take the 10 s identification limit.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(left.is_empty(), "exit 2 leaves no report file: {left:?}");
+}
+
+#[tokio::test]
+async fn a_broker_that_closes_with_fin_before_connack_is_reported_as_such() {
+    let addr = answering(b"", true).await;
+    let (code, err, took, left) = probe_failing(&addr).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("MQTT 3.1.1: the broker closed with FIN before CONNACK; MQTT 5: the broker closed with FIN before CONNACK"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(left.is_empty(), "exit 2 leaves no report file: {left:?}");
+}
+
+#[tokio::test]
+async fn a_connack_of_an_absurd_length_is_malformed_not_a_reset() {
+    // Remaining length 268,435,455: the largest MQTT can encode, for a 4-byte packet.
+    let addr = answering(&[0x20, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x00], false).await;
+    let (code, err, took, left) = probe_failing(&addr).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("malformed CONNACK: remaining length 268435455"), "{err}");
+    assert!(!err.contains("reset"), "{err}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(left.is_empty(), "exit 2 leaves no report file: {left:?}");
+}
+
+/// Two probes started at the same moment against one mosquitto: each has client ids of its
+/// own (its process id in them), so neither takes the other's connections over.
+#[tokio::test]
+async fn two_probes_at_once_against_one_broker_keep_their_clients_apart() {
+    let m = Mosquitto::start();
+    let url = format!("mqtt://{}", m.addr());
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str| {
+        Command::new(binary())
+            .args(["probe", "--broker", &url, "--scenarios", "keepalive", "--protocol", "3.1.1"])
+            .args(["--keepalive", "1", "--timeout", "8", "--json"])
+            .arg(dir.path().join(name))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("a.json"), spawn("b.json"));
+    let pids = [a.id(), b.id()];
+    let outs =
+        tokio::task::spawn_blocking(move || [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()])
+            .await
+            .unwrap();
+    let mut run_ids = Vec::new();
+    for ((out, name), pid) in outs.iter().zip(["a.json", "b.json"]).zip(pids) {
+        let shown =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{shown}");
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap();
+        let r = &json["results"][0];
+        assert_eq!(r["close_how"], "fin", "closed by the Keep Alive check, not by a takeover: {r}");
+        assert_eq!(r["will_published"], true, "{r}");
+        let run_id = json["run_id"].as_str().unwrap().to_string();
+        assert!(run_id.starts_with(&format!("{:06x}", pid & 0xff_ffff)), "{run_id} of process {pid}");
+        run_ids.push(run_id);
+    }
+    assert_ne!(run_ids[0], run_ids[1]);
+    let log = m.log();
+    assert!(
+        log.contains(&format!("mcp{}", run_ids[0])) && log.contains(&format!("mcp{}", run_ids[1])),
+        "{log}"
+    );
+    assert!(!log.contains("already connected"), "no client of one probe took over the other's:\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Usage, unreachable brokers, output on a terminal
 
 #[tokio::test]
@@ -431,6 +596,8 @@ async fn bad_usage_and_an_unreachable_broker_exit_2_with_the_reason() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--broker".into(), dead.clone()], "cannot reach the broker at"),
         (vec!["--keepalive".into(), "0".into()], "--keepalive 0: must be 1 to 3600"),
+        // The range the probe takes, not that of the field's type (0..=65535).
+        (vec!["--keepalive".into(), "70000".into()], "--keepalive 70000: must be 1 to 3600 seconds"),
         (vec!["--repeat".into(), "101".into()], "--repeat 101"),
         (
             vec!["--scenarios".into(), "keepalive,nope".into()],
@@ -511,6 +678,8 @@ struct Behaviour {
     keepalive: Option<f64>,
     /// MQTT 5: DISCONNECT with this reason before a Keep Alive close.
     keepalive_reason: Option<u8>,
+    /// That DISCONNECT's Reason String (property 0x1F).
+    keepalive_reason_string: Option<String>,
     /// MQTT 5: DISCONNECT with this reason to a connection taken over.
     takeover_reason: Option<u8>,
     /// Refuse Keep Alive 0 with CONNACK 0x02 (3.1.1) / 0x82 (5).
@@ -530,6 +699,7 @@ impl Default for Behaviour {
         Behaviour {
             keepalive: Some(1.5),
             keepalive_reason: None,
+            keepalive_reason_string: None,
             takeover_reason: None,
             reject_keepalive_zero: false,
             mqtt5: true,
@@ -580,6 +750,16 @@ fn connack(p: Protocol, code: u8) -> Vec<u8> {
 
 fn disconnect_with(reason: u8) -> Vec<u8> {
     packet(0xe0, &[reason, 0])
+}
+
+/// An MQTT 5 DISCONNECT with a reason and a Reason String.
+fn disconnect_saying(reason: u8, text: &str) -> Vec<u8> {
+    let mut props = vec![0x1f];
+    props.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    props.extend_from_slice(text.as_bytes());
+    let mut body = vec![reason, props.len() as u8];
+    body.extend(props);
+    packet(0xe0, &body)
 }
 
 /// A PUBLISH of `topic` QoS 0 (the Will's payload does not matter to the probe).
@@ -636,7 +816,11 @@ async fn serve(mut s: TcpStream, b: Behaviour, shared: Arc<Mutex<Shared>>) {
             },
             () = tokio::time::sleep_until(due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if due.is_some() => {
                 if let (Some(r), Some((_, _, Protocol::V5, _, _))) = (b.keepalive_reason, &me) {
-                    let _ = s.write_all(&disconnect_with(r)).await;
+                    let packet = match &b.keepalive_reason_string {
+                        Some(text) => disconnect_saying(r, text),
+                        None => disconnect_with(r),
+                    };
+                    let _ = s.write_all(&packet).await;
                 }
                 if b.keepalive_rst {
                     s.set_zero_linger().unwrap();
