@@ -583,9 +583,11 @@ pub fn connections_table(v: &Value) -> String {
             c["local_rules"].as_array().into_iter().flatten().map(|r| cell(&r["name"], "?")).collect();
         let close = &c["close"];
         let state = match (c["state"].as_str().unwrap_or("-"), c["state_detail"].as_str()) {
-            ("closed", _) => {
-                format!("closed: {} by {}", cell(&close["cause"], "-"), cell(&close["closed_by"], "-"))
-            }
+            // The proxy's own close is its cause: "closed by the proxy", not "proxy by proxy".
+            ("closed", _) => match (cell(&close["cause"], "-"), cell(&close["closed_by"], "-")) {
+                (cause, by) if cause == by => format!("closed by the {by}"),
+                (cause, by) => format!("closed: {cause} by {by}"),
+            },
             (state, Some(detail)) => format!("{}: {}", escaped(state), escaped(detail)),
             (state, None) => escaped(state).into_owned(),
         };
@@ -730,6 +732,14 @@ mod tests {
         let line = event_line("connect", &event);
         assert_eq!(line, r"conn 1 (dev\n\u{1b}[31mred) CONNECT protocol 4 Keep Alive - (forwarded -)");
         assert!(!event_line("odd\u{1b}", &event).contains('\u{1b}'));
+    }
+
+    #[test]
+    fn a_close_reads_as_a_sentence_whoever_closed() {
+        let record = |cause: &str, by: &str| serde_json::json!([{"id": 1, "state": "closed", "close": {"cause": cause, "closed_by": by}}]);
+        assert!(connections_table(&record("proxy", "proxy")).contains("closed by the proxy"));
+        let broker = connections_table(&record("keepalive_timeout", "broker"));
+        assert!(broker.contains("closed: keepalive_timeout by broker"), "{broker}");
     }
 
     #[test]

@@ -194,6 +194,9 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Starts a relay when called (the order trials start each one afresh).
+type StartRelay<'a> = Box<dyn Fn() -> Relay + 'a>;
+
 /// A relay in front of the sink.
 struct Relay {
     name: String,
@@ -501,7 +504,7 @@ async fn main() {
     if args.order_trials > 0 {
         let upstream = Arc::new(order::OrderSink::new());
         let up = upstream.addr.clone();
-        let ordered: [(&str, Box<dyn Fn() -> Relay>); 3] = [
+        let ordered: [(&str, StartRelay); 3] = [
             (
                 "direct",
                 Box::new(|| Relay { name: "direct".into(), addr: up.clone(), child: None, _dir: None }),
@@ -546,9 +549,9 @@ async fn measure(
         eprintln!("measuring {}", relay.name);
         let mut row = Row { name: relay.name.clone(), ..Row::default() };
         for &p in &payloads {
-            row.tput.push(throughput(&relay.addr, &sink_stats, p, 1, args.seconds).await);
+            row.tput.push(throughput(&relay.addr, sink_stats, p, 1, args.seconds).await);
         }
-        row.many = throughput(&relay.addr, &sink_stats, 1024, 100, args.seconds).await.0;
+        row.many = throughput(&relay.addr, sink_stats, 1024, 100, args.seconds).await.0;
         // drop-pingreq swallows PINGREQ: its round trips cannot be measured.
         row.rtt = if relay.name.ends_with("drop-pingreq") {
             (f64::NAN, f64::NAN, f64::NAN)

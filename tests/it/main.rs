@@ -22,6 +22,7 @@ mod robust;
 mod soak;
 mod tls;
 mod transports;
+mod truth;
 mod wills;
 mod wire;
 mod ws;

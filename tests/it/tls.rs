@@ -93,7 +93,7 @@ impl Pki {
     }
 
     /// A rustls client that trusts the test CA, with the client certificate if `cert`.
-    fn client_config(&self, cert: bool) -> Arc<rustls::ClientConfig> {
+    pub(crate) fn client_config(&self, cert: bool) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_file(self.path("ca.pem")).unwrap()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
