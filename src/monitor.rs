@@ -58,7 +58,8 @@ impl ExpectedWill {
         registry.emit(Event::Will {
             conn_id: self.conn_id,
             route: self.route.name.clone(),
-            topic: self.topic().to_string(),
+            topic: crate::record::abbreviated(self.topic()).to_string(),
+            topic_len: self.topic().len(),
             outcome: outcome.as_str(),
             delay_s,
             watched_by: self.watched_by.unwrap_or_else(|| "nothing".into()),

@@ -8,6 +8,13 @@
 //! The [`Registry`] holds the live records and broadcasts [`Event`]s (CONNECT, CONNACK and
 //! PUBLISH seen, connection closed) to whoever subscribes: Will and takeover detection build on
 //! them.
+//!
+//! History is bounded in bytes, not only in count: when both sides are gone, the record joins
+//! the ring of closed ones as JSON with every text cut to [`HISTORY_TEXT_MAX`] bytes of JSON
+//! (and lists to [`HISTORY_LIST_MAX`] names), a sibling `<field>_len` giving the true length
+//! ([`history_json`]); the record itself cuts the texts its peers chose the same way
+//! ([`Connection::keep_for_history`]), so events still in the backlog hold no more. A live
+//! record keeps everything whole.
 
 use crate::codec::{Connack, Connect, PacketType, Protocol, Will, reason_name};
 use crate::route::Route;
@@ -232,6 +239,10 @@ struct State {
     clean_start: Option<bool>,
     session_expiry: Option<u32>,
     will: Option<Will>,
+    /// The Will topic whole, for as long as it is watched (after the end, `will` holds it cut).
+    whole_will_topic: Weak<TopicWatch>,
+    /// True lengths of the texts cut when the connection ended (for `/events`).
+    cut: CutLengths,
     keep_alive: KeepAlive,
     connack: Option<ConnackSeen>,
     malformed: [Option<String>; 2],
@@ -258,6 +269,15 @@ impl State {
             _ => &mut self.client_transport,
         }
     }
+}
+
+/// True byte lengths of the texts [`Connection::keep_for_history`] cut, by their name in
+/// [`event_json`].
+#[derive(Debug, Default, Clone, Copy)]
+struct CutLengths {
+    client_id: Option<usize>,
+    will: Option<usize>,
+    reason: Option<usize>,
 }
 
 /// Topic filters remembered per connection; a client that subscribes to more is taken to
@@ -351,8 +371,18 @@ impl Connection {
         self.state().client_id.clone()
     }
 
+    /// The Will of the CONNECT. Its topic is whole while the record lives, and after the end
+    /// for as long as the topic is watched (the monitor awaits the Will); otherwise as history
+    /// keeps it ([`HISTORY_TEXT_MAX`]).
     pub fn will(&self) -> Option<Will> {
-        self.state().will.clone()
+        let (mut will, whole) = {
+            let s = self.state();
+            (s.will.clone()?, s.cut.will.and_then(|_| s.whole_will_topic.upgrade()))
+        };
+        if let Some(watch) = whole {
+            will.topic = watch.topic().to_string();
+        }
+        Some(will)
     }
 
     pub fn keep_alive(&self) -> KeepAlive {
@@ -554,6 +584,7 @@ impl Connection {
         s.clean_start = Some(c.clean_start);
         s.session_expiry = c.session_expiry;
         s.will = c.will.clone();
+        s.whole_will_topic = will_watch.as_ref().map(Arc::downgrade).unwrap_or_default();
         s.keep_alive.requested = Some(c.keep_alive);
         s.keep_alive.forwarded = Some(forwarded_keep_alive);
         s.will_watch = will_watch;
@@ -825,6 +856,51 @@ impl Connection {
         }
     }
 
+    /// Both sides are gone: the texts the peers chose (client id, Will topic, reasons, TLS names,
+    /// WebSocket path) are cut as history keeps them ([`abbreviated`]), so an event about this
+    /// connection still in the backlog holds a bounded record. Their true lengths are kept for
+    /// [`event_json`]; take the [`history_json`] of the record before.
+    pub(crate) fn keep_for_history(&self) {
+        fn cut(text: &mut String) -> Option<usize> {
+            let kept = abbreviated(text).len();
+            (kept < text.len()).then(|| {
+                let len = text.len();
+                *text = text[..kept].to_string(); // a fresh allocation: the whole one is freed
+                len
+            })
+        }
+        let mut guard = self.state();
+        let s = &mut *guard;
+        s.cut = CutLengths {
+            client_id: s.client_id.as_mut().and_then(cut),
+            will: s.will.as_mut().and_then(|w| cut(&mut w.topic)),
+            reason: s.close.as_mut().and_then(|c| c.reason.as_mut()).and_then(cut),
+        };
+        let assigned = s.connack.as_mut().and_then(|c| c.assigned_client_id.as_mut());
+        let texts = assigned.into_iter().chain(s.malformed.iter_mut().flatten());
+        texts.chain(s.proxy_end.as_mut().map(|e| &mut e.detail)).for_each(|t| {
+            cut(t);
+        });
+        for t in [&mut s.client_transport, &mut s.broker_transport].into_iter().flatten() {
+            if let Some(tls) = t.tls.as_mut() {
+                let names =
+                    [&mut tls.version, &mut tls.cipher_suite, &mut tls.sni, &mut tls.alpn, &mut tls.peer_cn];
+                names.into_iter().flatten().for_each(|t| {
+                    cut(t);
+                });
+                tls.peer_sans.truncate(HISTORY_LIST_MAX);
+                tls.peer_sans.shrink_to_fit();
+                tls.peer_sans.iter_mut().for_each(|t| {
+                    cut(t);
+                });
+            }
+            if let Some(ws) = t.websocket.as_mut() {
+                cut(&mut ws.path);
+                ws.subprotocol.as_mut().map(cut);
+            }
+        }
+    }
+
     /// A serialisable copy of the record. Never contains the password (it is never stored)
     /// nor the username (only whether one was given).
     pub fn snapshot(&self) -> Snapshot {
@@ -993,7 +1069,9 @@ pub enum Event {
     Will {
         conn_id: u64,
         route: String,
+        /// Cut as history keeps it ([`abbreviated`]); `topic_len` is its true length.
         topic: String,
+        topic_len: usize,
         outcome: &'static str,
         delay_s: Option<f64>,
         watched_by: String,
@@ -1001,7 +1079,9 @@ pub enum Event {
 }
 
 /// An event as `/events` shows it: its kind and a JSON object (`conn` and `client_id` where it
-/// concerns a connection); `None` for events only the monitor needs.
+/// concerns a connection); `None` for events only the monitor needs. Texts are cut as history
+/// keeps them ([`abbreviate_json`]: `client_id_len`, `will_len`, `reason_len`, `topic_len` give
+/// the true lengths), whether the connection is still live or not.
 pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
     use serde_json::json;
     let who = |c: &Connection| json!({"conn": c.id, "route": c.route.name, "client_id": c.client_id()});
@@ -1009,6 +1089,16 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
         let mut v = who(c);
         if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
             v.extend(extra.clone());
+        }
+        abbreviate_json(&mut v);
+        // Texts the record already cut when the connection ended: their true lengths.
+        let cut = c.state().cut;
+        if let Some(v) = v.as_object_mut() {
+            for (key, len) in [("client_id", cut.client_id), ("will", cut.will), ("reason", cut.reason)] {
+                if let Some(len) = len.filter(|_| v.get(key).is_some_and(|t| t.is_string())) {
+                    v.insert(format!("{key}_len"), len.into());
+                }
+            }
         }
         v
     };
@@ -1061,11 +1151,14 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
                 json!({"side": side.as_str(), "silence_s": round3(*seconds), "ratio": round3(*ratio)});
             ("detection", with(conn, extra))
         }
-        Event::Will { conn_id, route, topic, outcome, delay_s, watched_by } => (
-            "will",
-            json!({"conn": conn_id, "route": route, "topic": topic, "outcome": outcome,
-                "delay_s": delay_s.map(round3), "watched_by": watched_by}),
-        ),
+        Event::Will { conn_id, route, topic, topic_len, outcome, delay_s, watched_by } => {
+            let mut v = json!({"conn": conn_id, "route": route, "topic": topic, "outcome": outcome,
+                "delay_s": delay_s.map(round3), "watched_by": watched_by});
+            if *topic_len > topic.len() {
+                v["topic_len"] = (*topic_len).into();
+            }
+            ("will", v)
+        }
         Event::Publish { .. } | Event::WillTopicPublish { .. } => return None,
     })
 }
@@ -1117,6 +1210,92 @@ struct ClientIndex {
 
 /// How many closed connections `GET /connections?state=closed` keeps by default.
 pub const CLOSED_HISTORY: usize = 1000;
+
+/// History (closed records, events) keeps a text whole when its JSON form (without the quotes)
+/// takes at most this many bytes; a longer one is cut ([`abbreviated`]).
+pub const HISTORY_TEXT_MAX: usize = 256;
+
+/// History keeps at most this many names of a list (a certificate's subject alternative names).
+pub const HISTORY_LIST_MAX: usize = 4;
+
+/// The most bytes of JSON one closed record takes in the ring, whatever its peers sent (every
+/// text at its longest), plus the names of the rules that acted on it (`faults`).
+pub const HISTORY_RECORD_MAX: usize = 10 * 1024;
+
+/// The bytes `c` takes inside a JSON string: `"`, `\` and control characters are escaped.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+        c if u32::from(c) < 0x20 => 6, // \u00XX
+        c => c.len_utf8(),
+    }
+}
+
+/// What history keeps of `text`: the whole of it if its JSON form takes at most
+/// [`HISTORY_TEXT_MAX`] bytes, else its longest prefix whose JSON form does (which ends on a
+/// character boundary: printable text keeps its first 256 bytes, or up to 3 fewer).
+pub fn abbreviated(text: &str) -> &str {
+    let mut used = 0;
+    for (at, c) in text.char_indices() {
+        used += json_len(c);
+        if used > HISTORY_TEXT_MAX {
+            return &text[..at];
+        }
+    }
+    text
+}
+
+/// Cuts a JSON object as history keeps it, in every nested object: a text longer than
+/// [`abbreviated`] keeps gets a sibling `<field>_len`, its true length in bytes; a list of more
+/// than [`HISTORY_LIST_MAX`] items, or one with a text cut, keeps its first items (texts cut)
+/// and gets a sibling `<field>_len`, its true number of items.
+pub fn abbreviate_json(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    let cut = |text: &mut String| {
+        let kept = abbreviated(text).len();
+        let len = text.len();
+        text.truncate(kept);
+        (kept < len).then_some(len)
+    };
+    let Value::Object(map) = value else { return };
+    let mut lengths = Vec::new();
+    for (key, v) in map.iter_mut() {
+        let len = match v {
+            Value::String(text) => cut(text),
+            Value::Array(items) => {
+                let len = items.len();
+                items.truncate(HISTORY_LIST_MAX);
+                let mut texts_cut = false;
+                for item in items.iter_mut() {
+                    match item {
+                        Value::String(text) => texts_cut |= cut(text).is_some(),
+                        other => abbreviate_json(other),
+                    }
+                }
+                (len > HISTORY_LIST_MAX || texts_cut).then_some(len)
+            }
+            Value::Object(_) => {
+                abbreviate_json(v);
+                None
+            }
+            _ => None,
+        };
+        if let Some(len) = len {
+            lengths.push((format!("{key}_len"), len));
+        }
+    }
+    for (key, len) in lengths {
+        map.insert(key, len.into());
+    }
+}
+
+/// The JSON of a record as the ring of closed connections keeps it ([`abbreviate_json`]): at
+/// most [`HISTORY_RECORD_MAX`] bytes.
+pub fn history_json(snapshot: &Snapshot) -> String {
+    let mut v = serde_json::to_value(snapshot).unwrap_or_default();
+    abbreviate_json(&mut v);
+    v.to_string()
+}
 
 /// The live connections of every route, the recently closed ones, and the event stream.
 pub struct Registry {
@@ -1353,13 +1532,14 @@ impl Registry {
         conn.note_ended(Instant::now());
         self.live().remove(&conn.id);
         if self.closed_capacity > 0 {
-            let snapshot = serde_json::to_string(&conn.snapshot()).unwrap_or_default().into_boxed_str();
+            let snapshot = history_json(&conn.snapshot()).into_boxed_str();
             let mut closed = lock(&self.closed);
             if closed.len() >= self.closed_capacity {
                 closed.pop_front();
             }
             closed.push_back(snapshot);
         }
+        conn.keep_for_history();
         self.emit(Event::Ended(conn.clone()));
     }
 
@@ -1466,6 +1646,174 @@ mod tests {
         b.note_close(Side::Broker, CloseHow::Fin, None, None, Instant::now());
         registry.on_subscribe(&a, filters(&["late/filter"]));
         assert_eq!(registry.tracked_entries()[1], ("subscriptions", 0));
+    }
+
+    /// The JSON of `text` without its quotes: what history bounds.
+    fn json_bytes(text: &str) -> usize {
+        serde_json::to_string(text).unwrap().len() - 2
+    }
+
+    #[test]
+    fn history_keeps_texts_of_up_to_256_json_bytes_and_cuts_longer_ones_on_a_character_boundary() {
+        let kept = |text: String| abbreviated(&text).len();
+        let a = |n: usize| "a".repeat(n);
+        assert_eq!(kept(String::new()), 0);
+        assert_eq!(kept(a(256)), 256, "at the limit: whole");
+        assert_eq!(kept(a(257)), 256, "one byte over: cut to the limit");
+        assert_eq!(kept("é".repeat(128)), 256, "two-byte characters up to the limit: whole");
+        assert_eq!(kept("é".repeat(129)), 256);
+        assert_eq!(kept(format!("a{}", "é".repeat(200))), 255, "a cut inside a character keeps it out");
+        assert_eq!(kept("€".repeat(86)), 255, "three-byte characters");
+        assert_eq!(kept(format!("{}😀", a(253))), 253, "a four-byte character across the limit");
+        // JSON escapes count: `"` and `\` take 2 bytes, control characters up to 6.
+        assert_eq!(kept("\"".repeat(128)), 128, "256 bytes of JSON: whole");
+        assert_eq!(kept("\"".repeat(129)), 128);
+        assert_eq!(kept(format!("{}\n", a(255))), 255, "the escaped newline would make 257");
+        assert_eq!(kept("\u{1}".repeat(43)), 42, "\\u0001 is 6 bytes");
+        for text in [a(300), "é".repeat(300), "\u{1}".repeat(300), format!("x{}", "\\".repeat(300))] {
+            let cut = abbreviated(&text);
+            assert!(text.starts_with(cut) && json_bytes(cut) <= HISTORY_TEXT_MAX && json_bytes(cut) > 250);
+        }
+    }
+
+    /// A record with every text at the longest a peer (or the proxy) could make it.
+    fn worst_record() -> Snapshot {
+        let registry = Arc::new(Registry::default());
+        let conn =
+            registry.open(Route::for_test("r"), "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
+        let mut s = conn.snapshot();
+        let long = |c: char| c.to_string().repeat(65_535 / c.len_utf8());
+        let tls = crate::tls::TlsInfo {
+            version: Some(long('v')),
+            cipher_suite: Some(long('c')),
+            sni: Some(long('s')),
+            alpn: Some(long('a')),
+            peer_certificate: true,
+            peer_cn: Some(long('\u{1}')),
+            peer_sans: (0..100).map(|i| format!("{i}{}", long('"'))).collect(),
+        };
+        let ws = WebSocketInfo {
+            path: long('/'),
+            subprotocol: Some(long('p')),
+            pings: 1,
+            pongs: 1,
+            close_code: None,
+        };
+        let side = SideTransport {
+            transport: crate::transport::Transport::Wss,
+            tls: Some(tls),
+            unverified: false,
+            websocket: Some(ws),
+        };
+        s.client_transport = Some(side.clone());
+        s.broker_transport = Some(side);
+        s.client_id = Some(long('é'));
+        s.will =
+            Some(Will { topic: long('\\'), qos: 1, retain: false, delay_interval: None, payload_len: 9 });
+        s.connack =
+            Some(ConnackSeen { session_present: false, code: 0, assigned_client_id: Some(long('i')) });
+        s.malformed = [("client_to_broker", long('m')), ("broker_to_client", long('\n'))].into();
+        s.close = Some(CloseInfo {
+            closed_by: Side::Proxy,
+            how: CloseHow::Fin,
+            cause: Cause::Proxy,
+            disconnect_reason: None,
+            reason: Some(long('r')),
+            at_s: 1.0,
+            silence_s: None,
+            silence_ratio: None,
+            keep_alive_enforced: None,
+        });
+        s.proxy_end = Some(ProxyEnd { cause: "admin", detail: long('d') });
+        s
+    }
+
+    #[test]
+    fn a_closed_record_is_bounded_whatever_its_texts_and_says_what_it_cut() {
+        let worst = worst_record();
+        let json = history_json(&worst);
+        assert!(json.len() <= HISTORY_RECORD_MAX, "{} bytes", json.len());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let whole = |text: &Option<String>| text.as_ref().unwrap().len();
+        assert_eq!(v["client_id"].as_str().unwrap().len(), 256);
+        assert_eq!(v["client_id_len"], whole(&worst.client_id));
+        assert_eq!(v["will"]["topic"].as_str().unwrap(), "\\".repeat(128));
+        assert_eq!(v["will"]["topic_len"], 65_535);
+        assert_eq!(v["will"]["payload_len"], 9, "numbers stay as they are");
+        assert_eq!(v["close"]["reason_len"], 65_535);
+        assert_eq!(v["malformed"]["broker_to_client"].as_str().unwrap(), "\n".repeat(128));
+        assert_eq!(v["malformed"]["broker_to_client_len"], 65_535);
+        let tls = &v["client_transport"]["tls"];
+        assert_eq!(tls["peer_cn"].as_str().unwrap().len(), 42, "42 control characters: 252 bytes of JSON");
+        assert_eq!(tls["peer_sans"].as_array().unwrap().len(), HISTORY_LIST_MAX);
+        assert_eq!(tls["peer_sans_len"], 100, "the true number of names");
+        assert_eq!(v["broker_transport"]["websocket"]["path_len"], 65_535);
+
+        // Short texts stay exact, with no length beside them.
+        let mut short = worst_record();
+        short.client_transport = None;
+        short.broker_transport = None;
+        short.client_id = Some("a".repeat(256));
+        short.will = None;
+        short.connack = None;
+        short.malformed.clear();
+        short.close = None;
+        short.proxy_end = None;
+        let exact = serde_json::to_value(&short).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&history_json(&short)).unwrap(), exact);
+    }
+
+    #[tokio::test]
+    async fn an_ended_record_keeps_its_texts_cut_while_its_awaited_will_topic_stays_whole() {
+        use crate::codec::{Connect, FrameHeader, Protocol, encode};
+        let registry = Arc::new(Registry::default());
+        let mut events = registry.subscribe();
+        let conn =
+            registry.open(Route::for_test("r"), "127.0.0.1:3".parse().unwrap(), CancellationToken::new());
+        let (id, topic) = ("é".repeat(30_000), format!("will/{}", "t".repeat(60_000)));
+        let mut spec = encode::ConnectSpec::new(Protocol::V311, id.clone(), 30);
+        spec.will = Some(encode::WillSpec {
+            topic: topic.clone(),
+            payload: b"gone".to_vec(),
+            qos: 0,
+            retain: false,
+            delay_interval: None,
+        });
+        let frame = spec.encode();
+        let connect = Connect::decode(&frame, &FrameHeader::parse(&frame).unwrap().unwrap()).unwrap();
+        conn.on_connect(&connect, 30, Some(registry.watch_topic(&topic)));
+        assert_eq!(conn.client_id().unwrap(), id, "live: whole");
+        let (_, connect_event) = event_json(&Event::Connect(conn.clone())).unwrap();
+        assert_eq!(connect_event["client_id"].as_str().unwrap().len(), 256, "events are cut, live or not");
+        assert_eq!(connect_event["client_id_len"], 60_000);
+        assert_eq!(connect_event["will_len"], topic.len());
+
+        conn.note_close(Side::Client, CloseHow::Rst, None, Some("x".repeat(1000)), Instant::now());
+        registry.close(&conn);
+        let closed = registry.closed();
+        assert_eq!(closed[0]["client_id_len"], 60_000);
+        assert_eq!(closed[0]["close"]["reason_len"], 1000);
+        // The record itself now holds only what history keeps …
+        assert_eq!(conn.client_id().unwrap().len(), 256);
+        assert_eq!(conn.close_info().unwrap().reason.unwrap().len(), 256);
+        // … but the Will topic the monitor awaits is whole while watched.
+        assert_eq!(conn.will().unwrap().topic, topic);
+        let watch = conn.take_will_watch().unwrap();
+        assert_eq!(conn.will().unwrap().topic, topic, "the monitor holds the watch");
+        drop(watch);
+        assert_eq!(conn.will().unwrap().topic.len(), 256, "unwatched: as history keeps it");
+        // Its events, read late from the backlog, still give the true lengths.
+        let mut seen = 0;
+        while let Ok(ev) = events.try_recv() {
+            let Some((kind, v)) = event_json(&ev) else { continue };
+            seen += 1;
+            assert_eq!(v["client_id_len"], 60_000, "{kind}");
+            assert!(v["client_id"].as_str().unwrap().len() <= 256, "{kind}");
+            if kind == "closed" {
+                assert_eq!(v["reason_len"], 1000);
+            }
+        }
+        assert_eq!(seen, 2, "closed and ended");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod dashboard;
 mod faults;
 mod hardening;
 mod harness;
+mod history;
 mod interop;
 mod keepalive;
 mod large;
