@@ -537,10 +537,18 @@ pub(crate) fn document<Head: serde::de::DeserializeOwned, Item: serde::de::Deser
     key: &str,
     errors: &mut Errors<'_>,
 ) -> (Option<Head>, Vec<Option<Item>>, bool) {
-    let mut head = root.get_ref().clone();
-    let items = head.remove(key);
+    // The head without the array, which is not copied.
+    let mut head = DeTable::new();
+    let mut items = None;
+    for (k, v) in root.get_ref().iter() {
+        if k.get_ref() == key {
+            items = Some(v);
+        } else {
+            head.insert(k.clone(), v.clone());
+        }
+    }
     let head = deserialize_all::<Head>(&Spanned::new(root.span(), DeValue::Table(head)), errors);
-    let items = match &items {
+    let items = match items {
         None => Vec::new(),
         Some(value) => match value.get_ref() {
             DeValue::Array(items) => items.iter().map(|item| deserialize_all::<Item>(item, errors)).collect(),
