@@ -341,7 +341,7 @@ pub enum CtlCommand {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Profile files (or names, resolved in --profiles-dir).
+    /// Profile files (or names, resolved in --profiles-dir), or routes files.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<String>,
 

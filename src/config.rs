@@ -9,12 +9,16 @@
 //! upstream = "broker.example:1883"
 //! ```
 //!
-//! Every error names the file, line and column it comes from.
+//! Every error names the file, line and column it comes from, and a file's errors are reported
+//! all together ([`ConfigErrors`], in file order): each entry of a routes file, and each rule of
+//! a profile ([`crate::fault::profile`]), is deserialized on its own, each wrong key of it is
+//! found ([`deserialize_all`]), and validation goes on past the first problem.
 
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 /// What to do with a direction whose bytes stop being MQTT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -180,7 +184,7 @@ pub fn parse_address(what: &str, value: &str) -> Result<Address, String> {
 
 /// A configuration error with its location, printed as `file:line:col: message` (or
 /// `file: message` when it concerns the whole file, e.g. it cannot be read).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
@@ -206,6 +210,182 @@ impl ConfigError {
     }
 }
 
+/// Every error found in one file, in file order (never empty). Displayed one per line, each
+/// as `file:line:col: message`.
+#[derive(Debug)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The errors, in file order.
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.0
+    }
+
+    /// The first error.
+    pub fn first(&self) -> &ConfigError {
+        &self.0[0]
+    }
+
+    /// One line: the first error, and how many more there are.
+    pub fn summary(&self) -> String {
+        match self.0.len() {
+            1 => self.0[0].to_string(),
+            n => format!("{} (and {} more error{})", self.0[0], n - 1, if n == 2 { "" } else { "s" }),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// Collects the errors of one file's text as they are found, in any order.
+pub(crate) struct Errors<'a> {
+    file: &'a str,
+    text: &'a str,
+    found: Vec<(usize, ConfigError)>,
+}
+
+impl<'a> Errors<'a> {
+    pub(crate) fn new(file: &'a str, text: &'a str) -> Self {
+        Errors { file, text, found: Vec::new() }
+    }
+
+    /// An error at byte `offset` of the text.
+    pub(crate) fn at(&mut self, offset: usize, message: impl Into<String>) {
+        self.found.push((offset, ConfigError::at(self.file, self.text, offset, message)));
+    }
+
+    /// An error of the TOML parser or of deserializing, at its span (the start of the file if
+    /// it has none).
+    pub(crate) fn toml(&mut self, e: &toml::de::Error) {
+        self.at(e.span().map_or(0, |s| s.start), suggest_known(e.message().trim_end()));
+    }
+
+    /// `value` if nothing was found, else every error sorted by position (each once).
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        self.finish_with(Some(value))
+    }
+
+    /// Like [`Errors::finish`] for a value that could not be made (`None`, after an error).
+    pub(crate) fn finish_with<T>(mut self, value: Option<T>) -> Result<T, ConfigErrors> {
+        match value {
+            Some(value) if self.found.is_empty() => return Ok(value),
+            None if self.found.is_empty() => self.at(0, "invalid file"),
+            _ => {}
+        }
+        // Stable: errors at one position keep the order they were found in.
+        self.found.sort_by_key(|(offset, _)| *offset);
+        let mut errors: Vec<ConfigError> = Vec::with_capacity(self.found.len());
+        for (_, e) in self.found {
+            if !errors
+                .iter()
+                .rev()
+                .take_while(|d| (d.line, d.col) == (e.line, e.col))
+                .any(|d| d.message == e.message)
+            {
+                errors.push(e);
+            }
+        }
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The name of `names` closest to `word` within two edits (a letter added, left out or
+/// changed), if any; the first of equally close ones.
+pub(crate) fn closest<'a>(word: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let word: Vec<char> = word.chars().collect();
+    names
+        .filter_map(|name| {
+            let d = edit_distance(&word, &name.chars().collect::<Vec<_>>());
+            (d <= 2 && d < word.len()).then_some((d, name))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb)).min(above + 1).min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// serde's "unknown field `latnecy`, expected one of `name`, …, `latency`" (or variant) with
+/// the closest expected word suggested.
+fn suggest_known(message: &str) -> String {
+    let Some(rest) =
+        message.strip_prefix("unknown field `").or_else(|| message.strip_prefix("unknown variant `"))
+    else {
+        return message.to_string();
+    };
+    let Some((given, expected)) = rest.split_once('`') else { return message.to_string() };
+    let known = expected.split('`').skip(1).step_by(2);
+    match closest(given, known) {
+        Some(near) => format!("{message}; did you mean `{near}`?"),
+        None => message.to_string(),
+    }
+}
+
+/// Deserializes a `T` from a TOML value. When that fails, every key of the table that is wrong
+/// (unknown, or of a wrong type or value) is reported, not only the first one serde meets: each
+/// key is tried alone, and a key that fails alone for another reason than the fields it leaves
+/// missing is wrong. A missing field is reported only when no key is wrong.
+pub(crate) fn deserialize_all<T: serde::de::DeserializeOwned>(
+    value: &Spanned<DeValue<'_>>,
+    errors: &mut Errors<'_>,
+) -> Option<T> {
+    let from = |v: Spanned<DeValue<'_>>| T::deserialize(toml::de::ValueDeserializer::from(v));
+    let whole = match from(value.clone()) {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    let mut wrong = 0;
+    if let DeValue::Table(table) = value.get_ref()
+        && table.len() > 1
+    {
+        for (key, item) in table.iter() {
+            let mut alone = DeTable::new();
+            alone.insert(key.clone(), item.clone());
+            // serde's derive says "missing field `…`" for each required field not given.
+            if let Err(e) = from(Spanned::new(value.span(), DeValue::Table(alone)))
+                && !e.message().starts_with("missing field")
+            {
+                errors.toml(&e);
+                wrong += 1;
+            }
+        }
+    }
+    if wrong == 0 {
+        errors.toml(&whole);
+    }
+    None
+}
+
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -217,7 +397,9 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoutesFile {
+    /// Deserialized entry by entry by [`document`]; declared for serde's list of known fields.
     #[serde(default)]
+    #[allow(dead_code)]
     route: Vec<RouteEntry>,
 }
 
@@ -246,40 +428,59 @@ pub fn read_config_file(path: &Path) -> Result<(String, String), ConfigError> {
     }
 }
 
+/// Whether the file at `path` reads as a routes file (TOML with `[[route]]` tables and none of
+/// a profile's `name` or `[[rules]]`) rather than a profile.
+pub fn looks_like_routes(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let Ok(root) = DeTable::parse(&text) else { return false };
+    let root = root.get_ref();
+    root.contains_key("route") && !root.contains_key("rules") && !root.contains_key("name")
+}
+
 /// Reads and validates a routes file.
-pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+pub fn load_routes(path: &Path) -> Result<Vec<RouteConfig>, ConfigErrors> {
     let (file, text) = read_config_file(path)?;
     parse_routes(&file, &text)
 }
 
-/// Parses and validates the text of a routes file named `file`.
-pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigError> {
-    let parsed: RoutesFile = toml::from_str(text).map_err(|e| {
-        let offset = e.span().map_or(0, |s| s.start);
-        ConfigError::at(file, text, offset, e.message().trim_end().to_string())
-    })?;
-    if parsed.route.is_empty() {
-        return Err(ConfigError::at(
-            file,
-            text,
-            0,
-            "no routes: add at least one [[route]] with name, listen and upstream",
-        ));
+/// Parses and validates the text of a routes file named `file`; every error is reported.
+pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigErrors> {
+    let mut errors = Errors::new(file, text);
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            errors.toml(&e);
+            return errors.finish(Vec::new());
+        }
+    };
+    let (_, entries, given) = document::<RoutesFile, RouteEntry>(&root, "route", &mut errors);
+    if !given {
+        errors.at(0, "no routes: add at least one [[route]] with name, listen and upstream");
     }
     let mut routes: Vec<RouteConfig> = Vec::new();
-    for entry in parsed.route {
-        let err = |field: &Spanned<String>, msg: String| ConfigError::at(file, text, field.span().start, msg);
-        validate_name(entry.name.get_ref()).map_err(|m| err(&entry.name, m))?;
-        let up = parse_address("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m))?;
-        let at = parse_address("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m))?;
+    let mut names: Vec<&str> = Vec::new();
+    let mut listeners: Vec<(&str, String)> = Vec::new();
+    for entry in entries.iter().flatten() {
+        let before = errors.found.len();
+        let mut err = |field: &Spanned<String>, msg: String| errors.at(field.span().start, msg);
+        if let Err(m) = validate_name(entry.name.get_ref()) {
+            err(&entry.name, m);
+        }
+        if names.contains(&entry.name.get_ref().as_str()) {
+            err(&entry.name, format!("duplicate route name {:?}", entry.name.get_ref()));
+        }
+        names.push(entry.name.get_ref());
+        let up = parse_address("upstream", entry.upstream.get_ref()).map_err(|m| err(&entry.upstream, m));
+        let at = parse_address("listen", entry.listen.get_ref()).map_err(|m| err(&entry.listen, m));
+        if let Ok(at) = &at {
+            if let Some((name, listen)) = listeners.iter().find(|(_, l)| *l == at.host_port) {
+                err(&entry.listen, format!("route {name:?} already listens on {listen}"));
+            }
+            listeners.push((entry.name.get_ref(), at.host_port.clone()));
+        }
+        let (Ok(at), Ok(up)) = (at, up) else { continue };
         let (listen_transport, listen, upstream_transport, upstream) =
             (at.transport, at.host_port, up.transport, up.host_port);
-        if routes.iter().any(|r| &r.name == entry.name.get_ref()) {
-            return Err(err(&entry.name, format!("duplicate route name {:?}", entry.name.get_ref())));
-        }
-        if let Some(r) = routes.iter().find(|r| r.listen == listen) {
-            return Err(err(&entry.listen, format!("route {:?} already listens on {}", r.name, r.listen)));
-        }
         let path = |f: &Option<Spanned<String>>| f.as_ref().map(|v| std::path::PathBuf::from(v.get_ref()));
         let options = crate::tls::TlsOptions {
             cert: path(&entry.tls_cert),
@@ -291,8 +492,9 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
             upstream_server_name: entry.upstream_server_name.as_ref().map(|v| v.get_ref().clone()),
             upstream_insecure: entry.upstream_insecure.as_ref().is_some_and(|v| *v.get_ref()),
         };
-        let tls = crate::tls::RouteTls::load(options, listen_transport, upstream_transport, &upstream)
-            .map_err(|e| {
+        let tls = match crate::tls::RouteTls::load(options, listen_transport, upstream_transport, &upstream) {
+            Ok(tls) => tls,
+            Err(e) => {
                 // The field the error is about, as the routes file spells it (`--tls-cert` → `tls_cert`).
                 let field = e.field.trim_start_matches('-').replace('-', "_");
                 let span = match field.as_str() {
@@ -308,10 +510,15 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
                 };
                 let at = span.unwrap_or(entry.listen.span().start);
                 let file_part = if e.file.is_empty() { String::new() } else { format!(" {}", e.file) };
-                ConfigError::at(file, text, at, format!("{field}{file_part}: {}", e.message))
-            })?;
+                errors.at(at, format!("{field}{file_part}: {}", e.message));
+                continue;
+            }
+        };
+        if errors.found.len() > before {
+            continue;
+        }
         routes.push(RouteConfig {
-            name: entry.name.into_inner(),
+            name: entry.name.get_ref().clone(),
             listen,
             upstream,
             tls,
@@ -319,7 +526,47 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
             upstream_ws: up.path,
         });
     }
-    Ok(routes)
+    errors.finish(routes)
+}
+
+/// A document of a `Head` table with an array of `Item` tables under `key` (`[[route]]`,
+/// `[[rules]]`): the head deserialized without the array, each item on its own, and whether
+/// the key is there. Every error goes to `errors`; an item that fails is `None`.
+pub(crate) fn document<Head: serde::de::DeserializeOwned, Item: serde::de::DeserializeOwned>(
+    root: &Spanned<DeTable<'_>>,
+    key: &str,
+    errors: &mut Errors<'_>,
+) -> (Option<Head>, Vec<Option<Item>>, bool) {
+    // The head without the array, which is not copied.
+    let mut head = DeTable::new();
+    let mut items = None;
+    for (k, v) in root.get_ref().iter() {
+        if k.get_ref() == key {
+            items = Some(v);
+        } else {
+            head.insert(k.clone(), v.clone());
+        }
+    }
+    let head = deserialize_all::<Head>(&Spanned::new(root.span(), DeValue::Table(head)), errors);
+    let items = match items {
+        None => Vec::new(),
+        Some(value) => match value.get_ref() {
+            DeValue::Array(items) => items.iter().map(|item| deserialize_all::<Item>(item, errors)).collect(),
+            DeValue::Table(_) => {
+                let message =
+                    format!("`{key}` is a single table: write [[{key}]] (double brackets) above each one");
+                errors.at(value.span().start, message);
+                Vec::new()
+            }
+            // Not a list: serde says what it is instead.
+            _ => deserialize_all::<Vec<Item>>(value, errors)
+                .unwrap_or_default()
+                .into_iter()
+                .map(Some)
+                .collect(),
+        },
+    };
+    (head, items, root.get_ref().contains_key(key))
 }
 
 /// Route names become metric labels and log fields: keep them short and plain.
@@ -386,9 +633,15 @@ mod tests {
         let route = |name: &str, listen: &str| {
             format!("[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"h:1\"\n")
         };
-        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("a", "127.0.0.1:2"))).unwrap_err();
+        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("a", "127.0.0.1:2")))
+            .unwrap_err()
+            .first()
+            .clone();
         assert_eq!((e.line, e.message.as_str()), (6, "duplicate route name \"a\""));
-        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("b", "127.0.0.1:1"))).unwrap_err();
+        let e = parse_routes("f", &(route("a", "127.0.0.1:1") + &route("b", "127.0.0.1:1")))
+            .unwrap_err()
+            .first()
+            .clone();
         assert_eq!((e.line, e.message.as_str()), (7, "route \"a\" already listens on 127.0.0.1:1"));
     }
 

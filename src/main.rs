@@ -153,6 +153,10 @@ async fn ctl(args: CtlArgs) -> ExitCode {
                 std::fs::read(profile)
                     .map(|b| ("PUT", "/profile".to_string(), Some("application/toml"), b))
                     .map_err(|e| format!("{profile}: {e}"))
+            } else if profile::is_path(profile) {
+                // Not a file, and no name either (a name has no `/` nor `.toml`).
+                let hint = profile::path_hint(profile, None).map(|h| format!("; {h}")).unwrap_or_default();
+                Err(format!("{profile}: no such file{hint}"))
             } else {
                 let body = serde_json::json!({ "name": profile }).to_string().into_bytes();
                 Ok(("PUT", "/profile".to_string(), json, body))
@@ -269,22 +273,41 @@ async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>
     output_done(written)
 }
 
-/// `mqtt-chaos check FILE…`: every profile is loaded and validated; all errors are reported.
+/// `mqtt-chaos check FILE…`: every profile (or routes file) is loaded and validated; every
+/// error of every file is reported on stderr, in file order, as `file:line:col: message`. A
+/// closed stdout stops only the `ok:` lines, not the checking nor its exit code.
 fn check(args: &CheckArgs) -> ExitCode {
+    use mqtt_chaos::config;
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
     let mut failed = 0;
+    let mut written = Ok(());
     for name in &args.files {
-        match profile::find(name, &args.profiles_dir) {
-            Ok((source, p)) => {
+        let path = std::path::Path::new(name);
+        let checked = if profile::is_path(name) && config::looks_like_routes(path) {
+            config::load_routes(path)
+                .map(|r| format!("ok: {name} (routes file: {} route{})\n", r.len(), plural(r.len())))
+        } else {
+            profile::find(name, &args.profiles_dir).map(|(source, p)| {
                 let n = p.rules.len();
-                println!("ok: {source} ({}: {n} rule{})", p.spec.name, if n == 1 { "" } else { "s" });
-            }
-            Err(e) => {
-                eprintln!("{e}");
+                format!("ok: {source} ({}: {n} rule{})\n", p.spec.name, plural(n))
+            })
+        };
+        match checked {
+            Ok(line) if written.is_ok() => written = write_out(&line),
+            Ok(_) => {}
+            Err(errors) => {
                 failed += 1;
+                for e in errors.errors() {
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "{e}");
+                }
             }
         }
     }
-    if failed > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS }
+    match output_done(written) {
+        _ if failed > 0 => ExitCode::from(2),
+        code => code,
+    }
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -302,17 +325,18 @@ fn init_logging(format: LogFormat, default_level: &str) {
 }
 
 async fn proxy(args: ProxyArgs) -> ExitCode {
+    // A file's errors come one per line, every line with the prefix.
     let routes = match args.routes() {
         Ok(routes) => routes,
         Err(message) => {
-            eprintln!("mqtt-chaos: {message}");
+            message.lines().for_each(say);
             return ExitCode::from(2);
         }
     };
     let profile = match args.profile() {
         Ok(profile) => profile,
         Err(message) => {
-            eprintln!("mqtt-chaos: {message}");
+            message.lines().for_each(say);
             return ExitCode::from(2);
         }
     };

@@ -1,4 +1,5 @@
-//! Fault profiles: TOML files of rules, loaded with errors that point at `file:line:col`.
+//! Fault profiles: TOML files of rules, loaded with every error pointing at `file:line:col`;
+//! `--profile NAME|FILE` resolution, with advice for a name that was misspelt or given as a path.
 //!
 //! ```toml
 //! name = "drop-pingreq"
@@ -14,7 +15,7 @@
 
 use super::engine::RuleSet;
 use super::rule::{Rule, RuleError, RuleSpec};
-use crate::config::{ConfigError, line_col, read_config_file};
+use crate::config::{ConfigError, ConfigErrors, Errors, closest, document, read_config_file};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,29 +65,63 @@ pub fn compile_rules(specs: &[RuleSpec], prefix: &str) -> Result<Vec<Arc<Rule>>,
     for (i, spec) in specs.iter().enumerate() {
         let path = format!("{prefix}[{i}]");
         if !names.insert(spec.name.as_str()) {
-            return Err(RuleError {
-                path: format!("{path}.name"),
-                message: format!("duplicate rule name {:?}", spec.name),
-            });
+            return Err(duplicate(&path, &spec.name));
         }
         rules.push(Arc::new(spec.compile(&path)?));
     }
     Ok(rules)
 }
 
-/// Parses and validates profile text from `file`.
-pub fn parse_profile(file: &str, text: &str) -> Result<Profile, ConfigError> {
-    let at = |offset: usize, message: String| {
-        let (line, col) = line_col(text, offset);
-        ConfigError { file: file.to_string(), line, col, message }
+/// Parses and validates profile text from `file`. Every error is reported, in file order: a
+/// TOML syntax error alone (parsing stops there), else each wrong field of the profile and of
+/// every rule.
+pub fn parse_profile(file: &str, text: &str) -> Result<Profile, ConfigErrors> {
+    let mut errors = Errors::new(file, text);
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            errors.toml(&e);
+            return errors.finish_with(None);
+        }
     };
-    let spec: ProfileSpec = toml::from_str(text)
-        .map_err(|e| at(e.span().map_or(0, |s| s.start), e.message().trim_end().to_string()))?;
-    spec.compile().map_err(|e| at(span_of(text, &e.path).unwrap_or(0), e.message))
+    let (head, specs, _) = document::<ProfileSpec, RuleSpec>(&root, "rules", &mut errors);
+    let at = |e: RuleError| (span_in(&root, &e.path), e.message);
+    let mut found = Vec::new();
+    if let Some(head) = &head
+        && let Err(message) = crate::names::check("profile name", &head.name)
+    {
+        found.push(at(RuleError { path: "name".into(), message }));
+    }
+    let mut rules = Vec::with_capacity(specs.len());
+    let mut names = std::collections::HashSet::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let Some(spec) = spec else { continue };
+        let path = format!("rules[{i}]");
+        if !names.insert(spec.name.as_str()) {
+            found.push(at(duplicate(&path, &spec.name)));
+        }
+        match spec.compile_all(&path) {
+            Ok(rule) => rules.push(Arc::new(rule)),
+            Err(list) => found.extend(list.into_iter().map(at)),
+        }
+    }
+    for (offset, message) in found {
+        errors.at(offset, message);
+    }
+    let profile = head.map(|mut spec| {
+        spec.rules = specs.into_iter().flatten().collect();
+        Profile { spec, rules }
+    });
+    errors.finish_with(profile)
+}
+
+/// The error of a rule whose name an earlier rule has.
+fn duplicate(path: &str, name: &str) -> RuleError {
+    RuleError { path: format!("{path}.name"), message: format!("duplicate rule name {name:?}") }
 }
 
 /// Reads a profile file.
-pub fn load_profile(path: &Path) -> Result<Profile, ConfigError> {
+pub fn load_profile(path: &Path) -> Result<Profile, ConfigErrors> {
     let (file, text) = read_config_file(path)?;
     parse_profile(&file, &text)
 }
@@ -127,33 +162,77 @@ impl std::fmt::Display for Source {
 
 /// Whether `--profile` was given a path (an existing file, or text with a `/` or ending in
 /// `.toml`) rather than a name.
-fn is_path(name_or_file: &str) -> bool {
+pub fn is_path(name_or_file: &str) -> bool {
     Path::new(name_or_file).is_file() || name_or_file.contains('/') || name_or_file.ends_with(".toml")
 }
 
 /// `--profile NAME|FILE`: a file path; or a name, looked up as `DIR/NAME.toml`, then among the
-/// built-in profiles. An unknown name is an error that lists the available ones.
-pub fn find(name_or_file: &str, dir: &Path) -> Result<(Source, Profile), ConfigError> {
+/// built-in profiles. An unknown name is an error that lists the available ones and suggests a
+/// close one; a path to no file that looks like a profile name (`drop-pingreq.toml`) suggests
+/// that name.
+pub fn find(name_or_file: &str, dir: &Path) -> Result<(Source, Profile), ConfigErrors> {
     if is_path(name_or_file) {
         let path = PathBuf::from(name_or_file);
-        return load_profile(&path).map(|p| (Source::File(path), p));
+        return match load_profile(&path) {
+            Ok(p) => Ok((Source::File(path), p)),
+            Err(e) if !path.exists() => match path_hint(name_or_file, Some(dir)) {
+                Some(hint) => {
+                    let mut first = e.first().clone();
+                    first.message = format!("{}; {hint}", first.message);
+                    Err(first.into())
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        };
     }
-    by_name(name_or_file, dir)?.ok_or_else(|| ConfigError {
-        file: name_or_file.to_string(),
-        line: 0,
-        col: 0,
-        message: format!(
-            "no profile of that name in {} nor built in; available: {} (`mqtt-chaos profiles` describes \
-             them; --profiles-dir DIR looks elsewhere; a path to a .toml file works too)",
-            dir.display(),
-            available_names(dir)
-        ),
+    let names = reachable(dir);
+    let close = closest(name_or_file, names.iter().map(|(n, _)| n.as_str()))
+        .map(|n| format!("did you mean `{n}`? "))
+        .unwrap_or_default();
+    let available = names.into_iter().map(|(n, _)| n).collect::<Vec<_>>().join(", ");
+    by_name(name_or_file, dir)?.ok_or_else(|| {
+        ConfigError {
+            file: name_or_file.to_string(),
+            line: 0,
+            col: 0,
+            message: format!(
+                "no profile of that name in {} nor built in; {close}available: {available} (`mqtt-chaos \
+                 profiles` describes them; --profiles-dir DIR looks elsewhere; a path to a .toml file works too)",
+                dir.display(),
+            ),
+        }
+        .into()
     })
+}
+
+/// For a path to no file (`drop-pingreq.toml`, `profiles/drop-pingrq.toml`): the profile name
+/// it may have meant, as advice. Its file name without `.toml` is compared with the names a
+/// profile can be given by (those in `dir`, if given, and the built-in ones), exactly, then
+/// within two typing mistakes.
+pub fn path_hint(path: &str, dir: Option<&Path>) -> Option<String> {
+    let stem = Path::new(path).file_stem()?.to_str()?;
+    let names = match dir {
+        Some(dir) => reachable(dir),
+        None => BUILT_IN.iter().map(|(n, _)| (n.to_string(), Source::BuiltIn)).collect(),
+    };
+    let (name, source) = match names.iter().find(|(n, _)| n == stem) {
+        Some(found) => found,
+        None => {
+            let close = closest(stem, names.iter().map(|(n, _)| n.as_str()))?;
+            names.iter().find(|(n, _)| n == close)?
+        }
+    };
+    let kind = match source {
+        Source::BuiltIn => "the built-in profile".to_string(),
+        Source::File(file) => format!("the profile in {}", file.display()),
+    };
+    Some(format!("did you mean {kind} `{name}`? A profile name is given alone, without a path or `.toml`"))
 }
 
 /// A profile by name only (never a path): `DIR/NAME.toml`, then the built-in one; `None` if
 /// there is neither.
-pub fn by_name(name: &str, dir: &Path) -> Result<Option<(Source, Profile)>, ConfigError> {
+pub fn by_name(name: &str, dir: &Path) -> Result<Option<(Source, Profile)>, ConfigErrors> {
     let path = dir.join(format!("{name}.toml"));
     if path.is_file() {
         return load_profile(&path).map(|p| Some((Source::File(path), p)));
@@ -176,7 +255,7 @@ pub fn listing(dir: &Path) -> serde_json::Value {
         .map(|l| {
             let mut item = match l.loaded {
                 Ok(p) => json!({"name": l.name, "description": p.spec.description, "rules": p.rules.len()}),
-                Err(e) => json!({"name": l.name, "error": e.to_string()}),
+                Err(e) => json!({"name": l.name, "error": e.summary()}),
             };
             match l.source {
                 Source::File(path) => {
@@ -202,36 +281,48 @@ pub fn available_names(dir: &Path) -> String {
 pub struct Listed {
     pub name: String,
     pub source: Source,
-    pub loaded: Result<Profile, ConfigError>,
+    pub loaded: Result<Profile, ConfigErrors>,
 }
 
 /// Every profile `find` can reach by name, sorted by name: the files in `dir` (a missing or
 /// unreadable folder gives none) and the built-in profiles no file overrides.
 pub fn available(dir: &Path) -> Vec<Listed> {
-    let mut all: Vec<Listed> = std::fs::read_dir(dir)
+    reachable(dir)
+        .into_iter()
+        .map(|(name, source)| {
+            let loaded = match &source {
+                Source::File(path) => load_profile(path),
+                Source::BuiltIn => {
+                    let text = BUILT_IN.iter().find(|(n, _)| *n == name).map_or("", |(_, t)| *t);
+                    parse_profile(&format!("built-in profile {name}"), text)
+                }
+            };
+            Listed { name, source, loaded }
+        })
+        .collect()
+}
+
+/// The names of [`available`] and where each is, without loading them.
+fn reachable(dir: &Path) -> Vec<(String, Source)> {
+    let mut all: Vec<(String, Source)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .filter_map(|path| {
-            let name = path.file_stem()?.to_str()?.to_string();
-            Some(Listed { name, loaded: load_profile(&path), source: Source::File(path) })
-        })
+        .filter_map(|path| Some((path.file_stem()?.to_str()?.to_string(), Source::File(path))))
         .collect();
-    for (name, text) in BUILT_IN {
-        if !all.iter().any(|l| l.name == *name) {
-            let loaded = parse_profile(&format!("built-in profile {name}"), text);
-            all.push(Listed { name: name.to_string(), source: Source::BuiltIn, loaded });
+    for (name, _) in BUILT_IN {
+        if !all.iter().any(|(n, _)| n == name) {
+            all.push((name.to_string(), Source::BuiltIn));
         }
     }
-    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all.sort_by(|a, b| a.0.cmp(&b.0));
     all
 }
 
-/// Byte offset of the value at `path` (`rules[2].match.protocol`) in TOML `text`; for a path
-/// that is not in the text (a missing field), the closest enclosing value.
-fn span_of(text: &str, path: &str) -> Option<usize> {
-    let root = DeTable::parse(text).ok()?;
+/// Byte offset of the value at `path` (`rules[2].match.protocol`) in the parsed document
+/// `root`; for a path that is not in the text (a missing field), the closest enclosing value.
+fn span_in(root: &toml::Spanned<DeTable<'_>>, path: &str) -> usize {
     let mut best = root.span().start;
     let mut table: &DeTable<'_> = root.get_ref();
     for segment in path.split('.') {
@@ -240,7 +331,7 @@ fn span_of(text: &str, path: &str) -> Option<usize> {
         best = value.span().start;
         for index in indices.split(['[', ']']).filter(|s| !s.is_empty()) {
             let item = index.parse::<usize>().ok().and_then(|i| value.get_ref().as_array()?.get(i));
-            let Some(item) = item else { return Some(best) };
+            let Some(item) = item else { return best };
             value = item;
             best = value.span().start;
         }
@@ -249,7 +340,7 @@ fn span_of(text: &str, path: &str) -> Option<usize> {
             _ => break,
         }
     }
-    Some(best)
+    best
 }
 
 #[cfg(test)]
@@ -282,40 +373,40 @@ latency = "1s"
     #[test]
     fn errors_point_at_the_offending_value() {
         let bad = GOOD.replace("packets = [\"PINGREQ\"]", "packets = [\"PINGREQ\", \"PING\"]");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert_eq!((e.line, e.col), (9, 23), "{e}");
         assert!(e.to_string().starts_with("p.toml:9:23: unknown packet type \"PING\""), "{e}");
 
         let bad = GOOD.replace("latency = \"1s\"", "latency = \"1s\"\nprobability = 2.0");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert_eq!((e.line, e.col), (15, 15), "{e}");
 
         let bad = GOOD.replace("name = \"b\"", "name = \"a\"");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert_eq!(e.to_string(), "p.toml:12:8: duplicate rule name \"a\"");
 
         let bad = GOOD.replace("latency = \"1s\"", "latency = \"soon\"");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert!(e.to_string().starts_with("p.toml:14:11: invalid duration \"soon\""), "{e}");
 
         let bad = GOOD.replace("action = \"drop\"", "action = \"drop\"\nlatnecy = \"1s\"");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert!(e.to_string().starts_with("p.toml:9:1: unknown field `latnecy`"), "{e}");
 
         // A missing field points at its rule.
         let bad = GOOD.replace("latency = \"1s\"\n", "");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert_eq!(e.line, 11, "{e}");
     }
 
     #[test]
     fn a_profile_name_that_could_forge_log_lines_or_labels_is_refused_at_its_place() {
         let bad = GOOD.replace("name = \"demo\"", "name = \"demo\\r\\nINFO forged\"");
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert_eq!((e.line, e.col), (2, 8), "{e}");
         assert!(e.message.contains("control character"), "{e}");
         let bad = GOOD.replace("name = \"demo\"", &format!("name = \"{}\"", "p".repeat(900_000)));
-        let e = parse_profile("p.toml", &bad).unwrap_err();
+        let e = parse_profile("p.toml", &bad).unwrap_err().first().clone();
         assert!(e.message.contains("at most 64"), "{e}");
     }
 

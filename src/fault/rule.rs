@@ -385,16 +385,24 @@ pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
 const ALL_PACKETS: u16 = (1 << 15) - 1;
 
 impl RuleSpec {
-    /// Validates the rule; `path` prefixes error paths (e.g. `rules[2]`).
+    /// Validates the rule; `path` prefixes error paths (e.g. `rules[2]`). The first error
+    /// [`RuleSpec::compile_all`] finds.
     pub fn compile(&self, path: &str) -> Result<Rule, RuleError> {
-        let err = |field: &str, message: String| {
+        self.compile_all(path).map_err(|mut errors| errors.swap_remove(0))
+    }
+
+    /// Validates the rule and reports every problem it has (never an empty list), each with
+    /// the path of its field; `path` prefixes them (e.g. `rules[2]`).
+    pub fn compile_all(&self, path: &str) -> Result<Rule, Vec<RuleError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
             let path = if field.is_empty() { path.to_string() } else { format!("{path}.{field}") };
-            Err(RuleError { path, message })
+            errors.push(RuleError { path, message });
         };
         let kind = self.action;
         let a = kind.as_str();
         if let Err(message) = crate::names::check("rule name", &self.name) {
-            return err("name", message);
+            err("name", message);
         }
         // Every time value is bounded, so no arithmetic on it can overflow an `Instant`.
         for (field, value) in [
@@ -406,7 +414,7 @@ impl RuleSpec {
             if let Some(d) = value
                 && d > MAX_DURATION
             {
-                return err(
+                err(
                     field,
                     format!(
                         "`{field}` of {} is over the maximum of 1 year (\"1year\", 365.25 days)",
@@ -432,7 +440,7 @@ impl RuleSpec {
         for (field, given, owners) in foreign {
             if given && !owners.contains(&kind) {
                 let owners: Vec<_> = owners.iter().map(|o| o.as_str()).collect();
-                return err(
+                err(
                     field,
                     format!("`{field}` does not apply to action `{a}` (only to {})", owners.join(", ")),
                 );
@@ -455,59 +463,58 @@ impl RuleSpec {
         if let (Some(given), Some((agrees, why))) = (self.direction, direction_fixed)
             && Some(given) != agrees
         {
-            return err("direction", format!("`direction` does not apply to action `{a}`: {why}"));
+            err("direction", format!("`direction` does not apply to action `{a}`: {why}"));
         }
         if self.count.is_some() && !kind.is_packet_action() {
-            return err("count", format!("`count` limits packets; action `{a}` acts once per connection"));
+            err("count", format!("`count` limits packets; action `{a}` acts once per connection"));
         }
         let probability = self.probability.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&probability) {
-            return err("probability", format!("probability must be between 0.0 and 1.0, got {probability}"));
+            err("probability", format!("probability must be between 0.0 and 1.0, got {probability}"));
         }
         if self.duration == Some(Duration::ZERO) {
-            return err(
-                "duration",
-                "a duration of 0 would never apply; leave it out for \"until the end\"".into(),
-            );
+            err("duration", "a duration of 0 would never apply; leave it out for \"until the end\"".into());
         }
         let mut packets = ALL_PACKETS;
-        if let Some(names) = &self.packets {
+        // A `packets` list on an action it does not apply to was reported above.
+        if let Some(names) = &self.packets
+            && kind.is_packet_action()
+        {
             if names.is_empty() {
-                return err(
-                    "packets",
-                    "an empty list matches no packet; leave it out for all packets".into(),
-                );
+                err("packets", "an empty list matches no packet; leave it out for all packets".into());
             }
             packets = 0;
             for (i, n) in names.iter().enumerate() {
-                let Some(t) = PacketType::from_name(n) else {
-                    let all: Vec<_> = PacketType::ALL.iter().map(|t| t.name()).collect();
-                    return err(
-                        &format!("packets[{i}]"),
-                        format!("unknown packet type {n:?}; known: {}", all.join(", ")),
-                    );
-                };
-                packets |= 1 << t.index();
+                match PacketType::from_name(n) {
+                    Some(t) => packets |= 1 << t.index(),
+                    None => {
+                        let all: Vec<_> = PacketType::ALL.iter().map(|t| t.name()).collect();
+                        err(
+                            &format!("packets[{i}]"),
+                            format!("unknown packet type {n:?}; known: {}", all.join(", ")),
+                        );
+                    }
+                }
             }
         }
         let matcher = self.matcher.clone().unwrap_or_default();
         if let Some(levels) = &matcher.protocol
             && let Some(bad) = levels.iter().find(|l| !(3..=5).contains(*l))
         {
-            return err(
-                "match.protocol",
-                format!("protocol level {bad} is not 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0)"),
-            );
+            err("match.protocol", format!("protocol level {bad} is not 3 (MQTT 3.1), 4 (3.1.1) or 5 (5.0)"));
         }
         let action = match kind {
             ActionKind::Drop => Action::Drop,
             ActionKind::Blackhole => Action::Blackhole,
             ActionKind::Freeze => Action::Freeze,
             ActionKind::Delay => {
-                let Some(latency) = self.latency else {
-                    return err("latency", "action `delay` needs `latency`, e.g. latency = \"2s\"".into());
-                };
-                Action::Delay { latency, jitter: self.jitter.unwrap_or_default() }
+                if self.latency.is_none() {
+                    err("latency", "action `delay` needs `latency`, e.g. latency = \"2s\"".into());
+                }
+                Action::Delay {
+                    latency: self.latency.unwrap_or_default(),
+                    jitter: self.jitter.unwrap_or_default(),
+                }
             }
             ActionKind::Close => Action::Close {
                 side: self.side.unwrap_or(SideSpec::Both),
@@ -515,60 +522,53 @@ impl RuleSpec {
             },
             ActionKind::RewriteKeepalive => {
                 if self.set.is_some() && self.scale.is_some() {
-                    return err("scale", "give either `set` or `scale`, not both".into());
+                    err("scale", "give either `set` or `scale`, not both".into());
                 }
                 if self.set.is_none() && self.scale.is_none() && self.min.is_none() && self.max.is_none() {
-                    return err("", "action `rewrite_keepalive` needs `set`, `scale`, `min` or `max`".into());
+                    err("", "action `rewrite_keepalive` needs `set`, `scale`, `min` or `max`".into());
                 }
                 if let Some(s) = self.scale
                     && !(s.is_finite() && s >= 0.0)
                 {
-                    return err("scale", format!("scale must be a finite number ≥ 0, got {s}"));
+                    err("scale", format!("scale must be a finite number ≥ 0, got {s}"));
                 }
                 if let (Some(lo), Some(hi)) = (self.min, self.max)
                     && lo > hi
                 {
-                    return err("min", format!("min ({lo}) is above max ({hi})"));
+                    err("min", format!("min ({lo}) is above max ({hi})"));
                 }
                 Action::RewriteKeepalive { set: self.set, scale: self.scale, min: self.min, max: self.max }
             }
             ActionKind::ServerKeepalive => {
-                let Some(set) = self.set else {
-                    return err(
+                if self.set.is_none() {
+                    err(
                         "set",
                         "action `server_keepalive` needs `set`, the Server Keep Alive in seconds".into(),
                     );
-                };
+                }
                 if matcher.protocol.as_ref().is_some_and(|p| !p.contains(&5)) {
-                    return err(
+                    err(
                         "match.protocol",
                         "`server_keepalive` only changes MQTT 5 CONNACKs, and this match excludes protocol 5"
                             .into(),
                     );
                 }
-                Action::ServerKeepalive { set }
+                Action::ServerKeepalive { set: self.set.unwrap_or_default() }
             }
             ActionKind::Disconnect => {
                 let reason = match &self.reason {
                     None => {
-                        return err(
-                            "reason",
-                            "action `disconnect` needs `reason`, e.g. reason = 0x8D".into(),
-                        );
+                        err("reason", "action `disconnect` needs `reason`, e.g. reason = 0x8D".into());
+                        0
                     }
                     Some(ReasonSpec::Code(c)) => *c,
-                    Some(ReasonSpec::Name(n)) => match reason_code(n) {
-                        Some(c) => c,
-                        None => {
-                            return err(
-                                "reason",
-                                format!("unknown DISCONNECT reason {n:?}; give a code such as 0x8D"),
-                            );
-                        }
-                    },
+                    Some(ReasonSpec::Name(n)) => reason_code(n).unwrap_or_else(|| {
+                        err("reason", format!("unknown DISCONNECT reason {n:?}; give a code such as 0x8D"));
+                        0
+                    }),
                 };
                 if matcher.protocol.as_ref().is_some_and(|p| !p.contains(&5)) {
-                    return err(
+                    err(
                         "match.protocol",
                         "`disconnect` sends MQTT 5 packets; this match excludes protocol 5".into(),
                     );
@@ -576,6 +576,9 @@ impl RuleSpec {
                 Action::Disconnect { reason, to: self.to.unwrap_or(SideSpec::Client) }
             }
         };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let directions = match self.direction.unwrap_or(DirectionSpec::Both) {
             DirectionSpec::ClientToBroker => [true, false],
             DirectionSpec::BrokerToClient => [false, true],
@@ -707,6 +710,24 @@ mod tests {
         assert_eq!(e.path, "rules[0].latency");
         let e = compile_err("name = \"x\"\naction = \"disconnect\"\nreason = \"bogus\"\n");
         assert_eq!(e.path, "rules[0].reason");
+    }
+
+    #[test]
+    fn every_problem_of_a_rule_is_reported_and_the_first_is_the_one_compile_gives() {
+        let text = "name = \"x\"\naction = \"close\"\nprobability = 3.0\ncount = 2\nlatency = \"1s\"\n\
+                    match = { protocol = [9] }\n";
+        let errors = spec(text).compile_all("rules[0]").unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["rules[0].latency", "rules[0].count", "rules[0].probability", "rules[0].match.protocol"]
+        );
+        assert_eq!(spec(text).compile("rules[0]").unwrap_err(), errors[0]);
+        // Each bad packet name is its own error.
+        let text = "name = \"x\"\naction = \"drop\"\npackets = [\"PING\", \"PINGREQ\", \"PONG\"]\n";
+        let errors = spec(text).compile_all("r").unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["r.packets[0]", "r.packets[2]"]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! mosquitto`); without it these tests fail with that instruction.
 
 mod admin;
+mod check;
 mod cli;
 mod ctl;
 mod dashboard;
