@@ -79,7 +79,7 @@ struct Monitor {
     takeovers: HashMap<u64, Takeover>,
     wills: Vec<ExpectedWill>,
     /// Recent PUBLISHes on watched topics: (topic, when).
-    recent: VecDeque<(String, Instant)>,
+    recent: VecDeque<(Arc<str>, Instant)>,
 }
 
 /// Counts what the first close of a takeover's victim says about the broker: it closed the old
@@ -226,7 +226,7 @@ impl Monitor {
         };
         // The broker may have published it before the proxy noticed the close.
         let early =
-            self.recent.iter().position(|(t, at)| t == expected.topic() && *at + EARLY_WILL >= closed_at);
+            self.recent.iter().position(|(t, at)| &**t == expected.topic() && *at + EARLY_WILL >= closed_at);
         match early {
             Some(i) => {
                 let (_, at) = self.recent.remove(i).expect("found above");
@@ -237,9 +237,9 @@ impl Monitor {
     }
 
     /// A PUBLISH on a Will topic: through the proxy (any route), or seen by a route's observer.
-    fn on_will_topic_publish(&mut self, topic: String, at: Instant, route: Option<String>) {
+    fn on_will_topic_publish(&mut self, topic: Arc<str>, at: Instant, route: Option<String>) {
         let same_route = |w: &ExpectedWill| route.as_ref().is_none_or(|r| *r == w.route.name);
-        match self.wills.iter().position(|w| w.topic() == topic && same_route(w)) {
+        match self.wills.iter().position(|w| w.topic() == &*topic && same_route(w)) {
             Some(i) => {
                 let w = self.wills.remove(i);
                 self.observed(w, at);

@@ -371,12 +371,10 @@ impl Observer {
             PacketType::Publish => {
                 if let Ok(p) = Publish::decode(frame, &h, self.protocol())
                     && !p.retain
+                    && let Some(topic) = self.registry.watched(&p.topic)
                 {
-                    self.registry.emit(Event::WillTopicPublish {
-                        route: self.route.name.clone(),
-                        topic: p.topic,
-                        at: Instant::now(),
-                    });
+                    let route = self.route.name.clone();
+                    self.registry.emit(Event::WillTopicPublish { route, topic, at: Instant::now() });
                 }
             }
             PacketType::Suback => {

@@ -658,15 +658,19 @@ impl Inspector<'_> {
             }
             (dir @ Direction::BrokerToClient, PacketType::Publish) if self.ctx.registry.watching_topics() => {
                 match Publish::decode(frame, h, protocol) {
-                    Ok(p) if self.ctx.registry.is_watched(&p.topic) => self.emit(|| Event::Publish {
-                        conn: conn.clone(),
-                        direction: dir,
-                        topic: p.topic,
-                        qos: p.qos,
-                        retain: p.retain,
-                        at: now,
-                    }),
-                    Ok(_) => {}
+                    Ok(p) => {
+                        if let Some(topic) = self.ctx.registry.watched(&p.topic) {
+                            let (qos, retain) = (p.qos, p.retain);
+                            self.emit(|| Event::Publish {
+                                conn: conn.clone(),
+                                direction: dir,
+                                topic,
+                                qos,
+                                retain,
+                                at: now,
+                            });
+                        }
+                    }
                     Err(e) => {
                         debug!(conn = conn.id, direction = %dir, error = %e, "PUBLISH could not be decoded")
                     }

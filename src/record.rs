@@ -1047,7 +1047,14 @@ pub enum Event {
     /// A CONNACK was forwarded to the client.
     Connack(Arc<Connection>),
     /// A PUBLISH on a watched topic ([`Registry::watch_topic`]) was forwarded to a client.
-    Publish { conn: Arc<Connection>, direction: Direction, topic: String, qos: u8, retain: bool, at: Instant },
+    Publish {
+        conn: Arc<Connection>,
+        direction: Direction,
+        topic: Arc<str>,
+        qos: u8,
+        retain: bool,
+        at: Instant,
+    },
     /// A side (or the proxy) closed the connection first; its record holds the [`CloseInfo`].
     /// Measurements are decided here, whether or not the other side is still open.
     Closed(Arc<Connection>),
@@ -1057,7 +1064,7 @@ pub enum Event {
     /// connection id).
     Takeover { old: Arc<Connection>, new: u64, at: Instant },
     /// The Will observer (`--observe-wills`) received a PUBLISH on a Will topic.
-    WillTopicPublish { route: String, topic: String, at: Instant },
+    WillTopicPublish { route: String, topic: Arc<str>, at: Instant },
     /// A rule acted on a connection for the first time (later applications are only counted).
     Fault { conn: Arc<Connection>, rule: String, action: &'static str, direction: &'static str },
     /// The rules changed through the admin API: what happened, in words.
@@ -1311,7 +1318,7 @@ pub struct Registry {
     subscriptions: Mutex<HashMap<(String, String), usize>>,
     events: broadcast::Sender<Event>,
     /// Will topics whose PUBLISHes are reported as events, with a reference count.
-    will_topics: Mutex<HashMap<String, usize>>,
+    will_topics: Mutex<HashMap<Arc<str>, usize>>,
     /// Number of entries in `will_topics`, so the pumps can skip PUBLISH decoding when zero.
     watching: AtomicU64,
     /// The monitor's index sizes.
@@ -1363,7 +1370,7 @@ impl Registry {
         let _ = self.events.send(event);
     }
 
-    fn will_topics(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+    fn will_topics(&self) -> MutexGuard<'_, HashMap<Arc<str>, usize>> {
         lock(&self.will_topics)
     }
 
@@ -1372,7 +1379,10 @@ impl Registry {
     /// the monitor another while it awaits the Will, so no path can leave a topic watched.
     pub fn watch_topic(self: &Arc<Self>, topic: &str) -> Arc<TopicWatch> {
         let mut topics = self.will_topics();
-        *topics.entry(topic.to_string()).or_default() += 1;
+        match topics.get_mut(topic) {
+            Some(n) => *n += 1,
+            None => drop(topics.insert(Arc::from(topic), 1)),
+        }
         self.watching.store(topics.len() as u64, Relaxed);
         Arc::new(TopicWatch { registry: self.clone(), topic: topic.to_string() })
     }
@@ -1395,6 +1405,13 @@ impl Registry {
 
     pub(crate) fn is_watched(&self, topic: &str) -> bool {
         self.will_topics().contains_key(topic)
+    }
+
+    /// The watched topic equal to `topic`, shared: the events of PUBLISHes on a Will topic all
+    /// point at this one copy, so a flood of them on a 64 KiB topic holds the topic once, not
+    /// once per event in the backlog and in the monitor's recent PUBLISHes.
+    pub(crate) fn watched(&self, topic: &str) -> Option<Arc<str>> {
+        self.will_topics().get_key_value(topic).map(|(k, _)| k.clone())
     }
 
     /// The size of every index keyed by what clients send, by name (see [`Tracked`]).

@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::io::Write;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 /// The longest UTF-8 string MQTT encodes (a two-byte length).
 const MQTT_STRING_MAX: usize = 65_535;
@@ -117,4 +118,48 @@ async fn closed_connections_with_the_longest_ids_and_will_topics_leave_only_abbr
     assert_eq!(open[0]["client_id"].as_str(), Some(live_id.as_str()), "the live record's id, whole");
     assert!(open[0].get("client_id_len").is_none());
     drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_publishes_on_the_longest_will_topic_holds_the_topic_once() {
+    let mosquitto = Mosquitto::start();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let proxy = Binary::start(&["--listen", &listen, "--upstream", &mosquitto.addr()], &listen);
+    let mut stalled = std::net::TcpStream::connect(&proxy.admin).unwrap();
+    write!(stalled, "GET /events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+
+    // A device whose Will topic is the longest there is: PUBLISHes on it are watched.
+    let topic = longest("w");
+    let mut device = TcpStream::connect(&listen).await.unwrap();
+    device.write_all(&connect_v4("will-holder", 60, Some((&topic, "gone")))).await.unwrap();
+    expect_packet(&mut device, Duration::from_secs(5), "CONNACK").await;
+    // A subscriber through the proxy, and a publisher straight to the broker.
+    let mut subscriber = TcpStream::connect(&listen).await.unwrap();
+    subscriber.write_all(&connect_v4("listener", 60, None)).await.unwrap();
+    expect_packet(&mut subscriber, Duration::from_secs(5), "CONNACK").await;
+    subscriber.write_all(&subscribe_v4(1, &topic, 0)).await.unwrap();
+    expect_packet(&mut subscriber, Duration::from_secs(5), "SUBACK").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = proc_memory(proxy.pid, "RssAnon");
+
+    // 3,000 PUBLISHes on it reach the subscriber through the proxy (about 200 MB of topics).
+    const PUBLISHES: usize = 3000;
+    let reader = tokio::spawn(async move {
+        for _ in 0..PUBLISHES {
+            expect_packet(&mut subscriber, Duration::from_secs(10), "PUBLISH").await;
+        }
+        subscriber
+    });
+    let mut publisher = TcpStream::connect(mosquitto.addr()).await.unwrap();
+    publisher.write_all(&connect_v4("publisher", 60, None)).await.unwrap();
+    expect_packet(&mut publisher, Duration::from_secs(5), "CONNACK").await;
+    let publish = publish_v4(&topic, b"x");
+    for _ in 0..PUBLISHES {
+        publisher.write_all(&publish).await.unwrap();
+    }
+    let _subscriber = reader.await.unwrap();
+    let grew = proc_memory(proxy.pid, "RssAnon").saturating_sub(before);
+    // Before: each event and each remembered PUBLISH held its own copy of the topic.
+    assert!(grew < 32 * 1024 * 1024, "the proxy grew by {} MB over {PUBLISHES} PUBLISHes", grew >> 20);
+    drop(device);
 }

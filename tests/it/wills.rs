@@ -155,7 +155,7 @@ async fn observer_relays(proxy: &mut TestProxy, topic: &str, within: Duration) {
             .expect("the observer reported no PUBLISH on the Will topic")
             .unwrap();
         if let mqtt_chaos::record::Event::WillTopicPublish { topic: t, .. } = ev
-            && t == topic
+            && &*t == topic
         {
             return;
         }
@@ -279,7 +279,7 @@ async fn the_will_observer_reaches_a_tls_broker_and_a_websocket_broker() {
         let seen = tokio::time::timeout(WAIT, async {
             loop {
                 match proxy.events.recv().await.unwrap() {
-                    Event::WillTopicPublish { topic: t, .. } if t == topic => return,
+                    Event::WillTopicPublish { topic: t, .. } if *t == *topic => return,
                     _ => {}
                 }
             }
