@@ -152,7 +152,8 @@ struct Counted {
 
 /// Done once the peer of `tcp` has closed its sending side (FIN or RST), whether or not unread
 /// bytes remain: a connection that waits to read must still see its peer go, or it would hold
-/// its bytes (and its place) for ever. It watches a duplicate of the socket for `EPOLLRDHUP`,
+/// its bytes (and its place) for ever. (A FIN sent behind bytes the peer could not send yet
+/// waits, as TCP's flow control has it, until the window opens; a reset arrives at once.) It watches a duplicate of the socket for `EPOLLRDHUP`,
 /// so only waiting connections pay for it. Done at once if the socket cannot be watched.
 fn peer_gone(tcp: &tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     use std::os::fd::AsFd;
