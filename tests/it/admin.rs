@@ -213,18 +213,7 @@ fn ctl_drives_a_running_proxy() {
         &["--admin", &admin, "--profiles-dir", dir, "--shutdown-grace", "200ms"],
     );
     let listen = proxy.listen.clone();
-    let ctl = |args: &[&str]| {
-        let out = Command::new(binary())
-            .args(["ctl", "--admin", &format!("http://{admin}")])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let ctl = |args: &[&str]| ctl(&admin, args);
     let mut device = std::net::TcpStream::connect(&listen).unwrap();
     std::io::Write::write_all(&mut device, &connect_v4("ctl-device", 45, None)).unwrap();
     device.set_read_timeout(Some(WAIT)).unwrap();

@@ -17,19 +17,25 @@ const MEMORY_CAP_KIB: u64 = 1024 * 1024;
 /// A scripted HTTP server on loopback: each connection's request head is read, then `answer`
 /// writes whatever it likes (until the client goes away).
 fn hostile_server(answer: fn(&mut TcpStream)) -> String {
+    loopback_server(move |mut stream| {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        answer(&mut stream);
+    })
+}
+
+/// A server on a free loopback port that runs `serve` on a thread of its own per connection.
+fn loopback_server(serve: impl Fn(TcpStream) + Clone + Send + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
-                    head.push(byte[0]);
-                }
-                answer(&mut stream);
-            });
+            let Ok(stream) = stream else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(stream));
         }
     });
     addr
@@ -224,34 +230,13 @@ fn watch_takes_a_silent_stream_as_gone() {
 
 /// A broker that accepts every CONNECT and then holds the connection open.
 fn accepting_broker() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                if stream.read(&mut buf).is_ok_and(|n| n > 0) {
-                    let _ = stream.write_all(&[0x20, 2, 0, 0]);
-                    while stream.read(&mut buf).is_ok_and(|n| n > 0) {}
-                }
-            });
+    loopback_server(|mut stream| {
+        let mut buf = [0u8; 4096];
+        if stream.read(&mut buf).is_ok_and(|n| n > 0) {
+            let _ = stream.write_all(&[0x20, 2, 0, 0]);
+            while stream.read(&mut buf).is_ok_and(|n| n > 0) {}
         }
-    });
-    addr
-}
-
-fn ctl(admin: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(binary())
-        .args(["ctl", "--admin", &format!("http://{admin}")])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    })
 }
 
 /// `ctl watch` (with `extra`) once it has subscribed; its stdout as lines.

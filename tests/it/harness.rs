@@ -616,3 +616,17 @@ pub fn spawn_binary(args: &[&str], listen: &str) -> Child {
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mqtt-chaos"))
 }
+
+/// `mqtt-chaos ctl --admin http://ADMIN ARGS…`: its exit code, stdout and stderr.
+pub fn ctl(admin: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary())
+        .args(["ctl", "--admin", &format!("http://{admin}")])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
