@@ -402,8 +402,9 @@ pub struct ProxyArgs {
     pub ws_max_frame: usize,
 
     /// Most bytes all ws/wss connections together may hold of frames not yet complete (a frame is
-    /// forwarded only whole); at the limit a connection holding part of a frame stops reading
-    /// until others finish. Default 64MiB, or --ws-max-frame if larger; at least --ws-max-frame.
+    /// forwarded only whole); at the limit a connection holding part of a frame stops reading,
+    /// all but one that finishes its frame first. Default 64MiB, or --ws-max-frame if larger;
+    /// at least --ws-max-frame.
     #[arg(long, env = "MQTT_CHAOS_WS_MAX_HELD", value_parser = config::parse_size)]
     pub ws_max_held: Option<usize>,
 

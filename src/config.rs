@@ -454,7 +454,7 @@ pub fn parse_routes(file: &str, text: &str) -> Result<Vec<RouteConfig>, ConfigEr
         }
     };
     let (_, entries, given) = document::<RoutesFile, RouteEntry>(&root, "route", &mut errors);
-    if !given {
+    if !given || (entries.is_empty() && errors.found.is_empty()) {
         errors.at(0, "no routes: add at least one [[route]] with name, listen and upstream");
     }
     let mut routes: Vec<RouteConfig> = Vec::new();
@@ -609,6 +609,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_routes_file_with_an_empty_route_list_has_no_routes() {
+        for text in ["", "route = []\n"] {
+            let e = parse_routes("r.toml", text).unwrap_err();
+            assert!(e.to_string().contains("no routes"), "{text:?}: {e}");
+        }
+    }
 
     #[test]
     fn parses_routes_file() {

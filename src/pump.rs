@@ -515,7 +515,7 @@ struct Inspector<'a> {
     raw: bool,
     /// A DISCONNECT in the batch being decided closed the connection: the close is recorded
     /// now (it is the first), announced once the batch it ends is written and counted, so the
-    /// close line's byte counts include it.
+    /// close line's byte counts include it (or at the session's end, if the write never ends).
     close_to_announce: bool,
 }
 

@@ -22,7 +22,7 @@ use crate::vocab::{Batch, Cause, CloseHow, CloseInfo, Direction, Side};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::broadcast;
@@ -310,6 +310,8 @@ pub struct Connection {
     /// decode what the broker sends.
     protocol: AtomicU8,
     /// When the PINGREQ awaiting its PINGRESP was forwarded (same encoding as `last_packet`).
+    /// The first close is recorded and not announced yet ([`Connection::record_close`]).
+    unannounced: AtomicBool,
     ping_pending: AtomicU64,
     /// When the client last sent anything, including packets a rule then dropped.
     last_from_client: AtomicU64,
@@ -342,6 +344,7 @@ impl Connection {
             dirs: Default::default(),
             protocol: AtomicU8::new(0),
             ping_pending: AtomicU64::new(0),
+            unannounced: AtomicBool::new(false),
             last_from_client: AtomicU64::new(0),
             pingreq_from_client: AtomicU64::new(0),
             max_client_gap: AtomicU64::new(0),
@@ -727,7 +730,8 @@ impl Connection {
 
     /// [`Connection::note_close`] without the announcement, for a close seen in the middle of
     /// a batch: its caller announces it ([`Connection::announce_close`]) once the batch is
-    /// counted, so the close line counts the batch's bytes.
+    /// counted, so the close line counts the batch's bytes; should the batch never be written
+    /// (the connection is cancelled first), the session's end announces it.
     pub(crate) fn record_close(
         &self,
         closed_by: Side,
@@ -785,11 +789,15 @@ impl Connection {
                 keep_alive_enforced,
             });
         }
+        self.unannounced.store(true, Relaxed);
         true
     }
 
-    /// Logs the first close and tells the registry (the `Closed` event).
+    /// Logs the first close and tells the registry (the `Closed` event), once.
     pub(crate) fn announce_close(self: &Arc<Self>) {
+        if !self.unannounced.swap(false, Relaxed) {
+            return;
+        }
         self.log_close();
         if let Some(registry) = self.registry.upgrade() {
             registry.on_first_close(self);

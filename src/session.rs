@@ -548,6 +548,8 @@ fn upstream_failed(ctx: &Ctx, client: Stream, why: String) {
 /// Closes the record (if no side did, the proxy did: the session was cancelled) and moves it
 /// from the registry's live connections to the closed ones.
 fn finish(conn: &Arc<Connection>, registry: &Registry) {
+    // A close recorded in a batch that was never written is announced now.
+    conn.announce_close();
     if conn.close_info().is_none() {
         conn.note_close(
             Side::Proxy,

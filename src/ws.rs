@@ -12,7 +12,8 @@
 //! back-pressure a TCP peer gets from its own window), so no queue of Pongs grows. A frame is
 //! delivered only whole, so its bytes are held until it is complete: [`HeldBytes`] counts what
 //! every WebSocket connection holds of frames not yet complete or not yet forwarded, and at
-//! `--ws-max-held` a connection that already holds bytes stops reading until others finish.
+//! `--ws-max-held` a connection that already holds bytes stops reading — all but one, which
+//! finishes its message (see `held.rs`).
 //!
 //! A peer that breaks the WebSocket protocol — a frame larger than `--ws-max-frame` (the whole
 //! frame would have to be held in memory), a text frame, a malformed frame — ends its stream
@@ -23,9 +24,8 @@ use crate::transport::Stream;
 use futures_util::{Sink, Stream as _};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -33,12 +33,17 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 
+mod held;
+
+use held::Counted;
+pub use held::HeldBytes;
+
 /// The default `--ws-max-frame`: 16 MiB, tungstenite's own default frame limit. A client that
 /// sends one MQTT packet per frame (as browsers' MQTT libraries do) can send packets this large.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
 /// The default `--ws-max-held`: 64 MiB for the unfinished frames of all WebSocket connections
-/// together (raised to `--ws-max-frame` when that is larger, so that one frame can always finish).
+/// together (raised to `--ws-max-frame` when that is larger: the limit holds one whole frame).
 pub const DEFAULT_MAX_HELD: usize = 64 * 1024 * 1024;
 
 /// What one read from a WebSocket peer may take. tungstenite's default (128 KiB) would be
@@ -52,200 +57,6 @@ fn config(max_frame: usize) -> WebSocketConfig {
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
         .read_buffer_size(READ_SIZE)
-}
-
-/// The bytes all WebSocket connections hold of frames that are not complete yet or not yet
-/// forwarded (a frame is delivered only whole), against one limit (`--ws-max-held`). At the
-/// limit, a connection that holds bytes already stops reading until the total falls; one that
-/// holds nothing may still read once ([`READ_SIZE`]), so small frames always get through and
-/// the total stays under the limit plus one read per connection.
-#[derive(Debug)]
-pub struct HeldBytes {
-    limit: usize,
-    held: AtomicUsize,
-    /// Times a connection stopped reading at the limit.
-    pauses: AtomicU64,
-    /// Connections waiting for the total to fall, and a generation that tells a connection
-    /// whether its waker is still in the list.
-    waiting: Mutex<(u64, Vec<Waker>)>,
-}
-
-impl HeldBytes {
-    pub fn new(limit: usize) -> Arc<HeldBytes> {
-        Arc::new(HeldBytes {
-            limit,
-            held: AtomicUsize::new(0),
-            pauses: AtomicU64::new(0),
-            waiting: Mutex::default(),
-        })
-    }
-
-    /// Bytes held now, over all connections.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
-    /// Times a connection stopped reading because the limit was reached.
-    pub fn pauses(&self) -> u64 {
-        self.pauses.load(Ordering::Relaxed)
-    }
-
-    fn full(&self) -> bool {
-        self.held.load(Ordering::Acquire) >= self.limit
-    }
-
-    fn take(&self, n: usize) {
-        self.held.fetch_add(n, Ordering::AcqRel);
-    }
-
-    /// Gives `n` bytes back, and wakes whoever waits once the total is under the limit.
-    fn give_back(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let before = self.held.fetch_sub(n, Ordering::AcqRel);
-        if before - n < self.limit {
-            let woken = {
-                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                if waiting.1.is_empty() {
-                    return;
-                }
-                waiting.0 += 1;
-                std::mem::take(&mut waiting.1)
-            };
-            woken.into_iter().for_each(Waker::wake);
-        }
-    }
-
-    /// Puts the caller in the waiting list unless it is there already (same generation).
-    /// Returns the generation it is listed under.
-    fn wait(&self, waker: &Waker, listed: Option<u64>) -> u64 {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if listed != Some(waiting.0) {
-            waiting.1.push(waker.clone());
-        }
-        waiting.0
-    }
-}
-
-/// The stream under a WebSocket: counts what is read from the peer against [`HeldBytes`] until
-/// [`WsStream`] gives it back (the frame it belongs to was forwarded), and stops reading at the
-/// limit. Uncounted before the handshake is over.
-struct Counted {
-    inner: Stream,
-    held: Option<Arc<HeldBytes>>,
-    armed: bool,
-    /// Bytes this connection holds against the limit.
-    counted: usize,
-    /// The waiting-list generation this connection is listed under, while it waits.
-    listed: Option<u64>,
-    /// While it waits: done when the peer has closed its sending side (see [`peer_gone`]).
-    gone: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// The peer closed while this connection waited: what it sent is all there will be (no
-    /// more than its socket buffer), so it is read whatever the limit says.
-    peer_closed: bool,
-}
-
-/// Done once the peer of `tcp` has closed its sending side (FIN or RST), whether or not unread
-/// bytes remain: a connection that waits to read must still see its peer go, or it would hold
-/// its bytes (and its place) for ever. (A FIN sent behind bytes the peer could not send yet
-/// waits, as TCP's flow control has it, until the window opens; a reset arrives at once.) It watches a duplicate of the socket for `EPOLLRDHUP`,
-/// so only waiting connections pay for it. Done at once if the socket cannot be watched.
-fn peer_gone(tcp: &tokio::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    use std::os::fd::AsFd;
-    use tokio::io::unix::AsyncFd;
-    // Deprecated because a borrowed descriptor could be closed under it; an `OwnedFd` (a
-    // duplicate that shares the socket, closed alone on drop) cannot be.
-    #[allow(deprecated)]
-    let watch = tcp
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(|fd| AsyncFd::with_interest(fd, tokio::io::Interest::READABLE));
-    Box::pin(async move {
-        let Ok(watch) = watch else { return };
-        loop {
-            let Ok(mut ready) = watch.readable().await else { return };
-            if ready.ready().is_read_closed() {
-                return;
-            }
-            // Only more bytes: forget this readiness and wait for the next change.
-            ready.clear_ready();
-        }
-    })
-}
-
-impl Counted {
-    fn new(inner: Stream, held: Option<Arc<HeldBytes>>) -> Counted {
-        Counted { inner, held, armed: false, counted: 0, listed: None, gone: None, peer_closed: false }
-    }
-
-    fn give_back(&mut self, n: usize) {
-        let n = n.min(self.counted);
-        self.counted -= n;
-        if let Some(held) = &self.held {
-            held.give_back(n);
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.give_back(self.counted);
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let Some(held) = this.held.as_ref().filter(|_| this.armed) else {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        };
-        if this.counted > 0 && !this.peer_closed && held.full() {
-            let first = this.listed.is_none();
-            this.listed = Some(held.wait(cx.waker(), this.listed));
-            // Checked again once listed: bytes given back in between would not wake us.
-            if held.full() {
-                if first {
-                    held.pauses.fetch_add(1, Ordering::Relaxed);
-                }
-                let gone = this.gone.get_or_insert_with(|| peer_gone(this.inner.tcp()));
-                if gone.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.peer_closed = true;
-            }
-        }
-        this.listed = None;
-        this.gone = None;
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let n = buf.filled().len() - before;
-        this.counted += n;
-        held.take(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// The ways a peer breaks the WebSocket protocol.
@@ -319,8 +130,6 @@ pub struct WsStream {
     frame_counted: usize,
     /// A Pong is owed and could not be written: nothing more is read until it is.
     pong_owed: bool,
-    /// The proxy is the server of this WebSocket (its peer is a client, whose frames are masked).
-    server: bool,
     /// WebSocket pings received (answered by tungstenite) and pongs received.
     pub pings: u64,
     pub pongs: u64,
@@ -333,14 +142,13 @@ pub struct WsStream {
 }
 
 impl WsStream {
-    fn new(mut ws: WebSocketStream<Counted>, server: bool) -> WsStream {
+    fn new(mut ws: WebSocketStream<Counted>) -> WsStream {
         ws.get_mut().armed = true;
         WsStream {
             ws,
             frame: Bytes::new(),
             frame_counted: 0,
             pong_owed: false,
-            server,
             pings: 0,
             pongs: 0,
             close_code: None,
@@ -367,13 +175,6 @@ impl WsStream {
 
     pub fn inner(&self) -> &Stream {
         &self.ws.get_ref().inner
-    }
-
-    /// A control frame of `payload` bytes was read: its bytes are held no longer.
-    fn control_frame_read(&mut self, payload: usize) {
-        // 2 header bytes (a control payload is at most 125 bytes), 4 more of mask from a client.
-        let masked = if self.server { 4 } else { 0 };
-        self.ws.get_mut().give_back(2 + masked + payload);
     }
 }
 
@@ -402,7 +203,7 @@ impl AsyncRead for WsStream {
                     // The frame's allocation goes with its last bytes.
                     this.frame = Bytes::new();
                     let counted = std::mem::take(&mut this.frame_counted);
-                    this.ws.get_mut().give_back(counted);
+                    this.ws.get_mut().forwarded(counted);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -420,9 +221,8 @@ impl AsyncRead for WsStream {
                     | WsError::AlreadyClosed
                     | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
                 )) => {
-                    let cut = this.ws.get_ref().counted;
+                    let cut = this.ws.get_mut().ended();
                     if cut > 0 {
-                        this.ws.get_mut().give_back(cut);
                         let message =
                             format!("the stream ended inside a WebSocket frame ({cut} bytes of it read)");
                         return this.broke(Broken::Protocol, message);
@@ -438,10 +238,9 @@ impl AsyncRead for WsStream {
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 Some(Ok(Message::Binary(b))) => {
-                    // Everything read so far went into this frame (up to one read of the next).
-                    let counted = this.ws.get_ref().counted;
+                    let counted = this.ws.get_mut().take_message();
                     if b.is_empty() {
-                        this.ws.get_mut().give_back(counted);
+                        this.ws.get_mut().forwarded(counted);
                     } else {
                         this.frame_counted = counted;
                         this.frame = b;
@@ -451,9 +250,9 @@ impl AsyncRead for WsStream {
                     let message = "a text WebSocket frame: MQTT travels in binary frames".to_string();
                     return this.broke(Broken::TextFrame, message);
                 }
-                Some(Ok(Message::Ping(payload))) => {
+                Some(Ok(Message::Ping(_))) => {
                     this.pings += 1;
-                    this.control_frame_read(payload.len());
+                    this.ws.get_mut().control_delivered();
                     // The Pong tungstenite queued goes out now, not with the next write.
                     match Pin::new(&mut this.ws).poll_flush(cx) {
                         Poll::Pending => {
@@ -463,13 +262,12 @@ impl AsyncRead for WsStream {
                         Poll::Ready(r) => r.map_err(to_io)?,
                     }
                 }
-                Some(Ok(Message::Pong(payload))) => {
+                Some(Ok(Message::Pong(_))) => {
                     this.pongs += 1;
-                    this.control_frame_read(payload.len());
+                    this.ws.get_mut().control_delivered();
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let counted = this.ws.get_ref().counted;
-                    this.ws.get_mut().give_back(counted);
+                    this.ws.get_mut().ended();
                     this.close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
                     return Poll::Ready(Ok(()));
                 }
@@ -581,7 +379,7 @@ pub async fn accept(
     // stream now starts at the first frame.
     let stream = Counted::new(stream, held);
     let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config(max_frame))).await;
-    Ok((WsStream::new(ws, true), agreed))
+    Ok((WsStream::new(ws), agreed))
 }
 
 /// The client handshake towards a `ws`/`wss` broker: `GET path` on `host`, subprotocol `mqtt`.
@@ -606,5 +404,5 @@ pub async fn connect(
     .map_err(to_io)?;
     let agreed =
         response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_string);
-    Ok((WsStream::new(ws, false), agreed))
+    Ok((WsStream::new(ws), agreed))
 }

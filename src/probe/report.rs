@@ -530,36 +530,51 @@ fn xml(s: &str) -> String {
 
 /// A report file asked for (`--json`, `--junit`, `--markdown`): checked before the probe starts,
 /// written only once there is a report. A probe that ends without one (exit 2) leaves no file
-/// behind, and an existing file is never left half-written: the report goes to a temporary file
-/// beside it, renamed over it.
+/// behind, and an existing regular file is never left half-written: the report goes to a
+/// temporary file beside it, renamed over it. Anything else that exists (`/dev/stdout`, a pipe,
+/// a terminal) is written as it is.
 #[derive(Debug)]
 pub struct OutputFile {
     /// Where the report goes (an existing path's symbolic links resolved).
     target: PathBuf,
+    /// Written in place: the target exists and is no regular file.
+    in_place: bool,
 }
 
 impl OutputFile {
     /// Checks that `path` can be written — its directory takes a new file, an existing file
     /// opens for writing — and creates nothing that stays.
     pub fn check(path: &Path) -> std::io::Result<OutputFile> {
-        let target = match std::fs::canonicalize(path) {
-            Ok(existing) if existing.is_dir() => {
-                return Err(std::io::Error::other("is a directory"));
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => Err(std::io::Error::other("is a directory")),
+            Ok(m) if !m.is_file() => {
+                std::fs::OpenOptions::new().write(true).open(path)?;
+                Ok(OutputFile { target: path.to_path_buf(), in_place: true })
             }
-            Ok(existing) => {
-                std::fs::OpenOptions::new().append(true).open(&existing)?;
-                existing
+            Ok(_) => {
+                let target = std::fs::canonicalize(path)?;
+                std::fs::OpenOptions::new().append(true).open(&target)?;
+                OutputFile { target, in_place: false }.temp_works()
             }
-            Err(_) => path.to_path_buf(),
-        };
-        let out = OutputFile { target };
-        std::fs::OpenOptions::new().write(true).create_new(true).open(out.temp())?;
-        std::fs::remove_file(out.temp())?;
-        Ok(out)
+            Err(_) => OutputFile { target: path.to_path_buf(), in_place: false }.temp_works(),
+        }
     }
 
-    /// Writes `content` whole: to the temporary file, then renamed over the target.
+    fn temp_works(self) -> std::io::Result<OutputFile> {
+        std::fs::OpenOptions::new().write(true).create_new(true).open(self.temp())?;
+        std::fs::remove_file(self.temp())?;
+        Ok(self)
+    }
+
+    /// Writes `content` whole: to the temporary file, then renamed over the target (or straight
+    /// to a target that is no regular file).
     pub fn write(&self, content: &str) -> std::io::Result<()> {
+        if self.in_place {
+            return std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.target)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, content.as_bytes()));
+        }
         let temp = self.temp();
         // A file written over keeps its permissions.
         let keep = std::fs::metadata(&self.target).map(|m| m.permissions());
@@ -589,6 +604,16 @@ pub fn json(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_to_something_that_is_no_regular_file_is_written_in_place() {
+        // /dev/null stands for /dev/stdout, a pipe or a terminal: never replaced by a file.
+        let out = OutputFile::check(Path::new("/dev/null")).unwrap();
+        out.write("{}").unwrap();
+        assert!(!std::fs::metadata("/dev/null").unwrap().is_file(), "/dev/null is still a device");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(OutputFile::check(dir.path()).is_err(), "a directory is refused");
+    }
 
     fn run(case: &'static str, verdict: Verdict, close: Option<f64>) -> CaseRun {
         let mut r = CaseRun::new(case, Judged::new(verdict, format!("{case} {verdict:?}")));

@@ -268,14 +268,15 @@ async fn unfinished_websocket_frames_of_many_connections_are_held_up_to_ws_max_h
     let held = proxy.metric("mqtt_chaos_websocket_held_bytes");
     let paused = proxy.metric("mqtt_chaos_websocket_reads_paused_total");
     let grew = proxy.rss().saturating_sub(before);
-    let bound = 24 * MIB + HOLDERS as u64 * 8 * 1024;
+    // The limit, the one message let through to finish (8 MiB here), one read per connection.
+    let bound = 24 * MIB + 8 * MIB + HOLDERS as u64 * 8 * 1024;
     eprintln!(
         "{HOLDERS} unfinished 8 MiB frames: {taken} bytes taken, {held} held, {paused} pauses, proxy RSS +{} MiB",
         grew / MIB
     );
     assert!(held <= bound as f64 && held >= (20 * MIB) as f64, "held {held} bytes, bound {bound}");
     assert!(paused >= 1.0, "no connection was paused");
-    assert!(grew < 24 * MIB + 24 * MIB, "the proxy grew by {} MiB holding frames", grew / MIB);
+    assert!(grew < bound + 16 * MIB, "the proxy grew by {} MiB holding frames", grew / MIB);
     assert!(taken < 192 * MIB as usize, "every frame was taken whole: {taken} bytes");
 
     // The holders leave with a reset (a FIN would wait behind their unsent bytes for a window
