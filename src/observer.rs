@@ -243,21 +243,23 @@ impl Observer {
     }
 
     /// One connection attempt: connect, CONNECT, and SUBSCRIBE every wanted topic. `None`: stopped.
-    /// With `auto` not settled yet, a broker that refuses MQTT 5 is asked again at once in
-    /// 3.1.1: that fallback is the plan, not a failure.
+    /// With `auto` not settled yet, a broker that refuses the MQTT 5 CONNECT (a CONNACK code,
+    /// or a close before any CONNACK) is asked again at once in 3.1.1: that fallback is the
+    /// plan, not a failure. Any other failure (unreachable, TLS, silence) is one.
     async fn connect(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, String>> {
         match self.attempt(stop).await? {
-            Err(e) if !self.settled && self.v5 => {
+            Err((true, e)) if !self.settled && self.v5 => {
                 info!(route = %self.route.name, answer = e.as_str(),
                     "the upstream refused the Will observer's MQTT 5 CONNECT; trying MQTT 3.1.1");
                 self.v5 = false;
-                self.attempt(stop).await
+                self.attempt(stop).await.map(|r| r.map_err(|(_, e)| e))
             }
-            result => Some(result),
+            result => Some(result.map_err(|(_, e)| e)),
         }
     }
 
-    async fn attempt(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, String>> {
+    /// One connection attempt; an error says whether the broker refused the CONNECT.
+    async fn attempt(&mut self, stop: &CancellationToken) -> Option<Result<RawClient, (bool, String)>> {
         let route = self.route.clone();
         let dial = Dial {
             addr: &route.upstream,
@@ -273,21 +275,17 @@ impl Observer {
         connect.username.clone_from(&self.config.username);
         connect.password = self.config.password.as_ref().map(|p| p.as_bytes().to_vec());
         let attempt = async {
-            let mut client =
-                RawClient::open(dial, protocol, CONNECT_WITHIN).await.map_err(|e| e.to_string())?;
-            match client
-                .handshake(&connect, Instant::now() + CONNECT_WITHIN)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            let failed = |e: std::io::Error| (false, e.to_string());
+            let mut client = RawClient::open(dial, protocol, CONNECT_WITHIN).await.map_err(failed)?;
+            match client.handshake(&connect, Instant::now() + CONNECT_WITHIN).await.map_err(failed)? {
                 Handshake::Accepted(_) => Ok(client),
                 Handshake::Refused(connack) => {
-                    Err(format!("CONNECT refused with code {:#04x}", connack.code))
+                    Err((true, format!("CONNECT refused with code {:#04x}", connack.code)))
                 }
                 Handshake::Closed(ended) => {
-                    Err(format!("the broker closed the connection before CONNACK ({ended:?})"))
+                    Err((true, format!("the broker closed the connection before CONNACK ({ended:?})")))
                 }
-                Handshake::Silent => Err(format!("no CONNACK within {CONNECT_WITHIN:?}")),
+                Handshake::Silent => Err((false, format!("no CONNACK within {CONNECT_WITHIN:?}"))),
             }
         };
         let mut client = match tokio::select! {
@@ -308,7 +306,7 @@ impl Observer {
         self.pending.clear();
         for topic in self.topics.clone() {
             if let Err(e) = self.subscribe(&mut client, &topic).await {
-                return Some(Err(e));
+                return Some(Err((false, e)));
             }
         }
         Some(Ok(client))

@@ -1183,7 +1183,8 @@ pub fn event_json(ev: &Event) -> Option<(&'static str, serde_json::Value)> {
 /// about it (the monitor does at once; the broadcast ring holds at most 4,096 events).
 pub struct TopicWatch {
     registry: Arc<Registry>,
-    topic: String,
+    /// The registry's one copy of the topic.
+    topic: Arc<str>,
 }
 
 impl TopicWatch {
@@ -1387,12 +1388,13 @@ impl Registry {
     /// the monitor another while it awaits the Will, so no path can leave a topic watched.
     pub fn watch_topic(self: &Arc<Self>, topic: &str) -> Arc<TopicWatch> {
         let mut topics = self.will_topics();
-        match topics.get_mut(topic) {
-            Some(n) => *n += 1,
-            None => drop(topics.insert(Arc::from(topic), 1)),
-        }
+        let shared = match topics.get_key_value(topic) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(topic),
+        };
+        *topics.entry(shared.clone()).or_default() += 1;
         self.watching.store(topics.len() as u64, Relaxed);
-        Arc::new(TopicWatch { registry: self.clone(), topic: topic.to_string() })
+        Arc::new(TopicWatch { registry: self.clone(), topic: shared })
     }
 
     fn unwatch_topic(&self, topic: &str) {

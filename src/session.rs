@@ -242,7 +242,10 @@ async fn handshake_within<T>(
     timeout_at(deadline, handshake).await.unwrap_or_else(|_| {
         Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("no handshake within {}", humantime::format_duration(ctx.settings.connect_timeout)),
+            format!(
+                "no handshake within {} of this side's setup",
+                humantime::format_duration(ctx.settings.connect_timeout)
+            ),
         ))
     })
 }

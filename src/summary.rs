@@ -7,6 +7,7 @@
 //! buckets.
 
 use crate::route::Route;
+use crate::text::escaped;
 use crate::vocab::{Side, TakeoverOutcome};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -82,7 +83,8 @@ fn close_words(n: u64, cause: &str, how: &str, by: &str) -> String {
     }
 }
 
-/// The summary as lines a person reads (`ctl summary`, the log at stop).
+/// The summary as lines a person reads (`ctl summary`, the log at stop); the names in it are
+/// escaped (`ctl` may be reading a server it does not control).
 pub fn text(summary: &Value) -> String {
     let mut out = String::new();
     for r in summary["routes"].as_array().into_iter().flatten() {
@@ -90,8 +92,8 @@ pub fn text(summary: &Value) -> String {
         let c = &r["connections"];
         out.push_str(&format!(
             "route {} → {}: {} ({} open, {} rejected, {} failed to reach the broker)\n",
-            r["route"].as_str().unwrap_or(""),
-            r["upstream"].as_str().unwrap_or(""),
+            escaped(r["route"].as_str().unwrap_or("")),
+            escaped(r["upstream"].as_str().unwrap_or("")),
             counted(n(&c["total"]), "connection", "connections"),
             n(&c["active"]),
             n(&c["rejected"]),
@@ -104,9 +106,9 @@ pub fn text(summary: &Value) -> String {
             .map(|c| {
                 close_words(
                     n(&c["count"]),
-                    c["cause"].as_str().unwrap_or(""),
-                    c["how"].as_str().unwrap_or(""),
-                    c["closed_by"].as_str().unwrap_or(""),
+                    &escaped(c["cause"].as_str().unwrap_or("")),
+                    &escaped(c["how"].as_str().unwrap_or("")),
+                    &escaped(c["closed_by"].as_str().unwrap_or("")),
                 )
             })
             .collect();
@@ -130,7 +132,8 @@ pub fn text(summary: &Value) -> String {
         if expected > 0 {
             let [observed, missing, unobservable] =
                 [&w["observed"], &w["missing"], &w["unobservable"]].map(n);
-            let awaited = expected.saturating_sub(observed + missing + unobservable);
+            let settled = observed.saturating_add(missing).saturating_add(unobservable);
+            let awaited = expected.saturating_sub(settled);
             out.push_str(&format!(
                 "  Wills: {expected} expected = {observed} observed + {missing} missing + {unobservable} unobservable \
                  (nothing watched their topic) + {awaited} still awaited\n"
@@ -149,9 +152,9 @@ pub fn text(summary: &Value) -> String {
         for f in r["faults"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "  fault {} ({} {}): applied {}\n",
-                f["rule"].as_str().unwrap_or(""),
-                f["action"].as_str().unwrap_or(""),
-                f["direction"].as_str().unwrap_or(""),
+                escaped(f["rule"].as_str().unwrap_or("")),
+                escaped(f["action"].as_str().unwrap_or("")),
+                escaped(f["direction"].as_str().unwrap_or("")),
                 times(n(&f["count"]))
             ));
         }
