@@ -48,7 +48,8 @@ pub fn prometheus_binary() -> PathBuf {
     )
 }
 
-/// A Prometheus server on a free loopback port scraping `target` every second; stopped on drop.
+/// A Prometheus server on a free loopback port scraping its targets every second (one job; each
+/// target's `instance` label is its address); stopped on drop.
 pub struct Prometheus {
     child: Child,
     pub port: u16,
@@ -57,6 +58,11 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target: &str) -> Prometheus {
+        Self::scraping(&[target])
+    }
+
+    pub fn scraping(targets: &[&str]) -> Prometheus {
+        let targets = targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
         let binary = prometheus_binary();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -65,7 +71,7 @@ impl Prometheus {
             &conf,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: mqtt-chaos\n    static_configs:\n      - targets: [\"{target}\"]\n"
+                 scrape_configs:\n  - job_name: mqtt-chaos\n    static_configs:\n      - targets: [{targets}]\n"
             ),
         )
         .unwrap();
