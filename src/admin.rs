@@ -27,6 +27,13 @@
 //! `Authorization: Bearer` header is missing or wrong, 408 when a request is not complete
 //! within [`REQUEST_TIMEOUT`] of its headers (a body dripping in).
 //!
+//! Authentication ([`require_token`]): with a token, every route needs `Authorization: Bearer
+//! TOKEN` (compared in constant time) but `/healthz` and `/readyz`, which a kubelet probes
+//! without headers and which tell nothing about connections or rules. `/metrics` needs it too (a
+//! Prometheus scrape sends it with `authorization`/`bearer_token_file`). Whether the API may
+//! run without a token is decided at start (`cli::ProxyArgs::admin_token`): only on loopback,
+//! unless `--admin-allow-no-token`.
+//!
 //! [`serve`] runs the API over HTTP/1.1: a client gets [`HEADER_TIMEOUT`] to send its request
 //! headers before the connection is closed, so stalled clients cannot pile up.
 
@@ -271,15 +278,31 @@ async fn require_token(State(c): State<Control>, request: Request, next: Next) -
             .and_then(|v| v.split_once(' '))
             .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong `Authorization: Bearer` token")
-                .into_response();
+            let mut refused =
+                ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong `Authorization: Bearer` token")
+                    .into_response();
+            // RFC 6750 §3: a 401 names the scheme it wants.
+            refused
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return refused;
         }
     }
     next.run(request).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` equals `token`, in a time that depends on `given`'s length only: every byte
+/// of `given` is compared (with the token's, cycled), so neither where they differ nor the
+/// token's length shows in how long a refusal takes.
+fn constant_time_eq(given: &[u8], token: &[u8]) -> bool {
+    if token.is_empty() {
+        return given.is_empty();
+    }
+    let mut differ = u8::from(given.len() != token.len());
+    for (i, g) in given.iter().enumerate() {
+        differ |= g ^ token[i % token.len()];
+    }
+    std::hint::black_box(differ) == 0
 }
 
 #[derive(Deserialize)]
@@ -583,4 +606,17 @@ async fn reset(State(c): State<Control>) -> ApiResult {
 /// The media type of a `Content-Type` value, without parameters (compared case-insensitively).
 fn media_type(content_type: &str) -> &str {
     content_type.split(';').next().unwrap_or("").trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn a_token_matches_only_itself_whatever_the_lengths() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for given in [&b""[..], b"s3cre", b"s3cret-", b"s3cres", b"s3crets3cret", b"S3cret"] {
+            assert!(!constant_time_eq(given, b"s3cret"), "{given:?}");
+        }
+    }
 }

@@ -215,19 +215,39 @@ pub struct ProfilesArgs {
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The proxy's admin API (before or after the subcommand).
+    /// The proxy's admin API (before or after the subcommand; default http://127.0.0.1:9184).
+    /// Several: repeat the flag or give a comma-separated list; the command goes to every proxy
+    /// at once (not kill, --conn nor watch, which name one proxy's connections).
+    #[arg(long, global = true, env = "MQTT_CHAOS_ADMIN_URL", value_delimiter = ',', value_name = "URL")]
+    pub admin: Vec<String>,
+
+    /// A file of admin API URLs, one a line (blank lines and `#` comments are skipped), in
+    /// addition to any --admin.
+    #[arg(long, global = true, env = "MQTT_CHAOS_ADMINS", value_name = "FILE")]
+    pub admins: Option<PathBuf>,
+
+    /// Bearer token, if the proxy runs with --admin-token (before or after the subcommand); sent
+    /// to every proxy.
     #[arg(
         long,
+        visible_alias = "token",
         global = true,
-        env = "MQTT_CHAOS_ADMIN_URL",
-        default_value = "http://127.0.0.1:9184",
-        value_name = "URL"
+        env = "MQTT_CHAOS_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
     )]
-    pub admin: String,
-
-    /// Bearer token, if the proxy runs with --admin-token (before or after the subcommand).
-    #[arg(long, global = true, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// File holding the bearer token (its final line ending is ignored); sent to every proxy.
+    #[arg(
+        long,
+        visible_alias = "token-file",
+        global = true,
+        env = "MQTT_CHAOS_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -260,6 +280,140 @@ pub struct CtlArgs {
 
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// The admin API ctl asks when no --admin nor --admins is given.
+pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:9184";
+
+impl CtlArgs {
+    /// A client for every proxy named by --admin and --admins (in that order, each once; the
+    /// default when neither is given), with the token, timeout and answer limit. Errors are bad
+    /// usage, and name the flag or `file:line`.
+    pub fn clients(&self) -> Result<Vec<crate::ctl::Client>, String> {
+        let token = admin_token(
+            self.admin_token.as_deref(),
+            "--admin-token",
+            self.admin_token_file.as_deref(),
+            "--admin-token-file",
+        )?;
+        let client = |url: &str| {
+            crate::ctl::Client::new(url, token.clone())
+                .map(|c| c.with_timeout(self.timeout).with_max_answer(self.max_answer))
+        };
+        let written: usize =
+            admin_values(std::env::args().skip(1)).iter().map(|v| v.split(',').count()).sum();
+        if written > self.admin.len() {
+            return Err(format!(
+                "--admin is given both before and after the subcommand, and only those after it would \
+                 count ({} of {written} URLs): give them all on one side",
+                self.admin.len()
+            ));
+        }
+        let mut clients = Vec::new();
+        for url in &self.admin {
+            clients.push(client(url.trim())?);
+        }
+        if let Some(path) = &self.admins {
+            let file = path.display();
+            let text = read_bounded(path, ADMINS_FILE_LIMIT).map_err(|e| format!("--admins {file}: {e}"))?;
+            let before = clients.len();
+            for (n, line) in text.lines().enumerate() {
+                let url = line.split('#').next().unwrap_or("").trim();
+                if !url.is_empty() {
+                    clients.push(client(url).map_err(|e| format!("{file}:{}: {e}", n + 1))?);
+                }
+            }
+            if clients.len() == before {
+                return Err(format!("--admins {file}: no admin URL in it (one http://HOST:PORT a line)"));
+            }
+        }
+        if clients.is_empty() {
+            clients.push(client(DEFAULT_ADMIN_URL)?);
+        }
+        let mut seen = std::collections::HashSet::new();
+        clients.retain(|c| seen.insert(c.base_url()));
+        Ok(clients)
+    }
+}
+
+/// The values of every `--admin` on a command line (`--admin URL` or `--admin=URL`), up to `--`.
+/// clap keeps only those after the subcommand when a global flag is given on both sides.
+fn admin_values(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut values = Vec::new();
+    let mut args = args.take_while(|a| a != "--");
+    while let Some(arg) = args.next() {
+        if arg == "--admin" {
+            values.extend(args.next());
+        } else if let Some(value) = arg.strip_prefix("--admin=") {
+            values.push(value.to_string());
+        }
+    }
+    values
+}
+
+/// The largest `--admins` file: 1 MiB holds tens of thousands of URLs.
+const ADMINS_FILE_LIMIT: u64 = 1024 * 1024;
+
+/// The largest token file: a token is a line, not a document.
+const TOKEN_FILE_LIMIT: u64 = 64 * 1024;
+
+/// A text file of at most `limit` bytes (a larger one is an error, never read whole).
+fn read_bounded(path: &std::path::Path, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("over {} KiB, too large for what it should hold", limit / 1024));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())
+}
+
+/// The admin token from `--admin-token` (`flag`) or from the file of `--admin-token-file`
+/// (`file_flag`; its final line ending is dropped), checked: a token must be one line of
+/// visible ASCII characters (inner spaces allowed), or no client could send it in a header and
+/// the proxy would never match it. Errors name the flag or the file, never the token.
+pub fn admin_token(
+    token: Option<&str>,
+    flag: &str,
+    file: Option<&std::path::Path>,
+    file_flag: &str,
+) -> Result<Option<String>, String> {
+    let (token, source) = match (token, file) {
+        (Some(_), Some(_)) => return Err(format!("give {flag} or {file_flag}, not both")),
+        (None, None) => return Ok(None),
+        (Some(t), None) => (t.to_string(), flag.to_string()),
+        (None, Some(path)) => {
+            let source = format!("{file_flag} {}", path.display());
+            let text = read_bounded(path, TOKEN_FILE_LIMIT).map_err(|e| format!("{source}: {e}"))?;
+            (
+                text.strip_suffix('\n')
+                    .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                    .unwrap_or(&text)
+                    .to_string(),
+                source,
+            )
+        }
+    };
+    let problem = if token.is_empty() {
+        Some("the token is empty")
+    } else if token.starts_with(' ') || token.ends_with(' ') {
+        Some("the token starts or ends with a space")
+    } else if token.contains(['\n', '\r']) {
+        Some("the token is more than one line")
+    } else if !token.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        Some("the token has a character that is not visible ASCII (a control character, a tab, or non-ASCII)")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(format!(
+            "{source}: {problem}; a token is one line of visible ASCII characters, such as the output of \
+             `openssl rand -hex 32`"
+        )),
+        None => Ok(Some(token)),
+    }
 }
 
 /// A `ctl` size limit: over zero.
@@ -438,9 +592,26 @@ pub struct ProxyArgs {
     #[arg(long, env = "MQTT_CHAOS_ADMIN", default_value = "127.0.0.1:9184", value_name = "ADDR|none")]
     pub admin: String,
 
-    /// Require `Authorization: Bearer TOKEN` on the admin API (all routes but /healthz).
-    #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    /// Require `Authorization: Bearer TOKEN` on the admin API (every route but /healthz and
+    /// /readyz). Required when --admin listens beyond loopback (or --admin-allow-no-token).
+    #[arg(
+        long,
+        env = "MQTT_CHAOS_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     pub admin_token: Option<String>,
+
+    /// File holding the admin token (a mounted Secret; its final line ending is ignored):
+    /// the same as --admin-token, without the token on the command line. Never logged.
+    #[arg(long, env = "MQTT_CHAOS_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Let --admin listen beyond loopback without a token (a lab): anyone who reaches it can
+    /// then read the connections and change the rules.
+    #[arg(long, env = "MQTT_CHAOS_ADMIN_ALLOW_NO_TOKEN")]
+    pub admin_allow_no_token: bool,
 
     /// Also watch for Wills with an own MQTT client on each route's upstream (for subscribers
     /// that are not behind the proxy).
@@ -622,6 +793,37 @@ impl ProxyArgs {
         })
     }
 
+    /// The admin API's token (`--admin-token` or `--admin-token-file`), checked against where
+    /// `--admin` listens: beyond loopback a token is required unless `--admin-allow-no-token`.
+    /// Errors are user-facing (exit 2) and never show the token.
+    pub fn admin_token(&self) -> Result<Option<String>, String> {
+        let token = admin_token(
+            self.admin_token.as_deref(),
+            "--admin-token",
+            self.admin_token_file.as_deref(),
+            "--admin-token-file",
+        )?;
+        if token.is_some()
+            || self.admin_allow_no_token
+            || self.admin == "none"
+            || admin_on_loopback(&self.admin)
+        {
+            return Ok(token);
+        }
+        Err(self.open_admin_refused())
+    }
+
+    /// Why the proxy refuses to serve the admin API beyond loopback without a token.
+    pub fn open_admin_refused(&self) -> String {
+        format!(
+            "--admin {} listens beyond loopback, and without a token anyone who reaches it could read the \
+             connections and change the rules: give --admin-token-file FILE (env MQTT_CHAOS_ADMIN_TOKEN_FILE; \
+             e.g. a mounted Secret) or --admin-token TOKEN, or listen on 127.0.0.1; in a lab, \
+             --admin-allow-no-token (env MQTT_CHAOS_ADMIN_ALLOW_NO_TOKEN) runs it open",
+            self.admin
+        )
+    }
+
     /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).
     pub fn profile(&self) -> Result<Option<Profile>, String> {
         let Some(name) = &self.profile else { return Ok(None) };
@@ -655,5 +857,63 @@ impl ProxyArgs {
             listen_ws: at.path,
             upstream_ws: up.path,
         }])
+    }
+}
+
+/// Whether the admin address `addr` is on loopback only: every address it resolves to is. One
+/// that does not resolve counts as loopback here; binding it fails and says why.
+fn admin_on_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match addr.to_socket_addrs() {
+        Ok(mut addrs) => addrs.all(|a| a.ip().is_loopback()),
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_one_line_of_visible_ascii_and_errors_never_show_it() {
+        let check = |t: &str| admin_token(Some(t), "--admin-token", None, "--admin-token-file");
+        assert_eq!(check("s3cret-Token_1+/=").unwrap().as_deref(), Some("s3cret-Token_1+/="));
+        assert_eq!(check("two words").unwrap().as_deref(), Some("two words"));
+        for (bad, says) in [
+            ("", "empty"),
+            (" lead-secret", "starts or ends with a space"),
+            ("line-secret\nmore", "more than one line"),
+            ("tab-secret\tx", "not visible ASCII"),
+            ("caf\u{e9}-secret", "not visible ASCII"),
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(e.starts_with("--admin-token: ") && e.contains(says), "{bad:?}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        for (content, token) in [("abc\n", "abc"), ("abc\r\n", "abc"), ("abc", "abc")] {
+            std::fs::write(&file, content).unwrap();
+            let read = admin_token(None, "--admin-token", Some(&file), "--admin-token-file").unwrap();
+            assert_eq!(read.as_deref(), Some(token), "{content:?}");
+        }
+        std::fs::write(&file, vec![b'x'; 70_000]).unwrap();
+        let e = admin_token(None, "--admin-token", Some(&file), "--admin-token-file").unwrap_err();
+        assert!(e.contains("over 64 KiB"), "{e}");
+    }
+
+    #[test]
+    fn only_addresses_that_resolve_to_loopback_alone_count_as_loopback() {
+        assert!(admin_on_loopback("127.0.0.1:9184") && admin_on_loopback("[::1]:9184"));
+        assert!(admin_on_loopback("localhost:9184"));
+        assert!(!admin_on_loopback("0.0.0.0:9184") && !admin_on_loopback("[::]:9184"));
+        assert!(!admin_on_loopback("10.1.2.3:9184"));
+    }
+
+    #[test]
+    fn admin_flags_are_found_on_both_sides_of_the_subcommand() {
+        let args = |a: &str| a.split(' ').map(str::to_string).collect::<Vec<_>>().into_iter();
+        assert_eq!(admin_values(args("ctl --admin a,b rules --admin=c")), ["a,b", "c"]);
+        assert_eq!(admin_values(args("ctl remove -- --admin")), Vec::<String>::new());
     }
 }

@@ -14,7 +14,14 @@
 //!
 //! Text from the API (client ids, reason strings, names) goes through [`crate::text::escaped`]
 //! in tables and event lines; `--json` prints the API's JSON exact.
+//!
+//! With several `--admin` URLs (or `--admins FILE`), [`many`] sends a command to every proxy at
+//! once, each exchange under the same bounds, and reports per proxy: answers merged with a
+//! column naming the proxy (or, with `--json`, an object keyed by proxy URL), one line per
+//! proxy that failed. Commands that name a connection by id (`kill`, `--conn`) and `watch`
+//! stay with one proxy.
 
+use crate::cli::CtlCommand;
 use crate::fault::RuleSpec;
 use crate::text::{Escaped, escaped};
 use http_body_util::{BodyExt, Full};
@@ -155,6 +162,12 @@ impl Client {
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.authority)
+    }
+
+    /// The proxy this client asks, as `http://host:port` (the name of its column and JSON key
+    /// when ctl asks several).
+    pub fn base_url(&self) -> String {
+        self.url("")
     }
 
     /// Connects, sends the request, and waits for the head of the answer: all within the timeout.
@@ -671,6 +684,251 @@ pub fn percent_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// One request of a ctl command: method, path, content type, body.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: &'static str,
+    pub path: String,
+    pub content_type: Option<&'static str>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    fn get(path: &str) -> Request {
+        Request { method: "GET", path: path.to_string(), content_type: None, body: Vec::new() }
+    }
+}
+
+/// The request of `command`, or `None` for `add` and `watch` (their own exchanges). An error is
+/// bad usage (a profile path that is no file).
+pub fn request_for(command: &CtlCommand) -> Result<Option<Request>, String> {
+    let segment = percent_encode;
+    Ok(Some(match command {
+        CtlCommand::Connections { closed } => {
+            Request::get(if *closed { "/connections?state=closed" } else { "/connections" })
+        }
+        CtlCommand::Kill { id, how } => Request {
+            method: "DELETE",
+            path: format!("/connections/{id}?how={}", segment(how)),
+            ..Request::get("")
+        },
+        CtlCommand::Rules => Request::get("/rules"),
+        CtlCommand::Add { .. } | CtlCommand::Watch { .. } => return Ok(None),
+        CtlCommand::Remove { name, conn } => {
+            let name = segment(name);
+            let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
+            Request { method: "DELETE", path, ..Request::get("") }
+        }
+        CtlCommand::Profile { profile } => {
+            let put = |content_type, body| Request {
+                method: "PUT",
+                path: "/profile".to_string(),
+                content_type: Some(content_type),
+                body,
+            };
+            if std::path::Path::new(profile).is_file() {
+                put("application/toml", std::fs::read(profile).map_err(|e| format!("{profile}: {e}"))?)
+            } else if crate::fault::profile::is_path(profile) {
+                // Not a file, and no name either (a name has no `/` nor `.toml`).
+                let hint = crate::fault::profile::path_hint(profile, None)
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
+                return Err(format!("{profile}: no such file{hint}"));
+            } else {
+                put("application/json", serde_json::json!({ "name": profile }).to_string().into_bytes())
+            }
+        }
+        CtlCommand::Reset => Request { method: "POST", ..Request::get("/reset") },
+        CtlCommand::Profiles => Request::get("/profiles"),
+        CtlCommand::Summary => Request::get("/summary"),
+    }))
+}
+
+/// The shape the answer to `command` must have: a list (`true`) or an object, and its name for
+/// the error.
+pub fn answer_shape(command: &CtlCommand) -> (bool, &'static str) {
+    match command {
+        CtlCommand::Connections { .. } => (true, "a list of connections"),
+        CtlCommand::Profiles => (true, "a list of profiles"),
+        CtlCommand::Rules | CtlCommand::Profile { .. } => (false, "the rules in force"),
+        CtlCommand::Summary => (false, "a summary"),
+        _ => (false, "an object"),
+    }
+}
+
+/// The answer to `command` as text; for `add`, the line of one rule added.
+pub fn render(command: &CtlCommand, value: &Value) -> String {
+    match command {
+        CtlCommand::Connections { .. } => connections_table(value),
+        CtlCommand::Rules => rules_table(value),
+        CtlCommand::Profile { .. } => rules_table(value) + &replaced_line(value).unwrap_or_default(),
+        CtlCommand::Kill { id, how } => format!("closed connection {id} ({})\n", escaped(how)),
+        CtlCommand::Add { conn: None, .. } => {
+            format!("added rule {}\n", escaped(value["name"].as_str().unwrap_or("")))
+        }
+        CtlCommand::Add { conn: Some(id), .. } => format!(
+            "added rule {} to connection {id}\n",
+            escaped(value["rule"]["name"].as_str().unwrap_or(""))
+        ),
+        CtlCommand::Profiles => profiles_table(value),
+        CtlCommand::Summary => crate::summary::text(value),
+        CtlCommand::Watch { .. } => String::new(),
+        CtlCommand::Remove { name, conn: None } => format!("removed rule {}\n", escaped(name)),
+        CtlCommand::Remove { name, conn: Some(id) } => {
+            format!("removed rule {} from connection {id}\n", escaped(name))
+        }
+        CtlCommand::Reset => format!(
+            "all rules removed ({} global, {} of single connections)\n",
+            value["removed"]["global"].as_u64().unwrap_or(0),
+            value["removed"]["local"].as_u64().unwrap_or(0)
+        ),
+    }
+}
+
+/// Sends `request` and checks the answer: a 2xx status (else the API's error and the status)
+/// and JSON of the shape `command` expects.
+pub async fn exchange(
+    client: &Client,
+    command: &CtlCommand,
+    request: &Request,
+) -> Result<(Reply, Value), String> {
+    let reply = client.request(request.method, &request.path, request.content_type, &request.body).await?;
+    if !(200..300).contains(&reply.status) {
+        return Err(format!("{} ({})", reply.error(), reply.status));
+    }
+    let (list, what) = answer_shape(command);
+    let value = reply.json().and_then(|v| expect_shape(&reply, &v, list, what).map(|()| v))?;
+    Ok((reply, value))
+}
+
+/// `ctl add` on one proxy: one request per rule body to `path`, in order, calling `on_added` for
+/// each rule added; stops at the first refusal, whose error says how many were added before it.
+pub async fn add_rules(
+    client: &Client,
+    path: &str,
+    bodies: &[Vec<u8>],
+    mut on_added: impl FnMut(&Reply, &Value),
+) -> Result<(), String> {
+    for (added, body) in bodies.iter().enumerate() {
+        let before = if added > 0 { format!(" (after adding {added})") } else { String::new() };
+        let reply = client
+            .request("POST", path, Some("application/json"), body)
+            .await
+            .map_err(|e| format!("{e}{before}"))?;
+        if !(200..300).contains(&reply.status) {
+            return Err(format!("{} ({}){before}", reply.error(), reply.status));
+        }
+        let value = reply.json().map_err(|e| format!("{e}{before}"))?;
+        on_added(&reply, &value);
+    }
+    Ok(())
+}
+
+/// What a command sent to several proxies gave: the output (every proxy's answer, merged), and
+/// one line per proxy that failed (then a count), for stderr.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub out: String,
+    pub failures: Vec<String>,
+}
+
+/// Sends `command` to every proxy at once (each exchange bounded as any), and merges the
+/// answers in the order the proxies were given: tables and lines get a first column naming the
+/// proxy (one header for `connections`); `json` gives one object keyed by proxy URL whose
+/// values are the API's JSON exact (for `add`, the list of rules added), or `{"error": "…"}`
+/// for a proxy that failed. An error is bad usage: a command that names a connection by id,
+/// `watch`, or a rule or profile file that cannot be used.
+pub async fn many(clients: &[Client], command: &CtlCommand, json: bool) -> Result<Merged, String> {
+    let n = clients.len();
+    let one_proxy = |what: &str| {
+        format!("{what}, which is one proxy's: give one --admin ({n} given), and run ctl once per proxy")
+    };
+    let prepared = match command {
+        CtlCommand::Kill { .. } => return Err(one_proxy("ctl kill names a connection by its id")),
+        CtlCommand::Add { conn: Some(_), .. } | CtlCommand::Remove { conn: Some(_), .. } => {
+            return Err(one_proxy("--conn names a connection by its id"));
+        }
+        CtlCommand::Watch { .. } => {
+            return Err(format!(
+                "ctl watch follows one proxy: give one --admin ({n} given), and run one ctl watch per proxy"
+            ));
+        }
+        CtlCommand::Add { rule, conn: None } => Prepared::Add { path: "/rules", bodies: rule_bodies(rule)? },
+        other => Prepared::One(request_for(other)?.expect("add and watch are handled above")),
+    };
+    let ask = |client| ask(client, command, &prepared);
+    let answers = futures_util::future::join_all(clients.iter().map(ask)).await;
+    let urls: Vec<String> = clients.iter().map(Client::base_url).collect();
+    let width = urls.iter().map(|u| u.chars().count()).chain([PROXY.len()]).max().unwrap_or(0);
+    let mut merged = Merged::default();
+    if json {
+        let entries: Vec<String> = urls
+            .iter()
+            .zip(&answers)
+            .map(|(url, answer)| {
+                let value = match answer {
+                    Ok((_, body)) => body.trim().to_string(),
+                    Err(e) => serde_json::json!({ "error": e }).to_string(),
+                };
+                format!("{}:{value}", Value::from(url.as_str()))
+            })
+            .collect();
+        merged.out = format!("{{{}}}\n", entries.join(","));
+    } else {
+        let header = matches!(command, CtlCommand::Connections { .. });
+        if header {
+            let columns = connections_table(&Value::Array(Vec::new()));
+            merged.out = format!("{PROXY:<width$}  {columns}");
+        }
+        for (url, answer) in urls.iter().zip(&answers) {
+            if let Ok((text, _)) = answer {
+                for line in text.lines().skip(usize::from(header)) {
+                    merged.out.push_str(&format!("{url:<width$}  {line}\n"));
+                }
+            }
+        }
+    }
+    let mut failed = Vec::new();
+    for (url, answer) in urls.iter().zip(&answers) {
+        if let Err(e) = answer {
+            merged.failures.push(format!("{url}: {e}"));
+            failed.push(url.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        merged.failures.push(format!("{} of {n} proxies failed: {}", failed.len(), failed.join(", ")));
+    }
+    Ok(merged)
+}
+
+/// A command ready to send to any number of proxies.
+enum Prepared {
+    One(Request),
+    Add { path: &'static str, bodies: Vec<Vec<u8>> },
+}
+
+/// One proxy's answer to `command`: as text, and its JSON (for `add`, a list of the rules added).
+async fn ask(client: &Client, command: &CtlCommand, prepared: &Prepared) -> Result<(String, String), String> {
+    match prepared {
+        Prepared::One(request) => {
+            let (reply, value) = exchange(client, command, request).await?;
+            Ok((render(command, &value), reply.body))
+        }
+        Prepared::Add { path, bodies } => {
+            let (mut text, mut answers) = (String::new(), Vec::new());
+            add_rules(client, path, bodies, |reply, value| {
+                text.push_str(&render(command, value));
+                answers.push(reply.body.clone());
+            })
+            .await?;
+            Ok((text, format!("[{}]", answers.join(","))))
+        }
+    }
+}
+
+/// The name of the column naming the proxy when ctl asks several.
+const PROXY: &str = "PROXY";
 
 #[cfg(test)]
 mod tests {

@@ -76,28 +76,32 @@ fn say(message: &str) {
     let _ = writeln!(std::io::stderr(), "mqtt-chaos: {message}");
 }
 
-/// `mqtt-chaos ctl …`: one admin API request, printed as a table or JSON.
+/// `mqtt-chaos ctl …`: one admin API request, printed as a table or JSON; with several admin
+/// URLs, the same to every proxy at once (see [`mqtt_chaos::ctl::many`]).
 async fn ctl(args: CtlArgs) -> ExitCode {
     use mqtt_chaos::ctl;
-    let client = match ctl::Client::new(&args.admin, args.admin_token.clone()) {
-        Ok(c) => c.with_timeout(args.timeout).with_max_answer(args.max_answer),
+    let clients = match args.clients() {
+        Ok(c) => c,
         Err(e) => {
             say(&e);
             return ExitCode::from(2);
         }
     };
-    let json = Some("application/json");
-    let segment = ctl::percent_encode;
+    let [client] = clients.as_slice() else {
+        return match ctl::many(&clients, &args.command, args.json).await {
+            Ok(merged) => {
+                let written = output_done(write_out(&merged.out));
+                merged.failures.iter().for_each(|f| say(f));
+                if merged.failures.is_empty() { written } else { ExitCode::from(1) }
+            }
+            Err(e) => {
+                say(&e);
+                ExitCode::from(2)
+            }
+        };
+    };
     let request = match &args.command {
-        CtlCommand::Connections { closed } => {
-            let path = if *closed { "/connections?state=closed" } else { "/connections" };
-            Ok(("GET", path.to_string(), None, Vec::new()))
-        }
-        CtlCommand::Kill { id, how } => {
-            Ok(("DELETE", format!("/connections/{id}?how={}", segment(how)), None, Vec::new()))
-        }
-        CtlCommand::Rules => Ok(("GET", "/rules".to_string(), None, Vec::new())),
-        CtlCommand::Add { rule, conn } => return ctl_add(&client, rule, *conn, args.json).await,
+        CtlCommand::Add { rule, conn } => return ctl_add(client, rule, *conn, args.json).await,
         CtlCommand::Watch { conn, client_id, max_silence } => {
             let mut query = Vec::new();
             if let Some(id) = conn {
@@ -108,7 +112,8 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             }
             let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
             let json = args.json;
-            let admin = args.admin.clone();
+            let admin = args.admin.first().map_or(mqtt_chaos::cli::DEFAULT_ADMIN_URL, |a| a.as_str());
+            let admin = if args.admin.len() == 1 { admin.to_string() } else { client.base_url() };
             let mut written = Ok(());
             let watched = client
                 .watch(
@@ -143,57 +148,17 @@ async fn ctl(args: CtlArgs) -> ExitCode {
                 }
             };
         }
-        CtlCommand::Remove { name, conn } => {
-            let name = segment(name);
-            let path = conn.map_or(format!("/rules/{name}"), |id| format!("/connections/{id}/rules/{name}"));
-            Ok(("DELETE", path, None, Vec::new()))
-        }
-        CtlCommand::Profile { profile } => {
-            if std::path::Path::new(profile).is_file() {
-                std::fs::read(profile)
-                    .map(|b| ("PUT", "/profile".to_string(), Some("application/toml"), b))
-                    .map_err(|e| format!("{profile}: {e}"))
-            } else if profile::is_path(profile) {
-                // Not a file, and no name either (a name has no `/` nor `.toml`).
-                let hint = profile::path_hint(profile, None).map(|h| format!("; {h}")).unwrap_or_default();
-                Err(format!("{profile}: no such file{hint}"))
-            } else {
-                let body = serde_json::json!({ "name": profile }).to_string().into_bytes();
-                Ok(("PUT", "/profile".to_string(), json, body))
-            }
-        }
-        CtlCommand::Reset => Ok(("POST", "/reset".to_string(), None, Vec::new())),
-        CtlCommand::Profiles => Ok(("GET", "/profiles".to_string(), None, Vec::new())),
-        CtlCommand::Summary => Ok(("GET", "/summary".to_string(), None, Vec::new())),
+        other => ctl::request_for(other).map(|r| r.expect("add and watch are handled above")),
     };
-    let (method, path, content_type, body) = match request {
+    let request = match request {
         Ok(r) => r,
         Err(e) => {
             say(&e);
             return ExitCode::from(2);
         }
     };
-    let reply = match client.request(method, &path, content_type, &body).await {
-        Ok(r) => r,
-        Err(e) => {
-            say(&e);
-            return ExitCode::from(1);
-        }
-    };
-    if !(200..300).contains(&reply.status) {
-        say(&format!("{} ({})", reply.error(), reply.status));
-        return ExitCode::from(1);
-    }
-    // Every answer is JSON of a known shape; anything else (cut short, say) is an error.
-    let (list, what) = match &args.command {
-        CtlCommand::Connections { .. } => (true, "a list of connections"),
-        CtlCommand::Profiles => (true, "a list of profiles"),
-        CtlCommand::Rules | CtlCommand::Profile { .. } => (false, "the rules in force"),
-        CtlCommand::Summary => (false, "a summary"),
-        _ => (false, "an object"),
-    };
-    let value = match reply.json().and_then(|v| ctl::expect_shape(&reply, &v, list, what).map(|()| v)) {
-        Ok(v) => v,
+    let (reply, value) = match ctl::exchange(client, &args.command, &request).await {
+        Ok(answer) => answer,
         Err(e) => {
             say(&e);
             return ExitCode::from(1);
@@ -202,28 +167,7 @@ async fn ctl(args: CtlArgs) -> ExitCode {
     if args.json {
         return output_done(write_out(&format!("{}\n", reply.body)));
     }
-    let text = match &args.command {
-        CtlCommand::Connections { .. } => ctl::connections_table(&value),
-        CtlCommand::Rules => ctl::rules_table(&value),
-        CtlCommand::Profile { .. } => {
-            ctl::rules_table(&value) + &ctl::replaced_line(&value).unwrap_or_default()
-        }
-        CtlCommand::Kill { id, how } => format!("closed connection {id} ({})\n", text::escaped(how)),
-        CtlCommand::Add { .. } => unreachable!("handled by ctl_add"),
-        CtlCommand::Profiles => ctl::profiles_table(&value),
-        CtlCommand::Summary => mqtt_chaos::summary::text(&value),
-        CtlCommand::Watch { .. } => unreachable!("handled above"),
-        CtlCommand::Remove { name, conn: None } => format!("removed rule {}\n", text::escaped(name)),
-        CtlCommand::Remove { name, conn: Some(id) } => {
-            format!("removed rule {} from connection {id}\n", text::escaped(name))
-        }
-        CtlCommand::Reset => format!(
-            "all rules removed ({} global, {} of single connections)\n",
-            value["removed"]["global"].as_u64().unwrap_or(0),
-            value["removed"]["local"].as_u64().unwrap_or(0)
-        ),
-    };
-    output_done(write_out(&text))
+    output_done(write_out(&ctl::render(&args.command, &value)))
 }
 
 /// `ctl add`: one request per rule, in order; stops at the first refusal (exit 1, saying how
@@ -237,38 +181,18 @@ async fn ctl_add(client: &mqtt_chaos::ctl::Client, rule: &str, conn: Option<u64>
         }
     };
     let path = conn.map_or("/rules".to_string(), |id| format!("/connections/{id}/rules"));
+    let command = CtlCommand::Add { rule: String::new(), conn };
     let mut written = Ok(());
-    for (added, body) in bodies.iter().enumerate() {
-        let before = if added > 0 { format!(" (after adding {added})") } else { String::new() };
-        let reply = match client.request("POST", &path, Some("application/json"), body).await {
-            Ok(r) => r,
-            Err(e) => {
-                say(&format!("{e}{before}"));
-                return ExitCode::from(1);
-            }
-        };
-        if !(200..300).contains(&reply.status) {
-            say(&format!("{} ({}){before}", reply.error(), reply.status));
-            return ExitCode::from(1);
-        }
-        let value = match reply.json() {
-            Ok(v) => v,
-            Err(e) => {
-                say(&format!("{e}{before}"));
-                return ExitCode::from(1);
-            }
-        };
-        let line = match conn {
-            _ if json => format!("{}\n", reply.body),
-            None => format!("added rule {}\n", text::escaped(value["name"].as_str().unwrap_or(""))),
-            Some(id) => format!(
-                "added rule {} to connection {id}\n",
-                text::escaped(value["rule"]["name"].as_str().unwrap_or(""))
-            ),
-        };
+    let added = mqtt_chaos::ctl::add_rules(client, &path, &bodies, |reply, value| {
+        let line = if json { format!("{}\n", reply.body) } else { mqtt_chaos::ctl::render(&command, value) };
         if written.is_ok() {
             written = write_out(&line);
         }
+    })
+    .await;
+    if let Err(e) = added {
+        say(&e);
+        return ExitCode::from(1);
     }
     output_done(written)
 }
@@ -347,6 +271,15 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The admin token, and whether the admin API may listen where it is asked to: checked
+    // before anything listens (exit 2, never showing the token).
+    let admin_token = match args.admin_token() {
+        Ok(token) => token,
+        Err(message) => {
+            say(&message);
+            return ExitCode::from(2);
+        }
+    };
     let proxy = match Proxy::bind(&routes, settings).await {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -369,19 +302,26 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             }
         },
     };
+    // The address bound is what counts (a name may resolve differently the second time).
+    let beyond_loopback = |l: &std::net::TcpListener| l.local_addr().is_ok_and(|a| !a.ip().is_loopback());
+    if admin.as_ref().is_some_and(beyond_loopback) && admin_token.is_none() && !args.admin_allow_no_token {
+        say(&args.open_admin_refused());
+        return ExitCode::from(2);
+    }
     let running = proxy.start();
     let running_routes = running.routes().to_vec();
     let trimmer = tokio::spawn(heap::give_back_after_closes(running.routes().to_vec()));
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin_thread = admin.map(|listener| {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-        if !loopback && args.admin_token.is_none() {
-            tracing::warn!(admin = %addr, "the admin API listens beyond loopback without --admin-token");
+        if beyond_loopback(&listener) && admin_token.is_none() {
+            tracing::warn!(admin = %addr,
+                "the admin API listens beyond loopback without a token (--admin-allow-no-token): anyone who \
+                 reaches it can read the connections and change the rules");
         }
-        tracing::info!(admin = %addr, "admin API listening");
-        let app =
-            mqtt_chaos::admin::app(running.control(args.profiles_dir.clone(), args.admin_token.clone()));
+        let auth = if admin_token.is_some() { "bearer token" } else { "none" };
+        tracing::info!(admin = %addr, auth, "admin API listening");
+        let app = mqtt_chaos::admin::app(running.control(args.profiles_dir.clone(), admin_token.clone()));
         serve_admin_apart(listener, app, admin_stop.clone())
     });
     let admin_thread = match admin_thread.transpose() {

@@ -5,6 +5,7 @@
 mod admin;
 mod check;
 mod cli;
+mod cluster;
 mod ctl;
 mod dashboard;
 mod faults;
