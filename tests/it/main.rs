@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod ctl;
 mod dashboard;
+mod deploy;
 mod faults;
 mod hardening;
 mod harness;
