@@ -31,7 +31,9 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Parser)]
 #[command(about = "Benchmarks mqtt-chaos against a direct connection, haproxy and socat on loopback")]
 struct Args {
-    /// The mqtt-chaos binary to measure (build both with `cargo build --release --workspace`).
+    /// The mqtt-chaos binary to measure (build both with `cargo build --release --workspace`;
+    /// for perf or heaptrack, `cargo build --profile profiling --workspace` and
+    /// `--proxy target/profiling/mqtt-chaos`: the same code with line tables).
     #[arg(long, default_value = "target/release/mqtt-chaos")]
     proxy: PathBuf,
     /// Seconds per throughput measurement.

@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod ctl;
 mod dashboard;
+mod deploy;
 mod faults;
 mod hardening;
 mod harness;
