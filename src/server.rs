@@ -155,7 +155,8 @@ impl Proxy {
                     "--upstream-insecure: the broker's certificate is not verified (each connection's record says so)");
             }
             if self.settings.probe_upstreams {
-                tokio::spawn(probe_upstream(route.clone(), self.settings.connect_timeout));
+                let within = self.settings.connect_timeout;
+                tokio::spawn(watch_upstream(route.clone(), within, accept_stop.clone()));
             }
             let acceptor = Acceptor { route, listener, shared: shared.clone() };
             accept_loops.push(tokio::spawn(acceptor.run(accept_stop.clone())));
@@ -364,31 +365,50 @@ fn scrape_time(
     }
 }
 
-/// Reaches a route's upstream once at start, over its whole transport (the TLS and WebSocket
+/// How often an unreachable upstream is tried again when no client does it (a proxy behind a
+/// Kubernetes Service gets no clients while `/readyz` says not ready).
+const RECHECK_UNREACHABLE: Duration = Duration::from_secs(5);
+
+/// Reaches a route's upstream at start, over its whole transport (the TLS and WebSocket
 /// handshakes included: a bare TCP connect would make the broker log, and count, a failed
 /// handshake), closes cleanly and logs the result: brokers often start late in staging, so an
-/// unreachable one is a warning, not a failure (`/readyz` reports it).
-async fn probe_upstream(route: Arc<Route>, within: Duration) {
+/// unreachable one is a warning, not a failure (`/readyz` reports it). While the upstream is
+/// unreachable it is tried again every [`RECHECK_UNREACHABLE`], so `/readyz` turns ready once the
+/// broker is up even when no client comes to find out.
+async fn watch_upstream(route: Arc<Route>, within: Duration, stop: CancellationToken) {
+    let result = reach(&route, within).await;
+    match &result {
+        Ok(()) => info!(route = %route.name, upstream = %route.upstream, "upstream reachable"),
+        Err(e) => warn!(route = %route.name, upstream = %route.upstream, error = %e,
+            "upstream not reachable at start; the proxy runs anyway, closes clients and tries again until it is up"),
+    }
+    // Logged above in its own words: what `dialed` would log is not needed.
+    let _ = route.reach.dialed(result, Instant::now());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK_UNREACHABLE) => {}
+        }
+        if route.reach.reachable() == Some(false) {
+            let result = reach(&route, within).await;
+            if route.reach.dialed(result, Instant::now()) == crate::route::ReachLog::Back {
+                info!(route = %route.name, upstream = %route.upstream, "the upstream broker is reachable again");
+            }
+        }
+    }
+}
+
+/// One connection to the upstream over its whole transport, closed cleanly.
+async fn reach(route: &Route, within: Duration) -> Result<(), String> {
     let dial = crate::client::Dial {
         addr: &route.upstream,
         tls: route.tls.upstream.as_deref(),
         ws_path: route.upstream_ws.as_deref(),
     };
-    let result = match dial.connect(within).await {
-        Ok(mut stream) => {
-            // close_notify under TLS, a Close frame on a WebSocket, then the FIN.
-            let _ = tokio::time::timeout(within, tokio::io::AsyncWriteExt::shutdown(&mut stream)).await;
-            Ok(())
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    match &result {
-        Ok(()) => info!(route = %route.name, upstream = %route.upstream, "upstream reachable"),
-        Err(e) => warn!(route = %route.name, upstream = %route.upstream, error = %e,
-            "upstream not reachable at start; the proxy runs anyway and closes clients until it is up"),
-    }
-    // Logged above in its own words: what `dialed` would log is not needed.
-    let _ = route.reach.dialed(result, Instant::now());
+    let mut stream = dial.connect(within).await.map_err(|e| e.to_string())?;
+    // close_notify under TLS, a Close frame on a WebSocket, then the FIN.
+    let _ = tokio::time::timeout(within, tokio::io::AsyncWriteExt::shutdown(&mut stream)).await;
+    Ok(())
 }
 
 /// A proxy whose accept loops are running.

@@ -170,3 +170,22 @@ async fn a_wss_client_has_one_connect_timeout_for_its_tls_and_websocket_handshak
     // Before: the WebSocket handshake got a second full timeout after the TLS one (1.7 s).
     assert!(after >= timeout && after < Duration::from_millis(1500), "closed after {after:?}");
 }
+
+#[tokio::test]
+async fn readyz_turns_ready_when_the_broker_comes_up_even_with_no_client_to_find_out() {
+    let (socket, upstream) = dead_address();
+    drop(socket);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let proxy = Binary::start(&["--listen", &listen, "--upstream", &upstream], &listen);
+    let readyz = || proxy.get("/readyz");
+    assert!(readyz().contains("not_ready"), "{}", readyz());
+    // The broker comes up; no client connects through the proxy.
+    let _broker = std::net::TcpListener::bind(&upstream).expect("the dead address is free again");
+    let started = std::time::Instant::now();
+    while !readyz().contains("\"status\":\"ready\"") {
+        assert!(started.elapsed() < Duration::from_secs(8), "still not ready: {}", readyz());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let line = log_line(&proxy, "reachable again").await;
+    assert!(line.contains("route=default"), "{line}");
+}
