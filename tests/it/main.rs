@@ -20,6 +20,7 @@ mod peer_bounds;
 mod probe;
 mod pubsub;
 mod readme;
+mod reload;
 mod robust;
 mod soak;
 mod tls;
