@@ -3,7 +3,7 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /healthz` | 200 `{"status":"ok"}` while the listeners are up, 503 `{"status":"shutting_down"}` once a shutdown began (never needs the token) |
-//! | `GET /readyz` | 200 `{"status":"ready",…}` when every route's last dial of its upstream succeeded, else 503 `not_ready`; per route `reachable` and `last_error` (never needs the token) |
+//! | `GET /readyz` | 200 `{"status":"ready",…}` when every route's last dial of its upstream succeeded, else 503 `not_ready`; per route `reachable` and `last_error`; the active `profile` and its `profile_hash` (null without one; a profile never makes the proxy unready) (never needs the token) |
 //! | `GET /metrics` | Prometheus text format, every metric of METRICS.md |
 //! | `GET /connections?state=live\|closed\|all` | connection records (JSON, never passwords or usernames): live ones (default) with their `local_rules` and `state` (`connecting`, `live`, `refused`, `closing` with a `state_detail`), and/or the last `--closed-history` closed ones (oldest first) with their close `cause` |
 //! | `GET /connections/{id}` | one record, with its `local_rules`; 404 if it is not live |
@@ -265,7 +265,11 @@ async fn readyz(State(c): State<Control>) -> Response {
     let ready = c.routes.iter().all(|r| r.reach.reachable() == Some(true));
     let (status, word) =
         if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not_ready") };
-    (status, axum::Json(json!({"status": word, "routes": routes}))).into_response()
+    // Which version of which profile this proxy runs (a fleet is compared on these).
+    let set = c.rule_set();
+    let hash = set.profile_hash.map(profile::hash_hex);
+    let body = json!({"status": word, "routes": routes, "profile": set.profile, "profile_hash": hash});
+    (status, axum::Json(body)).into_response()
 }
 
 async fn require_token(State(c): State<Control>, request: Request, next: Next) -> Response {

@@ -642,6 +642,25 @@ pub struct ProxyArgs {
     /// Where profile names are looked up.
     #[arg(long, env = "MQTT_CHAOS_PROFILES_DIR", default_value = "profiles", value_name = "DIR")]
     pub profiles_dir: PathBuf,
+
+    /// How often the --profile file is looked at: a changed version is validated and replaces
+    /// the global rules (as `PUT /profile` does); a bad one is logged and the rules stay. `0s`
+    /// turns watching off.
+    #[arg(long, env = "MQTT_CHAOS_PROFILE_RELOAD", default_value = "500ms", value_name = "INTERVAL",
+        value_parser = profile_reload_interval)]
+    pub profile_reload: Duration,
+}
+
+/// `--profile-reload`: `0s` (off), or at least [`crate::reload::MIN_INTERVAL`].
+fn profile_reload_interval(text: &str) -> Result<Duration, String> {
+    let every = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !every.is_zero() && every < crate::reload::MIN_INTERVAL {
+        return Err(format!(
+            "at least {} between looks at the file, or 0s to turn watching off",
+            humantime::format_duration(crate::reload::MIN_INTERVAL)
+        ));
+    }
+    Ok(every)
 }
 
 /// TLS options of the route given by --listen/--upstream (in a routes file: the same names with
@@ -826,8 +845,13 @@ impl ProxyArgs {
 
     /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).
     pub fn profile(&self) -> Result<Option<Profile>, String> {
+        self.profile_and_source().map(|found| found.map(|(_, p)| p))
+    }
+
+    /// [`ProxyArgs::profile`] and where it was found.
+    pub fn profile_and_source(&self) -> Result<Option<(profile::Source, Profile)>, String> {
         let Some(name) = &self.profile else { return Ok(None) };
-        profile::find(name, &self.profiles_dir).map(|(_, p)| Some(p)).map_err(|e| e.to_string())
+        profile::find(name, &self.profiles_dir).map(Some).map_err(|e| e.to_string())
     }
 
     /// The routes to run, from the file or the flags. Errors are user-facing messages.

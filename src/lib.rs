@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`codec`] | pure MQTT framing and decoding: bytes in, values out; no I/O, no clock |
 //! | [`fault`] | rules as data: schema and validation, profiles, the pure per-connection engine |
+//! | [`reload`] | the `--profile` file watched (polled on a thread of its own): a changed version validated and applied as `PUT /profile` does, bad edits logged once and counted |
 //! | [`pump`] | one direction of one connection: read, split, inspect, apply verdicts, write runs of packets — the only place bytes leave the proxy |
 //! | [`session`] | one connection from accept to close: dial, two pumps, connection actions, FIN/RST propagation, the closed record |
 //! | [`server`] | listeners, accept loops, the shutdown tree |
@@ -46,6 +47,7 @@ pub mod observer;
 pub mod probe;
 pub mod pump;
 pub mod record;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

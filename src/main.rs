@@ -257,7 +257,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let profile = match args.profile() {
+    let profile = match args.profile_and_source() {
         Ok(profile) => profile,
         Err(message) => {
             message.lines().for_each(say);
@@ -287,9 +287,11 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Some(p) = profile {
+    if let Some((_, p)) = &profile {
         let names: Vec<_> = p.rules.iter().map(|r| r.name().to_string()).collect();
-        tracing::info!(profile = %p.spec.name, rules = names.len(), names = %names.join(", "), "profile active");
+        let hash = p.hash.map(profile::hash_hex).unwrap_or_default();
+        tracing::info!(profile = %p.spec.name, hash = %hash, rules = names.len(), names = %names.join(", "),
+            "profile active");
         proxy.set_rules(p.rule_set());
     }
     let admin = match args.admin.as_str() {
@@ -309,6 +311,18 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let running = proxy.start();
+    let watching = match (&profile, &args.profile) {
+        (Some((source, p)), Some(given)) if !args.profile_reload.is_zero() => {
+            match watch_profile(&running, &args, given, source, p) {
+                Ok(watching) => Some(watching),
+                Err(e) => {
+                    eprintln!("mqtt-chaos: cannot start a thread to watch the profile file: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        _ => None,
+    };
     let running_routes = running.routes().to_vec();
     let trimmer = tokio::spawn(heap::give_back_after_closes(running.routes().to_vec()));
     let admin_stop = tokio_util::sync::CancellationToken::new();
@@ -350,10 +364,34 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     trimmer.abort();
+    if let Some(watching) = watching {
+        let _ = tokio::task::spawn_blocking(move || watching.stop()).await;
+    }
     tracing::info!(closed_after_grace = report.closed_after_grace, "stopped");
     // The headline answer, for whoever watches the terminal rather than Prometheus.
     eprint!("summary:\n{}", mqtt_chaos::summary::text(&mqtt_chaos::summary::of(running_routes.as_slice())));
     ExitCode::SUCCESS
+}
+
+/// Watches the `--profile` file (`mqtt_chaos::reload`): a changed version replaces the global
+/// rules, as `PUT /profile` does.
+fn watch_profile(
+    running: &mqtt_chaos::server::RunningProxy,
+    args: &ProxyArgs,
+    given: &str,
+    source: &profile::Source,
+    in_force: &profile::Profile,
+) -> std::io::Result<mqtt_chaos::reload::Watching> {
+    use mqtt_chaos::reload;
+    let path = reload::watched_path(given, source, &args.profiles_dir);
+    let from_path = matches!(source, profile::Source::File(_));
+    let every = args.profile_reload;
+    tracing::info!(file = %path.display(), every = %humantime::format_duration(every),
+        "watching the profile file: a change replaces the global rules in force (--profile-reload 0s: off)");
+    let control = running.control(args.profiles_dir.clone(), None);
+    let targets =
+        reload::Targets { rules: control.rules, metrics: control.metrics, registry: control.registry };
+    reload::spawn(reload::Watcher::new(path, in_force, from_path), every, targets)
 }
 
 /// `mqtt-chaos probe`: runs the scenarios, prints the report, writes the files asked for.

@@ -14,6 +14,7 @@
 //! name the same set.
 
 use crate::codec::PacketType;
+use crate::reload::ReloadResult;
 use crate::vocab::{Batch, Cause, CloseHow, CloseInfo, Direction, Side, TakeoverOutcome, WillOutcome};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -55,7 +56,7 @@ macro_rules! label_values {
     )*};
 }
 label_values!(Direction => as_str, Side => as_str, CloseHow => as_str, Cause => as_str,
-    TakeoverOutcome => as_str, PacketType => name);
+    TakeoverOutcome => as_str, PacketType => name, ReloadResult => as_str);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -111,6 +112,12 @@ struct DisconnectLabels {
 struct TakeoverLabels {
     route: String,
     outcome: TakeoverOutcome,
+}
+
+/// What a look at a changed profile file gave (no route: the profile is the proxy's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -179,6 +186,7 @@ struct Families {
     tls_handshake_failures: Family<FailureLabels, Counter>,
     websocket_errors: Family<FailureLabels, Counter>,
     tls_handshake_seconds: Family<SideLabels, Histogram, Buckets>,
+    profile_reloads: Family<ReloadLabels, Counter>,
 }
 
 /// Registers a family. The encoder appends `_total` to a counter's name and a full stop to the
@@ -354,6 +362,11 @@ impl Families {
                 "Lifetime of proxied connections, to their first close",
                 DURATION_BUCKETS,
             ),
+            profile_reloads: family(
+                r,
+                "mqtt_chaos_profile_reloads",
+                "Changes of the watched --profile file, by result: applied, invalid, unreadable, missing (METRICS.md)",
+            ),
         }
     }
 }
@@ -364,6 +377,8 @@ pub struct ScrapeTime {
     pub version: &'static str,
     /// The active profile's name (empty without one).
     pub profile: String,
+    /// Its [`crate::fault::profile::hash_hex`] (empty without one).
+    pub profile_hash: String,
     /// Per route: the rules in force that can apply to it.
     pub rules_active: Vec<(String, u64)>,
     /// Entries in the proxy's indexes keyed by what clients send, by index.
@@ -392,11 +407,15 @@ impl Collector for Scraped {
         let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
         let mut m = e.encode_descriptor(
             "mqtt_chaos_build_info",
-            "Always 1; labels give the version and the active profile.",
+            "Always 1; labels give the version, the active profile and the hash of its text.",
             None,
             MetricType::Gauge,
         )?;
-        gauge(1).encode(m.encode_family(&[("version", now.version), ("profile", &now.profile)])?)?;
+        gauge(1).encode(m.encode_family(&[
+            ("version", now.version),
+            ("profile", &now.profile),
+            ("profile_hash", &now.profile_hash),
+        ])?)?;
         let mut m = e.encode_descriptor(
             "mqtt_chaos_rules_active",
             "Rules in force that can apply to the route.",
@@ -502,7 +521,16 @@ impl Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scraped(Box::new(scrape))));
         let families = Arc::new(Families::register(&mut registry));
+        // Every result exists from the start, at zero: a rate is 0 rather than no data.
+        for result in ReloadResult::ALL {
+            drop(families.profile_reloads.get_or_create(&ReloadLabels { result }));
+        }
         Metrics { registry, families }
+    }
+
+    /// The watched profile file changed (or went away) and this is what came of it.
+    pub fn on_profile_reload(&self, result: ReloadResult) {
+        self.families.profile_reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// The handles of one route (its series exist, at zero, from now on).
@@ -950,6 +978,7 @@ mod tests {
         ScrapeTime {
             version: "1.2.3",
             profile: "p".into(),
+            profile_hash: "00ff".into(),
             rules_active: vec![("r".into(), 2)],
             tracked_entries: vec![("wills", 3)],
             event_subscribers_dropped: 4,
@@ -982,6 +1011,7 @@ mod tests {
             keep_alive_enforced: Some(2),
         });
         r.on_takeover(TakeoverOutcome::Preempted, None);
+        metrics.on_profile_reload(ReloadResult::Invalid);
         let text = metrics.encode(Format::Prometheus);
         for line in [
             "mqtt_chaos_packets_total{route=\"r\",direction=\"client_to_broker\",type=\"PINGREQ\"} 2",
@@ -996,7 +1026,9 @@ mod tests {
             "mqtt_chaos_client_detection_ratio_count{route=\"r\"} 0",
             "mqtt_chaos_takeovers_total{route=\"r\",outcome=\"preempted\"} 1",
             "mqtt_chaos_takeovers_total{route=\"r\",outcome=\"not_enforced\"} 0",
-            "mqtt_chaos_build_info{version=\"1.2.3\",profile=\"p\"} 1",
+            "mqtt_chaos_build_info{version=\"1.2.3\",profile=\"p\",profile_hash=\"00ff\"} 1",
+            "mqtt_chaos_profile_reloads_total{result=\"invalid\"} 1",
+            "mqtt_chaos_profile_reloads_total{result=\"applied\"} 0",
             "mqtt_chaos_rules_active{route=\"r\"} 2",
             "mqtt_chaos_tracked_entries{index=\"wills\"} 3",
             "mqtt_chaos_event_subscribers_dropped_total 4",

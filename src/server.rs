@@ -355,6 +355,7 @@ fn scrape_time(
         ScrapeTime {
             version: env!("CARGO_PKG_VERSION"),
             profile: rules.profile.clone().unwrap_or_default(),
+            profile_hash: rules.profile_hash.map(crate::fault::profile::hash_hex).unwrap_or_default(),
             rules_active: routes.iter().map(|r| (r.clone(), applies(r))).collect(),
             tracked_entries: registry.tracked_entries().to_vec(),
             event_subscribers_dropped: registry.events_dropped.load(std::sync::atomic::Ordering::Relaxed),

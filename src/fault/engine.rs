@@ -44,6 +44,10 @@ pub enum Change {
 pub struct RuleSet {
     /// The profile they came from, if any.
     pub profile: Option<String>,
+    /// The hash of that profile's text ([`crate::fault::profile::content_hash`]), if it came
+    /// from text (a file, a built-in profile, a `PUT /profile` body); kept while rules are added
+    /// or removed.
+    pub profile_hash: Option<u64>,
     /// Seed of every random decision; random when the profile gave none.
     pub seed: u64,
     pub rules: Vec<Arc<Rule>>,
@@ -112,6 +116,7 @@ impl RuleSet {
         changes.push((version, change));
         RuleSet {
             profile: self.profile.clone(),
+            profile_hash: self.profile_hash,
             seed: self.seed,
             rules,
             version,

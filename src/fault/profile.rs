@@ -40,13 +40,34 @@ pub struct ProfileSpec {
 pub struct Profile {
     pub spec: ProfileSpec,
     pub rules: Vec<Arc<Rule>>,
+    /// [`content_hash`] of the text it was parsed from; `None` for one built from a
+    /// [`ProfileSpec`] in code.
+    pub hash: Option<u64>,
 }
 
 impl Profile {
     /// The rule set this profile activates.
     pub fn rule_set(&self) -> RuleSet {
-        RuleSet::new(Some(self.spec.name.clone()), self.spec.seed, self.rules.clone())
+        let mut set = RuleSet::new(Some(self.spec.name.clone()), self.spec.seed, self.rules.clone());
+        set.profile_hash = self.hash;
+        set
     }
+}
+
+/// The hash that identifies a version of a profile (`/readyz`, `mqtt_chaos_build_info`): 64-bit
+/// FNV-1a of the exact bytes of its text. Stable across builds and platforms, so any FNV-1a
+/// implementation run on a file tells whether a proxy runs that version of it. It tells versions
+/// apart; it is no protection against a forged file (not a cryptographic hash). Written by
+/// [`hash_hex`].
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// A [`content_hash`] as written: 16 lower-case hex digits.
+pub fn hash_hex(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 impl ProfileSpec {
@@ -54,7 +75,7 @@ impl ProfileSpec {
     pub fn compile(self) -> Result<Profile, RuleError> {
         crate::names::check("profile name", &self.name)
             .map_err(|message| RuleError { path: "name".into(), message })?;
-        compile_rules(&self.rules, "rules").map(|rules| Profile { spec: self, rules })
+        compile_rules(&self.rules, "rules").map(|rules| Profile { spec: self, rules, hash: None })
     }
 }
 
@@ -110,7 +131,7 @@ pub fn parse_profile(file: &str, text: &str) -> Result<Profile, ConfigErrors> {
     }
     let profile = head.map(|mut spec| {
         spec.rules = specs.into_iter().flatten().collect();
-        Profile { spec, rules }
+        Profile { spec, rules, hash: Some(content_hash(text.as_bytes())) }
     });
     errors.finish_with(profile)
 }
@@ -362,6 +383,19 @@ name = "b"
 action = "delay"
 latency = "1s"
 "#;
+
+    #[test]
+    fn the_profile_hash_is_fnv1a_64_of_the_exact_text() {
+        // The published FNV-1a 64 test vectors.
+        assert_eq!(hash_hex(content_hash(b"")), "cbf29ce484222325");
+        assert_eq!(hash_hex(content_hash(b"a")), "af63dc4c8601ec8c");
+        assert_eq!(hash_hex(content_hash(b"foobar")), "85944171f73967e8");
+        let p = parse_profile("demo.toml", GOOD).unwrap();
+        assert_eq!(p.hash, Some(content_hash(GOOD.as_bytes())));
+        assert_eq!(p.rule_set().profile_hash, p.hash);
+        let q = parse_profile("demo.toml", &format!("{GOOD}\n")).unwrap();
+        assert_ne!(q.hash, p.hash, "a changed byte is a different version");
+    }
 
     #[test]
     fn a_valid_profile_compiles() {

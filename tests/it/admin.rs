@@ -147,7 +147,12 @@ async fn every_route_answers_and_every_error_is_json() {
     let r = client.request("PUT", "/profile", Some("application/toml"), good.as_bytes()).await.unwrap();
     assert_eq!(r.json().unwrap()["profile"], "inline");
     let m = call(admin, "GET", "/metrics", None).await.body;
-    assert!(m.contains("mqtt_chaos_build_info{version=\"0.1.0\",profile=\"inline\"} 1"), "{m}");
+    // The hash is of the body's exact text, as of a watched file (README, "Profiles that reload").
+    let hash =
+        mqtt_chaos::fault::profile::hash_hex(mqtt_chaos::fault::profile::content_hash(good.as_bytes()));
+    let info =
+        format!("mqtt_chaos_build_info{{version=\"0.1.0\",profile=\"inline\",profile_hash=\"{hash}\"}} 1");
+    assert!(m.contains(&info), "{m}");
     assert_eq!(call(admin, "POST", "/reset", None).await.status, 200);
     assert_eq!(call(admin, "GET", "/rules", None).await.json().unwrap()["profile"], Value::Null);
 

@@ -157,7 +157,10 @@ async fn names_that_could_forge_log_lines_or_labels_are_refused() {
     let r = client.request("PUT", "/profile", Some("application/toml"), long.as_bytes()).await.unwrap();
     assert_error(&r, 400, "at most 64 are allowed");
     let m = call(admin, "GET", "/metrics", None).await.body;
-    assert!(m.contains("mqtt_chaos_build_info{version=\"0.1.0\",profile=\"\"} 1"), "nothing was activated");
+    assert!(
+        m.contains("mqtt_chaos_build_info{version=\"0.1.0\",profile=\"\",profile_hash=\"\"} 1"),
+        "nothing was activated"
+    );
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ mod peer_bounds;
 mod probe;
 mod pubsub;
 mod readme;
+mod reload;
 mod robust;
 mod soak;
 mod tls;
