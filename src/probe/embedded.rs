@@ -25,13 +25,29 @@ pub use with_rumqttd::start;
 #[cfg(feature = "embedded-broker")]
 mod with_rumqttd {
     use super::Embedded;
+    use crate::codec::Protocol;
+    use crate::codec::encode::ConnectSpec;
     use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
     use std::collections::HashMap;
     use std::net::SocketAddr;
     use std::time::Duration;
 
-    /// Starts rumqttd and waits until both its listeners accept connections.
+    /// Starts rumqttd and waits until both its listeners answer a CONNECT. rumqttd cannot
+    /// report a failed bind: should another program take a port in the moment between its
+    /// release and rumqttd's bind (a listener on 0.0.0.0 takes that port on every address), the
+    /// answer is not a CONNACK, and the broker is started again on other ports.
     pub fn start() -> Result<Embedded, String> {
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            match start_once() {
+                Ok(embedded) => return Ok(embedded),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn start_once() -> Result<Embedded, String> {
         // Two distinct free ports, held until just before rumqttd binds them, on a loopback
         // address of this process's own: a port freed for rumqttd is not taken meanwhile by
         // something else on 127.0.0.1 (rumqttd binds by address and cannot report a failure).
@@ -83,15 +99,33 @@ mod with_rumqttd {
             })
             .map_err(|e| format!("cannot start a thread for the embedded broker: {e}"))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for addr in [v4, v5] {
-            while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!("the embedded broker did not open {addr} within 10 s"));
+        for (addr, protocol) in [(v4, Protocol::V311), (v5, Protocol::V5)] {
+            loop {
+                match answers_connect(addr, protocol) {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        return Err(format!("another program answers on {addr}, not the embedded broker"));
+                    }
+                    Err(_) if std::time::Instant::now() > deadline => {
+                        return Err(format!("the embedded broker did not open {addr} within 10 s"));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
         }
         Ok(Embedded { v4, v5 })
+    }
+
+    /// Whether `addr` answers a CONNECT with a CONNACK (`Err`: nothing accepts there yet).
+    fn answers_connect(addr: SocketAddr, protocol: Protocol) -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(&ConnectSpec::new(protocol, "mqtt-chaos-probe-ready", 10).encode())?;
+        let mut first = [0u8; 1];
+        let answered = s.read(&mut first).map(|n| n == 1 && first[0] == 0x20).unwrap_or(false);
+        let _ = s.write_all(&crate::codec::encode::disconnect(protocol, 0));
+        Ok(answered)
     }
 
     /// rumqttd names each listener's thread after its server, and its router `router-0`.
