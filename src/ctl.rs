@@ -435,12 +435,7 @@ pub fn event_line(kind: &str, v: &Value) -> String {
     };
     let client_id = v["client_id"].as_str().filter(|id| !id.is_empty()).unwrap_or("no client id");
     let conn = format!("conn {} ({})", s("conn"), Escaped(client_id));
-    let faults: Vec<String> = v["faults"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(rule, n)| format!("{}={}", Escaped(rule), Escaped(&n.to_string())))
-        .collect();
+    let faults = fault_counts(&v["faults"]);
     let faults = if faults.is_empty() { "none".to_string() } else { faults.join(",") };
     match kind {
         "connect" => format!(

@@ -869,14 +869,6 @@ impl Connection {
     /// connection still in the backlog holds a bounded record. Their true lengths are kept for
     /// [`event_json`]; take the [`history_json`] of the record before.
     pub(crate) fn keep_for_history(&self) {
-        fn cut(text: &mut String) -> Option<usize> {
-            let kept = abbreviated(text).len();
-            (kept < text.len()).then(|| {
-                let len = text.len();
-                *text = text[..kept].to_string(); // a fresh allocation: the whole one is freed
-                len
-            })
-        }
         let mut guard = self.state();
         let s = &mut *guard;
         s.cut = CutLengths {
@@ -1261,18 +1253,23 @@ pub fn abbreviated(text: &str) -> &str {
     text
 }
 
+/// Cuts `text` to what history keeps of it ([`abbreviated`]) in a fresh allocation, so the whole
+/// one is freed; returns its true length in bytes if it was cut.
+fn cut(text: &mut String) -> Option<usize> {
+    let kept = abbreviated(text).len();
+    (kept < text.len()).then(|| {
+        let len = text.len();
+        *text = text[..kept].to_string();
+        len
+    })
+}
+
 /// Cuts a JSON object as history keeps it, in every nested object: a text longer than
 /// [`abbreviated`] keeps gets a sibling `<field>_len`, its true length in bytes; a list of more
 /// than [`HISTORY_LIST_MAX`] items, or one with a text cut, keeps its first items (texts cut)
 /// and gets a sibling `<field>_len`, its true number of items.
 pub fn abbreviate_json(value: &mut serde_json::Value) {
     use serde_json::Value;
-    let cut = |text: &mut String| {
-        let kept = abbreviated(text).len();
-        let len = text.len();
-        text.truncate(kept);
-        (kept < len).then_some(len)
-    };
     let Value::Object(map) = value else { return };
     let mut lengths = Vec::new();
     for (key, v) in map.iter_mut() {

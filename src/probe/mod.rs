@@ -345,66 +345,74 @@ async fn identify(
     let ids: &[&str] = if protocol == Protocol::V5 { &["", "id"] } else { &["id"] };
     let mut last = String::new();
     let addr = opts.broker.as_ref().map_or_else(|| dial.addr.to_string(), ToString::to_string);
-    for id in ids {
-        let mut c = RawClient::open(dial, protocol, within)
-            .await
-            .map_err(|e| ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() })?;
-        let client_id =
-            if id.is_empty() { String::new() } else { format!("{prefix}{id}{}", protocol.level()) };
-        let mut connect = ConnectSpec::new(protocol, client_id, opts.keepalive);
-        connect.username.clone_from(&opts.username);
-        connect.password.clone_from(&opts.password);
-        let h = c.handshake(&connect, Instant::now() + within).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                ProbeError::NotMqtt {
-                    address: addr.clone(),
-                    protocol: protocol.version(),
-                    what: e.to_string(),
-                }
-            } else {
-                ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() }
-            }
-        })?;
-        if let Some(r) = c.disconnect_reason_string() {
-            if !reason_strings.iter().any(|x| x == r) {
-                reason_strings.push(r.to_string());
-            }
-        }
-        match h {
-            Handshake::Accepted(connack) => {
-                c.disconnect().await;
-                return Ok(Ok(connack));
-            }
-            Handshake::Refused(connack) if matches!(connack.code, 0x04 | 0x05 | 0x86 | 0x87) => {
-                let hint = if opts.username.is_some() {
-                    "check --username and --password-file"
-                } else {
-                    "it may need --username and --password-file"
-                };
-                return Err(ProbeError::Refused {
-                    address: addr.clone(),
-                    how: format!(
-                        "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
-                        protocol.version(),
-                        connack.code,
-                        connack
-                            .reason_string
-                            .map(|r| format!(": {}", crate::text::escaped(&r)))
-                            .unwrap_or_default()
-                    ),
-                });
-            }
-            Handshake::Refused(connack) if connack.code == 0x85 && id.is_empty() => {
-                last = "an empty client id refused (0x85)".into();
-            }
-            other => {
-                last = scenario::refusal(&other);
-                if let Handshake::Refused(connack) = other {
-                    if let Some(r) = connack.reason_string {
-                        last.push_str(&format!(" ({r})"));
+    'ids: for id in ids {
+        // A broker may drop a connection while it starts or under load: a close before any
+        // CONNACK is asked again once before it counts as the version's refusal.
+        for attempt in 0..2 {
+            let mut c = RawClient::open(dial, protocol, within)
+                .await
+                .map_err(|e| ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() })?;
+            let client_id =
+                if id.is_empty() { String::new() } else { format!("{prefix}{id}{}", protocol.level()) };
+            let mut connect = ConnectSpec::new(protocol, client_id, opts.keepalive);
+            connect.username.clone_from(&opts.username);
+            connect.password.clone_from(&opts.password);
+            let h = c.handshake(&connect, Instant::now() + within).await.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    ProbeError::NotMqtt {
+                        address: addr.clone(),
+                        protocol: protocol.version(),
+                        what: e.to_string(),
                     }
+                } else {
+                    ProbeError::Unreachable { address: addr.clone(), cause: e.to_string() }
                 }
-                break;
+            })?;
+            if let Some(r) = c.disconnect_reason_string() {
+                if !reason_strings.iter().any(|x| x == r) {
+                    reason_strings.push(r.to_string());
+                }
+            }
+            match h {
+                Handshake::Accepted(connack) => {
+                    c.disconnect().await;
+                    return Ok(Ok(connack));
+                }
+                Handshake::Refused(connack) if matches!(connack.code, 0x04 | 0x05 | 0x86 | 0x87) => {
+                    let hint = if opts.username.is_some() {
+                        "check --username and --password-file"
+                    } else {
+                        "it may need --username and --password-file"
+                    };
+                    return Err(ProbeError::Refused {
+                        address: addr.clone(),
+                        how: format!(
+                            "MQTT {} CONNACK code {:#04x} (not authorized{}); {hint}",
+                            protocol.version(),
+                            connack.code,
+                            connack
+                                .reason_string
+                                .map(|r| format!(": {}", crate::text::escaped(&r)))
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
+                Handshake::Refused(connack) if connack.code == 0x85 && id.is_empty() => {
+                    last = "an empty client id refused (0x85)".into();
+                    continue 'ids;
+                }
+                Handshake::Closed(_) if attempt == 0 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => {
+                    last = scenario::refusal(&other);
+                    if let Handshake::Refused(connack) = other {
+                        if let Some(r) = connack.reason_string {
+                            last.push_str(&format!(" ({r})"));
+                        }
+                    }
+                    break 'ids;
+                }
             }
         }
     }
