@@ -390,16 +390,16 @@ fn ctl_profile_says_which_rules_it_replaced() {
 
 /// Runs ctl with its stdout a pipe whose reader is gone before it writes; its exit code and stderr.
 fn with_closed_stdout(admin: &str, args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(binary())
-        .args(["ctl", "--admin", &format!("http://{admin}")])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = wait_with_limit(child, Duration::from_secs(10));
+    let out = binary_with_closed_stdout(&[&["ctl", "--admin", &format!("http://{admin}")], args].concat());
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs the binary with `args` and its stdout a pipe whose reader is gone before it writes.
+fn binary_with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let mut child =
+        Command::new(binary()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    wait_with_limit(child, Duration::from_secs(10))
 }
 
 fn wait_with_limit(child: Child, limit: Duration) -> std::process::Output {
@@ -463,14 +463,7 @@ fn every_ctl_command_that_prints_ends_quietly_on_a_closed_pipe() {
     let (_, out, _) = ctl(&admin, &["--json", "rules"]);
     assert!(out.contains("\"mine\""), "{out}");
     // The standalone listing of profiles too.
-    let mut child = Command::new(binary())
-        .args(["profiles", "--profiles-dir", dir.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = wait_with_limit(child, Duration::from_secs(10));
+    let out = binary_with_closed_stdout(&["profiles", "--profiles-dir", dir.to_str().unwrap()]);
     assert_eq!((out.status.code(), out.stderr.as_slice()), (Some(0), b"".as_slice()));
 
     // watch ends at its first event once its reader is gone.
