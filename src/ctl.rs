@@ -223,9 +223,19 @@ impl Client {
         body: &[u8],
     ) -> Result<Reply, String> {
         let url = self.url(path);
-        let deadline = Instant::now() + self.timeout.saturating_mul(ANSWER_TIMEOUTS);
         let headers: Vec<(&str, &str)> = content_type.map(|t| ("content-type", t)).into_iter().collect();
         let (response, _driving) = self.open(method, path, &headers, body).await?;
+        self.read_answer(response, url).await
+    }
+
+    /// Reads an answer whole, within its bounds: at most --max-answer, no pause over --timeout,
+    /// all of it within [`ANSWER_TIMEOUTS`] × --timeout.
+    async fn read_answer(
+        &self,
+        response: hyper::Response<hyper::body::Incoming>,
+        url: String,
+    ) -> Result<Reply, String> {
+        let deadline = Instant::now() + self.timeout.saturating_mul(ANSWER_TIMEOUTS);
         let status = response.status().as_u16();
         let too_large = || {
             format!(
@@ -286,18 +296,7 @@ impl Client {
         let status = response.status().as_u16();
         if status != 200 {
             // The error body, read with the bounds of any answer.
-            let mut incoming = response.into_body();
-            let mut raw = Vec::new();
-            while let Ok(Some(Ok(frame))) = tokio::time::timeout(self.timeout, incoming.frame()).await {
-                if let Ok(data) = frame.into_data() {
-                    raw.extend_from_slice(&data[..data.len().min(self.max_body.saturating_sub(raw.len()))]);
-                }
-                if raw.len() >= self.max_body {
-                    break;
-                }
-            }
-            let body = String::from_utf8_lossy(&raw).into_owned();
-            let reply = Reply { status, body, url, utf8: true };
+            let reply = self.read_answer(response, url).await?;
             return Err(format!("{} ({status})", reply.error()));
         }
         on_open();

@@ -10,7 +10,7 @@ use mqtt_chaos::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, LogFormat, P
 use mqtt_chaos::fault::profile;
 use mqtt_chaos::server::Proxy;
 use mqtt_chaos::text;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("mqtt-chaos: cannot start the async runtime: {e}");
+            say(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -267,7 +267,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     let settings = match args.settings() {
         Ok(settings) => settings,
         Err(message) => {
-            eprintln!("mqtt-chaos: {message}");
+            say(&message);
             return ExitCode::from(2);
         }
     };
@@ -283,7 +283,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     let proxy = match Proxy::bind(&routes, settings).await {
         Ok(proxy) => proxy,
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e.to_string());
             return ExitCode::from(1);
         }
     };
@@ -299,7 +299,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
         addr => match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
             Ok(listener) => Some(listener),
             Err(e) => {
-                eprintln!("mqtt-chaos: cannot listen on {addr} for the admin API (--admin): {e}");
+                say(&format!("cannot listen on {addr} for the admin API (--admin): {e}"));
                 return ExitCode::from(1);
             }
         },
@@ -316,7 +316,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
             match watch_profile(&running, &args, given, source, p) {
                 Ok(watching) => Some(watching),
                 Err(e) => {
-                    eprintln!("mqtt-chaos: cannot start a thread to watch the profile file: {e}");
+                    say(&format!("cannot start a thread to watch the profile file: {e}"));
                     return ExitCode::from(1);
                 }
             }
@@ -341,7 +341,7 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     let admin_thread = match admin_thread.transpose() {
         Ok(thread) => thread,
         Err(e) => {
-            eprintln!("mqtt-chaos: cannot start a thread for the admin API: {e}");
+            say(&format!("cannot start a thread for the admin API: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -369,7 +369,9 @@ async fn proxy(args: ProxyArgs) -> ExitCode {
     }
     tracing::info!(closed_after_grace = report.closed_after_grace, "stopped");
     // The headline answer, for whoever watches the terminal rather than Prometheus.
-    eprint!("summary:\n{}", mqtt_chaos::summary::text(&mqtt_chaos::summary::of(running_routes.as_slice())));
+    // Written as one piece; a closed stderr loses it rather than panicking.
+    let summary = mqtt_chaos::summary::text(&mqtt_chaos::summary::of(running_routes.as_slice()));
+    let _ = write!(std::io::stderr(), "summary:\n{summary}");
     ExitCode::SUCCESS
 }
 
@@ -400,7 +402,7 @@ async fn probe(args: ProbeArgs) -> ExitCode {
     let opts = match args.options() {
         Ok(opts) => opts,
         Err(message) => {
-            eprintln!("mqtt-chaos: {message}");
+            say(&message);
             return ExitCode::from(2);
         }
     };
@@ -416,7 +418,7 @@ async fn probe(args: ProbeArgs) -> ExitCode {
             match report::OutputFile::check(path) {
                 Ok(file) => outputs.push((flag, path, file, form)),
                 Err(e) => {
-                    eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
+                    say(&format!("{flag} {}: {e}", path.display()));
                     return ExitCode::from(2);
                 }
             }
@@ -428,11 +430,10 @@ async fn probe(args: ProbeArgs) -> ExitCode {
     };
     let n = opts.scenarios.len();
     // Written without println!: a closed pipe (`probe | head`) must not panic the probe.
-    let say = |text: String| {
-        use std::io::Write;
+    let print = |text: String| {
         let _ = std::io::stdout().lock().write_all(text.as_bytes());
     };
-    say(format!(
+    print(format!(
         "mqtt-chaos probe: {n} scenario{} × MQTT {} against {target}, Keep Alive {} s\n",
         if n == 1 { "" } else { "s" },
         opts.protocols.iter().map(|&p| p.version()).collect::<Vec<_>>().join(" and "),
@@ -447,14 +448,14 @@ async fn probe(args: ProbeArgs) -> ExitCode {
     let report = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mqtt-chaos: {e}");
+            say(&e.to_string());
             return ExitCode::from(2);
         }
     };
-    say(format!("\n{}", report::text(&report)));
+    print(format!("\n{}", report::text(&report)));
     for (flag, path, file, form) in outputs {
         if let Err(e) = file.write(&form(&report)) {
-            eprintln!("mqtt-chaos: {flag} {}: {e}", path.display());
+            say(&format!("{flag} {}: {e}", path.display()));
             return ExitCode::from(2);
         }
     }
