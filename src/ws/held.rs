@@ -263,10 +263,16 @@ impl Counted {
         }
     }
 
-    /// A control frame was delivered: the control frames read so far are held no longer.
+    /// A control frame was delivered: the control frames read so far are held no longer (and a
+    /// finisher in the middle of no message makes way).
     pub(super) fn control_delivered(&mut self) {
         let bytes = std::mem::take(&mut self.frames.done_control);
         self.give_back(bytes);
+        if self.frames.unfinished() == 0
+            && let Some(held) = &self.held
+        {
+            held.finished(self.id);
+        }
     }
 
     /// The stream ended: returns how much of an unfinished frame or message it cut short, and
@@ -333,11 +339,14 @@ impl AsyncRead for Counted {
         let Some(held) = this.held.as_ref().filter(|_| this.armed) else {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
-        if this.counted > 0 && !this.peer_closed && held.full() && !held.may_finish(this.id) {
+        // Only a connection in the middle of a message may become the finisher: reading on is
+        // what completes it.
+        let finishing = |this: &Counted| this.frames.unfinished() > 0 && held.may_finish(this.id);
+        if this.counted > 0 && !this.peer_closed && held.full() && !finishing(this) {
             let first = this.listed.is_none();
             this.listed = Some(held.wait(cx.waker(), this.listed));
             // Checked again once listed: a change in between would not wake us.
-            if held.full() && !held.may_finish(this.id) {
+            if held.full() && !finishing(this) {
                 if first {
                     held.pauses.fetch_add(1, Ordering::Relaxed);
                 }
