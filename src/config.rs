@@ -203,13 +203,6 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-impl ConfigError {
-    fn at(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
-        let (line, col) = line_col(text, offset);
-        ConfigError { file: file.to_string(), line, col, message: message.into() }
-    }
-}
-
 /// Every error found in one file, in file order (never empty). Displayed one per line, each
 /// as `file:line:col: message`.
 #[derive(Debug)]
@@ -259,7 +252,8 @@ impl From<ConfigError> for ConfigErrors {
 pub(crate) struct Errors<'a> {
     file: &'a str,
     text: &'a str,
-    found: Vec<(usize, ConfigError)>,
+    /// Byte offset and message; lines and columns are worked out once, in [`Errors::finish_with`].
+    found: Vec<(usize, String)>,
 }
 
 impl<'a> Errors<'a> {
@@ -269,7 +263,7 @@ impl<'a> Errors<'a> {
 
     /// An error at byte `offset` of the text.
     pub(crate) fn at(&mut self, offset: usize, message: impl Into<String>) {
-        self.found.push((offset, ConfigError::at(self.file, self.text, offset, message)));
+        self.found.push((offset, message.into()));
     }
 
     /// An error of the TOML parser or of deserializing, at its span (the start of the file if
@@ -292,16 +286,22 @@ impl<'a> Errors<'a> {
         }
         // Stable: errors at one position keep the order they were found in.
         self.found.sort_by_key(|(offset, _)| *offset);
+        let mut seen = std::collections::HashSet::new();
+        self.found.retain(|e| seen.insert(e.clone()));
+        // One pass over the text for every position (a file with many errors stays linear).
+        let (mut at, mut line, mut line_start) = (0, 1, 0);
+        let bytes = self.text.as_bytes();
         let mut errors: Vec<ConfigError> = Vec::with_capacity(self.found.len());
-        for (_, e) in self.found {
-            if !errors
-                .iter()
-                .rev()
-                .take_while(|d| (d.line, d.col) == (e.line, e.col))
-                .any(|d| d.message == e.message)
-            {
-                errors.push(e);
+        for (offset, message) in self.found {
+            let offset = offset.min(bytes.len());
+            for (i, &b) in bytes[at..offset].iter().enumerate() {
+                if b == b'\n' {
+                    (line, line_start) = (line + 1, at + i + 1);
+                }
             }
+            at = offset;
+            let col = offset - line_start + 1;
+            errors.push(ConfigError { file: self.file.to_string(), line, col, message });
         }
         Err(ConfigErrors(errors))
     }
