@@ -37,9 +37,6 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-/// How often the file is looked at unless `--profile-reload` says otherwise.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-
 /// The shortest interval `--profile-reload` accepts (other than 0, off).
 pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -121,8 +118,9 @@ impl Stamp {
 /// What a poll found that needs doing.
 #[derive(Debug)]
 pub enum Found {
-    /// A new valid version, to apply. `recovered_from` is the problem reported before it, if any.
-    Apply { profile: Profile, recovered_from: Option<String> },
+    /// A new valid version, to apply. `previous` names the rules the file brought before;
+    /// `recovered_from` is the problem reported before it, if any.
+    Apply { profile: Profile, previous: Vec<String>, recovered_from: Option<String> },
     /// A problem not reported yet: to log once and count.
     Problem { result: ReloadResult, message: String },
     /// After a reported problem, the file holds the profile in force again: nothing to apply.
@@ -214,7 +212,9 @@ impl Watcher {
         };
         self.expected_absent = false;
         // A write within the timestamp granularity after this read would leave the stamp as is.
-        let racy = stamp.mtime.is_none_or(|m| now.duration_since(m).map_or(true, |age| age < RACY));
+        // (A modification time in the future, a skewed clock, is not taken as racy: it would
+        // have the file read and hashed again at every look.)
+        let racy = stamp.mtime.is_none_or(|m| now.duration_since(m).is_ok_and(|age| age < RACY));
         let hash = content_hash(&bytes);
         if Some(hash) == self.applied {
             self.known = Some((stamp, racy));
@@ -230,12 +230,13 @@ impl Watcher {
         match parsed {
             Ok(profile) => {
                 self.applied = Some(hash);
-                self.applied_rules = profile.rules.iter().map(|r| r.name().to_string()).collect();
+                let names = profile.rules.iter().map(|r| r.name().to_string()).collect();
+                let previous = std::mem::replace(&mut self.applied_rules, names);
                 self.known = Some((stamp, racy));
                 self.pending_invalid = None;
                 self.reported_invalid = None;
                 let recovered_from = self.trouble.take().map(|(_, m)| m);
-                Some(Found::Apply { profile, recovered_from })
+                Some(Found::Apply { profile, previous, recovered_from })
             }
             Err(errors) => self.invalid(stamp, hash, racy, errors_line(&errors)),
         }
@@ -355,9 +356,8 @@ pub fn spawn(mut watcher: Watcher, every: Duration, targets: Targets) -> std::io
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new().name("mqtt-chaos-profile".into()).spawn(move || {
         while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-            let previous = watcher.applied_rules().to_vec();
             if let Some(found) = watcher.poll(SystemTime::now()) {
-                act(&watcher, &previous, found, &targets);
+                act(&watcher, found, &targets);
             }
         }
     })?;
@@ -365,10 +365,10 @@ pub fn spawn(mut watcher: Watcher, every: Duration, targets: Targets) -> std::io
 }
 
 /// Carries out what a poll found: apply, or log (and count) a problem or a recovery.
-fn act(watcher: &Watcher, previous: &[String], found: Found, t: &Targets) {
+fn act(watcher: &Watcher, found: Found, t: &Targets) {
     let file = watcher.path().display();
     match found {
-        Found::Apply { profile, recovered_from } => {
+        Found::Apply { profile, previous, recovered_from } => {
             let set: RuleSet = profile.rule_set();
             let hash = profile.hash.map(hash_hex).unwrap_or_default();
             let old = t.rules.replace(set);
@@ -435,7 +435,7 @@ mod tests {
 
     fn applied(found: Option<Found>) -> (String, Option<String>) {
         match found {
-            Some(Found::Apply { profile, recovered_from }) => (profile.spec.name, recovered_from),
+            Some(Found::Apply { profile, recovered_from, .. }) => (profile.spec.name, recovered_from),
             other => panic!("expected a profile to apply, got {other:?}"),
         }
     }
