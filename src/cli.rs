@@ -255,7 +255,7 @@ pub struct CtlArgs {
 
     /// Give up when the admin API does not accept the connection, or send the head of its
     /// answer, within this time; or pauses that long within an answer, or takes over 6 times it
-    /// for a whole answer (exit 1). Answers are also bounded in size: head 64 KiB, body 64 MiB.
+    /// for a whole answer (exit 1). Answers are also bounded in size: head 64 KiB, body --max-answer.
     #[arg(
         long,
         global = true,
@@ -843,12 +843,8 @@ impl ProxyArgs {
         )
     }
 
-    /// The profile to activate at start, if any. Errors are user-facing (`file:line:col: …`).
-    pub fn profile(&self) -> Result<Option<Profile>, String> {
-        self.profile_and_source().map(|found| found.map(|(_, p)| p))
-    }
-
-    /// [`ProxyArgs::profile`] and where it was found.
+    /// The profile to activate at start, if any, and where it was found. Errors are user-facing
+    /// (`file:line:col: …`).
     pub fn profile_and_source(&self) -> Result<Option<(profile::Source, Profile)>, String> {
         let Some(name) = &self.profile else { return Ok(None) };
         profile::find(name, &self.profiles_dir).map(Some).map_err(|e| e.to_string())

@@ -8,8 +8,8 @@
 //! [`BODY_LIMIT`] (unless `--max-answer`), an event of `ctl watch` to [`EVENT_LIMIT`]; the
 //! connection and the head of the answer must arrive within the client's timeout ([`TIMEOUT`]
 //! unless `--timeout`), a body may pause no longer than that and must be complete within
-//! [`ANSWER_TIMEOUTS`] times it; `watch` takes a stream silent for [`WATCH_SILENCE`] (unless
-//! `--max-silence`; the proxy sends a keep-alive every 15 s) as gone, and says when the stream
+//! [`ANSWER_TIMEOUTS`] times it; `watch` takes a stream silent for `--max-silence` (60 s by
+//! default: four of the keep-alives the proxy sends every 15 s) as gone, and says when the stream
 //! ends. An answer that is cut short or is not the JSON it should be is an error naming the URL.
 //!
 //! Text from the API (client ids, reason strings, names) goes through [`crate::text::escaped`]
@@ -47,9 +47,6 @@ pub const EVENT_LIMIT: usize = 1024 * 1024;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// A whole answer must arrive within this many times the timeout.
 pub const ANSWER_TIMEOUTS: u32 = 6;
-/// Default silence after which `ctl watch` takes the proxy as gone: four of its keep-alives
-/// (an SSE comment every 15 s without events) missed.
-pub const WATCH_SILENCE: Duration = Duration::from_secs(60);
 
 /// An admin API endpoint.
 #[derive(Debug, Clone)]

@@ -51,7 +51,6 @@ fn main() -> ExitCode {
 /// Writes `text` to stdout (flushed). A closed pipe (`ctl … | head`) is an error of kind
 /// `BrokenPipe`, which [`output_done`] takes as a quiet end.
 fn write_out(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()
@@ -72,7 +71,6 @@ fn output_done(written: std::io::Result<()>) -> ExitCode {
 
 /// An error on stderr, never a panic (stderr may be a closed pipe too).
 fn say(message: &str) {
-    use std::io::Write;
     let _ = writeln!(std::io::stderr(), "mqtt-chaos: {message}");
 }
 
@@ -112,15 +110,16 @@ async fn ctl(args: CtlArgs) -> ExitCode {
             }
             let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
             let json = args.json;
-            let admin = args.admin.first().map_or(mqtt_chaos::cli::DEFAULT_ADMIN_URL, |a| a.as_str());
-            let admin = if args.admin.len() == 1 { admin.to_string() } else { client.base_url() };
+            let admin = match args.admin.as_slice() {
+                [one] => one.clone(),
+                _ => client.base_url(),
+            };
             let mut written = Ok(());
             let watched = client
                 .watch(
                     &query,
                     *max_silence,
                     || {
-                        use std::io::Write;
                         let note =
                             format!("watching the events of {} (Ctrl-C to stop)", text::escaped(&admin));
                         let _ = writeln!(std::io::stderr(), "{note}");
@@ -222,7 +221,6 @@ fn check(args: &CheckArgs) -> ExitCode {
             Err(errors) => {
                 failed += 1;
                 for e in errors.errors() {
-                    use std::io::Write;
                     let _ = writeln!(std::io::stderr(), "{e}");
                 }
             }
